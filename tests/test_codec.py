@@ -1,0 +1,175 @@
+"""TurboQuant_mse / TurboQuant_prod: distortion, unbiasedness, policies, determinism."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tq_vllm import codebook
+from tq_vllm.codec import LayerCodec, outlier_permutation
+from tq_vllm.config import PRESETS
+
+
+def unit(n, h, d, dtype=torch.float32):
+    x = torch.randn(n, h, d, dtype=dtype)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("name,bits", [("tq4-mse", 4), ("tq3-mse", 3)])
+def test_mse_distortion_matches_codebook(dim, name, bits):
+    codec = LayerCodec.create(PRESETS[name], dim, num_kv_heads=2)
+    x = unit(4000, 2, dim)
+    err = ((x - codec.key.decode(codec.key.encode(x))) ** 2).sum(-1).flatten()
+    exact = codebook.mse_distortion(bits, dim)
+    # fp16 norms add a relative error of ~1e-3; 5 standard errors of Monte Carlo noise
+    assert abs(err.mean().item() - exact) < 5 * err.std().item() / math.sqrt(err.numel()) + 2e-3 * exact
+    assert err.mean().item() <= math.sqrt(3) * math.pi / 2 * 4.0 ** -bits
+
+
+def _ip_errors(name, dim, trials, x, q):
+    """Estimator error over independent rotations/sketches (one layer seed per trial)."""
+    est, mse_only = [], []
+    for layer in range(trials):
+        c = LayerCodec.create(PRESETS[name], dim, num_kv_heads=1, layer=layer).key
+        enc = c.encode(x[None, None])
+        est.append(float(c.decode(enc)[0, 0] @ q))
+        mse_only.append(float(c.decode_mse(enc)[0, 0] @ q))
+    truth = float(x @ q)
+    return torch.tensor(est) - truth, torch.tensor(mse_only) - truth
+
+
+def test_prod_is_unbiased_and_mse_is_biased():
+    """Paper Thm 2: TurboQuant_prod (2-bit MSE + 1-bit QJL) is unbiased; its 2-bit MSE
+    part alone shrinks inner products (by ≈ 1 − D_mse) and shows that bias here."""
+    dim, trials = 64, 600
+    x = unit(1, 1, dim)[0, 0]
+    q = x.clone()  # <q, x> = 1: the shrinkage bias is largest here
+    err, err_mse = _ip_errors("tq3-qjl", dim, trials, x, q)
+    se = err.std().item() / math.sqrt(trials)
+    assert abs(err.mean().item()) < 4 * se
+    se_mse = err_mse.std().item() / math.sqrt(trials)
+    assert err_mse.mean().item() < -4 * max(se_mse, 1e-6)
+
+
+@pytest.mark.parametrize("name,bits", [("tq3-qjl", 3), ("tq4-qjl", 4)])
+def test_prod_variance_within_paper_bound(name, bits):
+    dim, trials = 64, 400
+    x = unit(1, 1, dim)[0, 0]
+    q = torch.randn(dim)
+    err, _ = _ip_errors(name, dim, trials, x, q)
+    bound = math.sqrt(3) * math.pi ** 2 * float(q @ q) / dim * 4.0 ** -bits
+    assert err.var().item() <= bound
+    assert abs(err.mean().item()) < 4 * err.std().item() / math.sqrt(trials)
+
+
+def test_qjl_variance_is_about_pi_over_2_of_the_residual_term():
+    """With m = d Gaussian rows, Var(QJL term) ≈ (π/2 − 1)·‖r‖²‖q‖²/d + ... so the prod
+    estimator's error variance is ≈ π/2 × that of the MSE term it replaces, and MSE-only
+    codes at equal bits (b bits) beat (b−1)-bit MSE + QJL on inner-product error."""
+    dim = 64
+    x, q = unit(6000, 1, dim), torch.randn(6000, 1, dim)
+    truth = (x * q).sum(-1)
+    prod = LayerCodec.create(PRESETS["tq4-qjl"], dim, 1).key
+    mse3 = LayerCodec.create(PRESETS["tq3-mse"], dim, 1).key
+    mse4 = LayerCodec.create(PRESETS["tq4-mse"], dim, 1).key
+    v_prod = ((prod.decode(prod.encode(x)) * q).sum(-1) - truth).var().item()
+    v_mse3 = ((mse3.decode(mse3.encode(x)) * q).sum(-1) - truth).var().item()
+    v_mse4 = ((mse4.decode(mse4.encode(x)) * q).sum(-1) - truth).var().item()
+    assert 1.3 < v_prod / v_mse3 < 1.9  # ≈ π/2
+    assert v_mse4 < v_prod
+
+
+def test_orthogonal_sketch_is_unbiased_too():
+    preset = PRESETS["tq3-qjl"].model_copy(update={"sketch": "orthogonal"})
+    dim, trials = 64, 400
+    x = unit(1, 1, dim)[0, 0]
+    errs = []
+    for layer in range(trials):
+        c = LayerCodec.create(preset, dim, 1, layer=layer).key
+        errs.append(float(c.decode(c.encode(x[None, None]))[0, 0] @ x) - 1.0)
+    e = torch.tensor(errs)
+    assert abs(e.mean().item()) < 4 * e.std().item() / math.sqrt(trials)
+
+
+def test_scores_from_codes_equal_decoded_inner_products():
+    dim, h, hq = 64, 3, 9
+    codec = LayerCodec.create(PRESETS["tq3.5-qjl"], dim, h)
+    k = torch.randn(20, h, dim)
+    enc = codec.key.encode(k)
+    q = torch.randn(4, hq, dim)
+    head_of = torch.arange(hq) // 3
+    s = codec.key.scores(codec.key.rotate(q, head_of), enc, head_of)
+    ref = torch.einsum("lhd,thd->lht", q, codec.key.decode(enc)[:, head_of])
+    assert torch.allclose(s, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_outlier_calibration_lowers_error_on_outlier_channels():
+    """Keys with a few large channels: giving the high-RMS half more bits helps."""
+    dim, h = 64, 2
+    scale = torch.ones(dim)
+    scale[torch.randperm(dim)[:8]] = 8.0
+    k = torch.randn(3000, h, dim) * scale
+    perm = outlier_permutation(k[:500])
+    assert set(perm[0, :32].tolist()) >= set(torch.nonzero(scale > 1).flatten().tolist())
+    errs = {}
+    for label, p in (("identity", None), ("calibrated", perm)):
+        c = LayerCodec.create(PRESETS["tq3.5-mse"], dim, h, key_perm=p).key
+        errs[label] = ((c.decode(c.encode(k[500:])) - k[500:]) ** 2).sum(-1).mean().item()
+    assert errs["calibrated"] < errs["identity"]
+
+
+def test_norm_correction_restores_group_norms():
+    preset = PRESETS["tq3-mse"].model_copy(update={
+        "key": PRESETS["tq3-mse"].key.model_copy(update={"norm_correction": True})})
+    c = LayerCodec.create(preset, 64, 1).key
+    x = torch.randn(100, 1, 64) * 3
+    xh = c.decode(c.encode(x))
+    assert torch.allclose(xh.norm(dim=-1), x.norm(dim=-1), rtol=2e-3)
+
+
+def test_nonfinite_vectors_stored_as_zero_and_counted():
+    c = LayerCodec.create(PRESETS["tq4-qjl"], 64, 2).key
+    x = torch.randn(5, 2, 64)
+    x[1, 0, 3] = float("nan")
+    x[3, 1, 0] = float("inf")
+    enc = c.encode(x)
+    out = c.decode(enc)
+    assert torch.isfinite(out).all()
+    assert torch.all(out[1, 0] == 0) and torch.all(out[3, 1] == 0)
+    clean = c.decode(c.encode(torch.where(torch.isfinite(x), x, torch.zeros_like(x))))
+    assert torch.equal(out[0], clean[0]) and torch.equal(out[1, 1], clean[1, 1])
+    assert c.stats["nonfinite_vectors"] == 2
+
+
+def test_huge_norms_saturate_fp16_and_are_counted():
+    c = LayerCodec.create(PRESETS["tq4-mse"], 64, 1).key
+    x = torch.randn(3, 1, 64)
+    x[2] *= 1e6
+    enc = c.encode(x)
+    out = c.decode(enc)
+    assert torch.isfinite(out).all()
+    assert c.stats["saturated_norms"] == 1
+    assert enc.norms[2].float().item() == 65504.0
+    assert torch.equal(enc.norms[:2], c.encode(x[:2]).norms)
+
+
+def test_bad_shapes_and_dtypes():
+    c = LayerCodec.create(PRESETS["tq4"], 64, 2).key
+    with pytest.raises(ValueError, match=r"\[N, 2, 64\]"):
+        c.encode(torch.randn(3, 3, 64))
+    with pytest.raises(TypeError, match="floating"):
+        c.encode(torch.zeros(3, 2, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="supports head_dim"):
+        LayerCodec.create(PRESETS["tq4"], 80, 2)
+
+
+def test_encoding_deterministic_across_processes():
+    code = ("import torch; from tq_vllm.codec import LayerCodec; from tq_vllm.config import PRESETS; "
+            "g = torch.Generator().manual_seed(3); x = torch.randn(16, 2, 64, generator=g); "
+            "c = LayerCodec.create(PRESETS['tq3.5-qjl'], 64, 2, layer=4).key; e = c.encode(x); "
+            "print(e.codes.sum().item(), e.norms.float().sum().item(), e.signs.sum().item())")
+    outs = {subprocess.check_output([sys.executable, "-c", code], text=True) for _ in range(2)}
+    assert len(outs) == 1

@@ -1,0 +1,86 @@
+"""The preset table: names, bits per coordinate and slot bytes pinned."""
+
+import pytest
+from pydantic import ValidationError
+
+from tq_vllm.config import PRESET_NAMES, PRESETS, Preset, TensorCodec, get_preset
+
+# (preset, head_dim) -> (key bytes, value bytes, slot bytes), derived by hand from the
+# byte map in tq_vllm/layout.py: norms 2 B each, codes d_g*b_g/8, QJL signs d/8.
+EXPECTED = {
+    ("tq4-mse", 64): (34, 34, 68),
+    ("tq4-qjl", 64): (2 + 2 + 24 + 8, 34, 70),
+    ("tq3.5-mse", 64): (4 + 16 + 12, 32, 64),
+    ("tq3.5-qjl", 64): (6 + 12 + 8 + 8, 32, 66),
+    ("tq3-mse", 64): (26, 26, 52),
+    ("tq3-qjl", 64): (4 + 16 + 8, 26, 54),
+    ("tq2.5-mse", 64): (4 + 12 + 8, 24, 48),
+    ("tq2.5-qjl", 64): (6 + 8 + 4 + 8, 24, 50),
+    ("tq4-mse", 128): (66, 66, 132),
+    ("tq3.5-mse", 128): (4 + 32 + 24, 60, 120),
+    ("tq3-qjl", 256): (4 + 64 + 32, 98, 198),
+}
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_slot_bytes_table(key):
+    name, d = key
+    lay = PRESETS[name].layout(d)
+    assert (lay.key.nbytes, lay.value.nbytes, lay.slot_bytes) == EXPECTED[key]
+    assert lay.slot_bytes == lay.key.nbytes + lay.value.nbytes + lay.padding
+
+
+def test_families_and_budgets():
+    for b in ("4", "3.5", "3", "2.5"):
+        for fam in ("mse", "qjl"):
+            p = PRESETS[f"tq{b}-{fam}"]
+            assert p.key.code_bits_per_coord == float(b)
+            assert p.value.code_bits_per_coord == float(b)
+            assert p.key.qjl == (fam == "qjl")
+        rec = PRESETS[f"tq{b}"]
+        assert rec.family == "recommended"
+    assert not any(n.startswith("turboquant") for n in PRESET_NAMES)
+
+
+def test_true_bits_include_norms():
+    k, v = PRESETS["tq4-qjl"].bits_per_coord(64)
+    assert k == pytest.approx(4 + 8 * 4 / 64)  # two fp16 norms
+    assert v == pytest.approx(4 + 8 * 2 / 64)
+
+
+def test_segments_do_not_overlap_and_norms_aligned():
+    for p in PRESETS.values():
+        for d in (64, 128, 256):
+            lay = p.layout(d)
+            segs = []
+            for t in (lay.key, lay.value):
+                assert t.norms.offset % 2 == 0
+                segs += [t.norms, *t.codes] + ([t.signs] if t.signs else [])
+            segs.sort(key=lambda s: s.offset)
+            assert segs[0].offset == 0
+            for a, b in zip(segs, segs[1:]):
+                assert a.end == b.offset
+            assert lay.slot_bytes % 2 == 0
+
+
+def test_unsupported_head_dim_names_supported_sizes():
+    with pytest.raises(ValueError, match=r"\(64, 128, 256\)"):
+        PRESETS["tq4"].layout(96)
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match="tq3.5-qjl"):
+        get_preset("tq9")
+
+
+def test_frozen_and_validated():
+    with pytest.raises(ValidationError):
+        PRESETS["tq4"].name = "x"
+    with pytest.raises(ValidationError, match="turboquant"):
+        Preset(name="turboquant_x", family="mse", budget="4", key=PRESETS["tq4"].key,
+               value=PRESETS["tq4"].value)
+    with pytest.raises(ValidationError):
+        TensorCodec(bits_hi=5, bits_lo=5, split=False)
+    with pytest.raises(ValidationError, match="keys only"):
+        Preset(name="tqx", family="mse", budget="4", key=PRESETS["tq4"].key,
+               value=TensorCodec(bits_hi=3, bits_lo=3, split=False, qjl=True))

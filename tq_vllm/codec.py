@@ -1,0 +1,263 @@
+"""TurboQuant quantizers (PyTorch reference): TurboQuant_mse and TurboQuant_prod.
+
+For one of K or V of one attention layer, :class:`TensorQuantizer` holds the
+seeded rotation (per KV head, with that head's outlier-channel permutation), the
+per-coordinate codebooks and, for TurboQuant_prod keys, the QJL sketch.
+
+Encoding ``x`` (``[N, H, d]``):
+
+1. ``y = R_h x`` where ``R_h = blockdiag(R_hi, R_lo) · P_h``: ``P_h`` moves the head's
+   outlier channels first, each group gets its own randomized Hadamard rotation.
+2. Per group ``g``: norm ``n_g = ‖y_g‖``; codes ``idx = nearest centroid of y_g / n_g``
+   (Lloyd–Max codebook for dimension ``d_g``); the stored norm is ``n_g`` (or
+   ``n_g / ‖c[idx]‖`` with norm correction) rounded to fp16.
+3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
+   from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16.
+
+The inner-product estimator for a query ``q`` (``q̃ = R_h q``) is
+``⟨q̃, ŷ⟩ + c · γ · ⟨S q̃, signs⟩`` with ``c`` from :func:`rotation.qjl_constant`;
+it is unbiased over the sketch. :meth:`TensorQuantizer.decode_rotated` returns the
+vector ``ŷ + c γ Sᵀ signs`` whose inner products equal that estimator exactly, so
+"attention on the dequantized cache" and "scores from codes" agree.
+
+Bad numbers (policy): a vector with any NaN/Inf coordinate is stored as zeros
+(norm 0) and counted in ``stats["nonfinite_vectors"]``; a norm above the fp16
+range is saturated to 65504 and counted in ``stats["saturated_norms"]``. Neither
+touches any other vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tq_vllm import codebook
+from tq_vllm.config import Preset, TensorCodec, TensorLayout, check_head_dim
+from tq_vllm.rotation import derive_seed, group_rotation, qjl_constant, qjl_sketch
+
+FP16_MAX = 65504.0
+_TINY = 1e-30
+
+
+@dataclass
+class Encoded:
+    """Unpacked codes of ``[N, H, d]`` vectors (before byte packing).
+
+    codes: uint8 ``[N, H, d]`` centroid indices in rotated-domain order.
+    norms: float16 ``[N, H, num_norms]``: group norms, then the QJL residual norm.
+    signs: bool ``[N, H, d]`` QJL sign bits (True = +1), or None.
+    """
+
+    codes: torch.Tensor
+    norms: torch.Tensor
+    signs: torch.Tensor | None = None
+
+
+def identity_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Channel order ``[H, d]`` that keeps channels in place (first half = outlier group)."""
+    return torch.arange(head_dim).repeat(num_heads, 1)
+
+
+def outlier_permutation(sample: torch.Tensor) -> torch.Tensor:
+    """Per-head channel order putting the half with the largest RMS first.
+
+    sample: ``[N, H, d]`` calibration vectors (e.g. the first prefill's keys).
+    Returns long ``[H, d]``; each half keeps ascending channel order.
+    """
+    if sample.dim() != 3:
+        raise ValueError(f"calibration sample must be [N, H, d], got {tuple(sample.shape)}")
+    s = sample.float()
+    s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    rms = s.pow(2).mean(0)  # [H, d]
+    d = rms.shape[-1]
+    top = torch.topk(rms, d // 2, dim=-1, sorted=False).indices
+    is_hi = torch.zeros_like(rms, dtype=torch.bool).scatter_(-1, top, True)
+    # stable sort: hi channels first, each half ascending
+    key = (~is_hi).to(torch.int64) * d + torch.arange(d)[None, :]
+    return torch.argsort(key, dim=-1)
+
+
+@dataclass
+class TensorQuantizer:
+    """Quantizer state for K or V of one layer (all tensors float32, CPU or device)."""
+
+    codec: TensorCodec
+    layout: TensorLayout
+    rot: torch.Tensor  # [H, d, d]: y = rot[h] @ x
+    lut: torch.Tensor  # [d, 2**max_bits] centroid table per rotated coordinate
+    bounds: list[torch.Tensor]  # per group decision boundaries
+    group_id: torch.Tensor  # long [d]: group of each rotated coordinate
+    sketch: torch.Tensor | None  # [d, d] QJL rows, or None
+    qjl_scale: float
+    stats: dict[str, int] = field(default_factory=lambda: {"nonfinite_vectors": 0,
+                                                           "saturated_norms": 0})
+
+    @classmethod
+    def create(cls, codec: TensorCodec, layout: TensorLayout, num_heads: int, seed: int,
+               tag: str, codebook_kind: str = "beta", sketch_kind: str = "gaussian",
+               perm: torch.Tensor | None = None) -> "TensorQuantizer":
+        d = check_head_dim(layout.head_dim)
+        perm = identity_permutation(num_heads, d) if perm is None else perm.to(torch.long)
+        if perm.shape != (num_heads, d):
+            raise ValueError(f"channel permutation must be [{num_heads}, {d}], got {tuple(perm.shape)}")
+        if not torch.equal(perm.sort(-1).values, torch.arange(d).expand(num_heads, d)):
+            raise ValueError("channel permutation rows must be permutations of range(head_dim)")
+        block = group_rotation(layout.group_dims, seed, f"{tag}/rot")  # [d, d] float64
+        rot = torch.zeros(num_heads, d, d, dtype=torch.float64)
+        for h in range(num_heads):
+            rot[h][:, perm[h]] = block  # R_h = B · P_h
+        width = 1 << max(layout.group_bits)
+        lut = torch.zeros(d, width)
+        group_id = torch.empty(d, dtype=torch.long)
+        bounds, start = [], 0
+        for g, (dg, bg) in enumerate(zip(layout.group_dims, layout.group_bits)):
+            lut[start:start + dg, : 1 << bg] = codebook.centroids(bg, dg, codebook_kind)
+            bounds.append(codebook.boundaries(bg, dg, codebook_kind))
+            group_id[start:start + dg] = g
+            start += dg
+        sketch, scale = None, 0.0
+        if codec.qjl:
+            sketch = qjl_sketch(d, derive_seed(seed, tag, "qjl"), sketch_kind).float()
+            scale = qjl_constant(d, sketch_kind)
+        return cls(codec=codec, layout=layout, rot=rot.float(), lut=lut, bounds=bounds,
+                   group_id=group_id, sketch=sketch, qjl_scale=scale)
+
+    @property
+    def head_dim(self) -> int:
+        return self.layout.head_dim
+
+    def to(self, device: torch.device | str) -> "TensorQuantizer":
+        """Move the tables to ``device`` (in place); returns self."""
+        self.rot, self.lut, self.group_id = (t.to(device) for t in (self.rot, self.lut, self.group_id))
+        self.bounds = [b.to(device) for b in self.bounds]
+        if self.sketch is not None:
+            self.sketch = self.sketch.to(device)
+        return self
+
+    def rotate(self, x: torch.Tensor, head_of: torch.Tensor | None = None) -> torch.Tensor:
+        """``y = R_h x`` for ``x`` ``[N, Hx, d]`` float32; ``head_of[i]`` maps column i to its KV head."""
+        rot = self.rot if head_of is None else self.rot[head_of]
+        return torch.einsum("nhd,hed->nhe", x, rot)
+
+    def unrotate(self, y: torch.Tensor, head_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`rotate`: ``x = R_hᵀ y``."""
+        rot = self.rot if head_of is None else self.rot[head_of]
+        return torch.einsum("nhe,hed->nhd", y, rot)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[1] != self.rot.shape[0] or x.shape[2] != self.head_dim:
+            raise ValueError(
+                f"expected [N, {self.rot.shape[0]}, {self.head_dim}] vectors, got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
+
+    def unit_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Centroid values ``[N, H, d]`` (unit-norm scale) for codes ``[N, H, d]``."""
+        lut = self.lut.expand(*codes.shape[:-1], *self.lut.shape)
+        return torch.gather(lut, -1, codes.long().unsqueeze(-1)).squeeze(-1)
+
+    def group_norms(self, norms: torch.Tensor) -> torch.Tensor:
+        """Per-coordinate stored norms ``[N, H, d]`` from fp16 norms ``[N, H, num_norms]``."""
+        return norms.float()[..., self.group_id]
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """Quantize ``x`` ``[N, H, d]`` (any float dtype) to unpacked codes."""
+        self._check(x)
+        x = x.float()
+        finite = torch.isfinite(x).all(-1)
+        self.stats["nonfinite_vectors"] += int((~finite).sum())
+        x = torch.where(finite[..., None], x, torch.zeros_like(x))
+        y = self.rotate(x)
+        codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+        norms = []
+        start = 0
+        for g, dg in enumerate(self.layout.group_dims):
+            yg = y[..., start:start + dg]
+            n = yg.norm(dim=-1)
+            idx = torch.bucketize((yg / n.clamp_min(_TINY)[..., None]).contiguous(), self.bounds[g])
+            codes[..., start:start + dg] = idx.to(torch.uint8)
+            if self.codec.norm_correction:
+                c_norm = self.lut[start, :][idx].norm(dim=-1)
+                n = torch.where(c_norm > 0, n / c_norm.clamp_min(_TINY), n)
+            norms.append(n)
+            start += dg
+        if self.codec.qjl:
+            partial = self._to_fp16(torch.stack(norms, -1))
+            y_hat = self.group_norms(partial) * self.unit_values(codes)
+            r = y - y_hat
+            signs = (r @ self.sketch.T) >= 0
+            norms.append(r.norm(dim=-1))
+        else:
+            signs = None
+        return Encoded(codes=codes, norms=self._to_fp16(torch.stack(norms, -1)), signs=signs)
+
+    def _to_fp16(self, n: torch.Tensor) -> torch.Tensor:
+        over = n > FP16_MAX
+        self.stats["saturated_norms"] += int(over.sum())
+        return n.clamp(max=FP16_MAX).to(torch.float16)
+
+    def decode_rotated(self, enc: Encoded) -> torch.Tensor:
+        """Rotated-domain vectors ``[N, H, d]`` float32 whose inner products with ``R_h q``
+        equal the estimator (MSE part, plus the QJL term for TurboQuant_prod)."""
+        y_hat = self.group_norms(enc.norms) * self.unit_values(enc.codes)
+        if self.codec.qjl:
+            pm = enc.signs.float() * 2 - 1
+            gamma = enc.norms[..., -1:].float()
+            y_hat = y_hat + self.qjl_scale * gamma * (pm @ self.sketch)
+        return y_hat
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        """Dequantized vectors ``[N, H, d]`` float32 in the original domain."""
+        return self.unrotate(self.decode_rotated(enc))
+
+    def decode_mse(self, enc: Encoded) -> torch.Tensor:
+        """Original-domain MSE reconstruction only (QJL term dropped), ``[N, H, d]``."""
+        return self.unrotate(self.group_norms(enc.norms) * self.unit_values(enc.codes))
+
+    def scores(self, q_rot: torch.Tensor, enc: Encoded, head_of: torch.Tensor) -> torch.Tensor:
+        """Inner-product estimates from codes, without decoding keys to the original domain.
+
+        q_rot: ``[L, Hq, d]`` queries already rotated by their KV head's ``R_h``.
+        enc: codes of ``T`` tokens, ``[T, H, d]``; head_of: long ``[Hq]`` → KV head.
+        Returns ``[L, Hq, T]`` float32: MSE part in the rotated domain plus the QJL bias.
+        """
+        unit = self.unit_values(enc.codes)[:, head_of]  # [T, Hq, d]
+        norms = self.group_norms(enc.norms)[:, head_of]
+        s = torch.einsum("lhd,thd->lht", q_rot, unit * norms)
+        if self.codec.qjl:
+            q_sk = q_rot @ self.sketch.T  # [L, Hq, d]: each query sketched once
+            pm = enc.signs[:, head_of].float() * 2 - 1
+            gamma = enc.norms[:, head_of, -1].float()  # [T, Hq]
+            s = s + self.qjl_scale * gamma.T[None] * torch.einsum("lhd,thd->lht", q_sk, pm)
+        return s
+
+
+@dataclass
+class LayerCodec:
+    """Key and value quantizers of one attention layer."""
+
+    preset: Preset
+    key: TensorQuantizer
+    value: TensorQuantizer
+
+    @classmethod
+    def create(cls, preset: Preset, head_dim: int, num_kv_heads: int, layer: int = 0,
+               key_perm: torch.Tensor | None = None,
+               value_perm: torch.Tensor | None = None) -> "LayerCodec":
+        """Build the seeded codec of ``layer``; same inputs give bit-identical tables."""
+        lay = preset.layout(head_dim)
+        seed = derive_seed(preset.seed, "layer", layer)
+        common = dict(num_heads=num_kv_heads, seed=seed, codebook_kind=preset.codebook,
+                      sketch_kind=preset.sketch)
+        return cls(
+            preset=preset,
+            key=TensorQuantizer.create(preset.key, lay.key, tag="k", perm=key_perm, **common),
+            value=TensorQuantizer.create(preset.value, lay.value, tag="v", perm=value_perm, **common),
+        )
+
+    def to(self, device: torch.device | str) -> "LayerCodec":
+        self.key.to(device)
+        self.value.to(device)
+        return self

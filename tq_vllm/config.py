@@ -1,0 +1,288 @@
+"""Presets and every derived byte size of the tq-vllm KV cache.
+
+This module is the single owner of layout arithmetic: a :class:`Preset` describes
+how keys and values are quantized, and :meth:`Preset.layout` derives the exact byte
+map of one packed cache slot (one token of one KV head) for a given head size.
+Nothing else in the package computes offsets or sizes.
+
+Families at each budget ``b`` (bits per coordinate of codes) in {4, 3.5, 3, 2.5}:
+
+``tq{b}-mse``  keys and values TurboQuant_mse at ``b`` bits.
+``tq{b}-qjl``  keys TurboQuant_prod as in the paper: ``b-1`` bit MSE codes plus a
+               1-bit QJL sketch of the residual and its norm; values TurboQuant_mse.
+``tq{b}``      the recommended preset at that budget (see ``RECOMMENDED``).
+
+Fractional budgets split the channels into two halves (an outlier half at
+``ceil`` bits and the rest at ``floor`` bits), each an independent TurboQuant
+instance with its own rotation and norm, as in the paper's 2.5/3.5-bit setups.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+"""Head sizes the randomized Hadamard rotation handles (powers of two; each half
+of a split preset must be a power of two too)."""
+
+NORM_BYTES = 2
+"""Norms are stored as little-endian IEEE fp16."""
+
+SLOT_ALIGN = 2
+"""Slots are padded to a multiple of this so every slot's fp16 norms stay aligned."""
+
+PRESET_PREFIX = "tq"
+BUDGETS = ("4", "3.5", "3", "2.5")
+
+
+class UnsupportedHeadDim(ValueError):
+    """The codec cannot handle this head size."""
+
+
+def check_head_dim(head_dim: int) -> int:
+    """Return ``head_dim`` or raise a clear error naming the supported sizes."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise UnsupportedHeadDim(
+            f"tq-vllm supports head_dim in {SUPPORTED_HEAD_DIMS} (randomized Hadamard "
+            f"rotation needs a power of two); got head_dim={head_dim}. Use "
+            "--kv-cache-dtype auto or fp8 for this model."
+        )
+    return head_dim
+
+
+class TensorCodec(BaseModel):
+    """How one of K or V is quantized, independent of head size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bits_hi: int = Field(ge=1, le=4, description="MSE code bits of the outlier half")
+    bits_lo: int = Field(ge=1, le=4, description="MSE code bits of the other channels")
+    split: bool = Field(description="two channel groups (d/2 each) with own rotation+norm")
+    qjl: bool = Field(default=False, description="1-bit QJL sketch of the residual")
+    norm_correction: bool = Field(
+        default=False, description="store norm/|reconstruction| so decoded norms are exact"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TensorCodec":
+        if not self.split and self.bits_hi != self.bits_lo:
+            raise ValueError("an unsplit codec has one bit width: bits_hi must equal bits_lo")
+        if self.split and self.bits_hi < self.bits_lo:
+            raise ValueError("the outlier half must not get fewer bits than the rest")
+        return self
+
+    @property
+    def code_bits_per_coord(self) -> float:
+        """Bits per coordinate of codes (MSE codes plus QJL signs), norms excluded."""
+        mse = (self.bits_hi + self.bits_lo) / 2 if self.split else self.bits_hi
+        return mse + (1 if self.qjl else 0)
+
+    @property
+    def num_groups(self) -> int:
+        return 2 if self.split else 1
+
+    @property
+    def num_norms(self) -> int:
+        """fp16 norms per vector: one per group, plus the QJL residual norm."""
+        return self.num_groups + (1 if self.qjl else 0)
+
+    def group_dims(self, head_dim: int) -> tuple[int, ...]:
+        return (head_dim // 2, head_dim // 2) if self.split else (head_dim,)
+
+    def group_bits(self) -> tuple[int, ...]:
+        return (self.bits_hi, self.bits_lo) if self.split else (self.bits_hi,)
+
+
+class Segment(BaseModel):
+    """A byte range inside a slot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+class TensorLayout(BaseModel):
+    """Byte map of one of K or V inside a slot, for one head size."""
+
+    model_config = ConfigDict(frozen=True)
+
+    head_dim: int
+    group_dims: tuple[int, ...]
+    group_bits: tuple[int, ...]
+    norms: Segment  # fp16: group norms in group order, then the QJL residual norm
+    codes: tuple[Segment, ...]  # one LSB-first bitstream per group
+    signs: Segment | None  # QJL sign bits, LSB-first, bit set = +1
+
+    @property
+    def nbytes(self) -> int:
+        return self.norms.nbytes + sum(s.nbytes for s in self.codes) + (
+            self.signs.nbytes if self.signs else 0
+        )
+
+    @property
+    def bits_per_coord(self) -> float:
+        """True storage bits per coordinate including norms."""
+        return 8 * self.nbytes / self.head_dim
+
+
+class SlotLayout(BaseModel):
+    """Byte map of one packed slot (one token of one KV head)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    head_dim: int
+    key: TensorLayout
+    value: TensorLayout
+    slot_bytes: int
+    padding: int
+
+    @property
+    def bf16_bytes(self) -> int:
+        return 2 * 2 * self.head_dim
+
+    @property
+    def compression_vs_bf16(self) -> float:
+        return self.bf16_bytes / self.slot_bytes
+
+
+class Preset(BaseModel):
+    """A named KV-cache format: key codec, value codec and the random constructions."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    family: Literal["mse", "qjl", "recommended"]
+    budget: str
+    key: TensorCodec
+    value: TensorCodec
+    codebook: Literal["beta", "gaussian"] = "beta"
+    sketch: Literal["gaussian", "orthogonal"] = "gaussian"
+    seed: int = 0x7A11
+
+    @model_validator(mode="after")
+    def _check(self) -> "Preset":
+        if self.name.startswith("turboquant"):
+            raise ValueError("names starting with 'turboquant' belong to vLLM's own presets")
+        if not self.name.startswith(PRESET_PREFIX):
+            raise ValueError(f"preset names start with {PRESET_PREFIX!r}")
+        if self.value.qjl:
+            raise ValueError("QJL estimates inner products; it is for keys only")
+        return self
+
+    def layout(self, head_dim: int) -> SlotLayout:
+        """Byte map of one slot for ``head_dim``; see :mod:`tq_vllm.layout` for the table."""
+        return _layout(self, check_head_dim(head_dim))
+
+    def bits_per_coord(self, head_dim: int) -> tuple[float, float]:
+        """True (key, value) storage bits per coordinate including norms."""
+        lay = self.layout(head_dim)
+        return lay.key.bits_per_coord, lay.value.bits_per_coord
+
+
+def _tensor_layout(codec: TensorCodec, head_dim: int, offset: int) -> tuple[TensorLayout, int]:
+    """Lay K or V out from ``offset``: norms first (aligned), codes, signs."""
+    dims, bits = codec.group_dims(head_dim), codec.group_bits()
+    norms = Segment(offset=offset, nbytes=NORM_BYTES * codec.num_norms)
+    pos = norms.end
+    codes = []
+    for d, b in zip(dims, bits):
+        nbytes = d * b // 8  # d is a multiple of 8, so every segment is whole bytes
+        codes.append(Segment(offset=pos, nbytes=nbytes))
+        pos += nbytes
+    signs = None
+    if codec.qjl:
+        signs = Segment(offset=pos, nbytes=head_dim // 8)
+        pos = signs.end
+    lay = TensorLayout(
+        head_dim=head_dim, group_dims=dims, group_bits=bits, norms=norms,
+        codes=tuple(codes), signs=signs,
+    )
+    return lay, pos
+
+
+def _layout(preset: Preset, head_dim: int) -> SlotLayout:
+    key, pos = _tensor_layout(preset.key, head_dim, 0)
+    value, pos = _tensor_layout(preset.value, head_dim, pos)
+    slot = math.ceil(pos / SLOT_ALIGN) * SLOT_ALIGN
+    return SlotLayout(head_dim=head_dim, key=key, value=value, slot_bytes=slot, padding=slot - pos)
+
+
+def _mse_codec(budget: str, **kw) -> TensorCodec:
+    b = float(budget)
+    hi, lo = math.ceil(b), math.floor(b)
+    return TensorCodec(bits_hi=hi, bits_lo=lo, split=hi != lo, **kw)
+
+
+def _qjl_key(budget: str) -> TensorCodec:
+    b = float(budget) - 1
+    hi, lo = math.ceil(b), math.floor(b)
+    return TensorCodec(bits_hi=hi, bits_lo=lo, split=hi != lo, qjl=True)
+
+
+RECOMMENDED: dict[str, str] = {b: "mse" for b in BUDGETS}
+"""Family the plain ``tq{b}`` name points at. MSE-only beats the paper's QJL variant
+at equal bits on inner-product error (π/2 variance factor, see tests/test_codec.py)."""
+
+
+def _build_presets() -> dict[str, Preset]:
+    out: dict[str, Preset] = {}
+    for b in BUDGETS:
+        mse = Preset(name=f"tq{b}-mse", family="mse", budget=b,
+                     key=_mse_codec(b), value=_mse_codec(b))
+        qjl = Preset(name=f"tq{b}-qjl", family="qjl", budget=b,
+                     key=_qjl_key(b), value=_mse_codec(b))
+        out[mse.name], out[qjl.name] = mse, qjl
+        best = out[f"tq{b}-{RECOMMENDED[b]}"]
+        out[f"tq{b}"] = best.model_copy(update={"name": f"tq{b}", "family": "recommended"})
+    return out
+
+
+PRESETS: dict[str, Preset] = _build_presets()
+PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def is_tq_dtype(name: object) -> bool:
+    return isinstance(name, str) and name in PRESETS
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by its ``--kv-cache-dtype`` name, with a clear error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown tq-vllm KV cache preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}"
+        ) from None
+
+
+def preset_table(head_dim: int) -> list[dict[str, object]]:
+    """One row per preset: bits per coordinate (codes and true), slot bytes, ratio."""
+    rows = []
+    for p in PRESETS.values():
+        lay = p.layout(head_dim)
+        rows.append({
+            "preset": p.name,
+            "family": p.family,
+            "key_code_bits": p.key.code_bits_per_coord,
+            "value_code_bits": p.value.code_bits_per_coord,
+            "key_bits": lay.key.bits_per_coord,
+            "value_bits": lay.value.bits_per_coord,
+            "slot_bytes": lay.slot_bytes,
+            "vs_bf16": lay.compression_vs_bf16,
+        })
+    return rows
+
+
+__all__ = [
+    "PRESETS", "PRESET_NAMES", "Preset", "SlotLayout", "TensorCodec", "TensorLayout",
+    "SUPPORTED_HEAD_DIMS", "UnsupportedHeadDim", "check_head_dim", "get_preset",
+    "is_tq_dtype", "preset_table",
+]
