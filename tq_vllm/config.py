@@ -263,6 +263,16 @@ def get_preset(name: str) -> Preset:
         ) from None
 
 
+def backend_enum_name(preset: str) -> str:
+    """``tq3.5-qjl`` → ``TQ_VLLM_TQ3_5_QJL``: the AttentionBackendEnum name of its backend."""
+    return "TQ_VLLM_" + preset.upper().replace(".", "_").replace("-", "_")
+
+
+def backend_class_path(preset: str) -> str:
+    """Importable path of the preset's backend class in :mod:`tq_vllm.backend`."""
+    return "tq_vllm.backend." + backend_enum_name(preset).title().replace("_", "") + "Backend"
+
+
 def preset_table(head_dim: int) -> list[dict[str, object]]:
     """One row per preset: bits per coordinate (codes and true), slot bytes, ratio."""
     rows = []

