@@ -20,7 +20,7 @@ DEFAULT_DTYPE = "tq3.5"
 PROMPT = "The capital of France is"
 
 
-def run(model: str, dtype: str, prompt: str, max_tokens: int, kv_space_gib: float) -> list[dict]:
+def run(model: str, dtype: str, prompt: str, max_tokens: int, kv_space_gib: int) -> list[dict]:
     path = str(fetch_model(model))
     rows = []
     for cache_dtype in dict.fromkeys([dtype, "auto"]):
@@ -32,7 +32,7 @@ def run(model: str, dtype: str, prompt: str, max_tokens: int, kv_space_gib: floa
     return rows
 
 
-def format_rows(rows: list[dict], prompt: str, kv_space_gib: float) -> str:
+def format_rows(rows: list[dict], prompt: str, kv_space_gib: int) -> str:
     auto = next(r["kv_tokens"] for r in rows if r["kv_cache_dtype"] == "auto")
     lines = [f"prompt: {prompt!r}   KV budget: {kv_space_gib} GiB",
              f"{'kv-cache-dtype':<16}{'KV tokens':>12}{'vs auto':>9}  answer"]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-dtype", default=DEFAULT_DTYPE)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--kv-space-gib", type=float, default=1.0)
+    ap.add_argument("--kv-space-gib", type=int, default=1)
     args = ap.parse_args(argv)
     rows = run(args.model, args.kv_cache_dtype, args.prompt, args.max_tokens, args.kv_space_gib)
     print(format_rows(rows, args.prompt, args.kv_space_gib))

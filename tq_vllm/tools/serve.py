@@ -48,7 +48,7 @@ class Server:
 
     model: str
     kv_cache_dtype: str = "auto"
-    kv_space_gib: float = 1.0
+    kv_space_gib: int = 1
     max_model_len: int = 2048
     extra_args: list[str] = field(default_factory=list)
     port: int = 0

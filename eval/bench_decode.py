@@ -1,0 +1,176 @@
+"""Decode-attention kernel benchmark: tq-vllm CPU kernels vs vLLM-CPU's exact attention.
+
+Per decode step (one query token per sequence, one layer), side by side in one run:
+our Numba kernel for each preset, vLLM-CPU's ``cpu_attention_with_kv_cache`` on a
+bf16 cache (what ``--kv-cache-dtype auto`` runs), and the PyTorch reference.
+Prints time, ratio vs bf16 and effective GB/s of cache bytes read; writes JSON and
+a plot.
+
+    python eval/bench_decode.py                     # the full grid (minutes)
+    python eval/bench_decode.py --quick             # batch 8, context 4k, d 64, GQA 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tq_vllm.codec import LayerCodec
+from tq_vllm.config import PRESETS
+from tq_vllm.kernels import cpu_ops
+from tq_vllm.reference import tq_paged_attention
+
+BLOCK_SIZE = 128  # vLLM-CPU's default block size
+
+
+def _time(fn, min_time: float = 0.5, max_iters: int = 50) -> float:
+    fn()  # warm-up (and jit compile)
+    times = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _bf16_case(batch, ctx, d, kv_heads, gqa):
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    nb = batch * math.ceil(ctx / BLOCK_SIZE)
+    cache = torch.randn(nb, kv_heads, BLOCK_SIZE * 2, d, dtype=torch.bfloat16)
+    kc, vc = cache.chunk(2, dim=2)
+    table = torch.arange(nb, dtype=torch.int32).reshape(batch, -1)
+    seq = torch.full((batch,), ctx, dtype=torch.int32)
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    isa = _get_attn_isa(torch.bfloat16, BLOCK_SIZE, d, "auto")
+    meta = ops.cpu_attn_get_scheduler_metadata(batch, kv_heads * gqa, kv_heads, d, seq,
+                                               torch.bfloat16, qsl, True, -1, isa, True)
+
+    def run():
+        ops.cpu_attention_with_kv_cache(q, kc, vc, out, qsl, seq, 1 / math.sqrt(d), True, None,
+                                        -1, table, 0.0, meta, None)
+    return run, nb * kv_heads * BLOCK_SIZE * 2 * d * 2 * ctx / (math.ceil(ctx / BLOCK_SIZE) * BLOCK_SIZE)
+
+
+def _numba_decode(*args):
+    from tq_vllm.kernels import cpu_native
+
+    cpu_native.load.cache_clear()
+    os.environ[cpu_native.DISABLE_ENV] = "1"
+    try:
+        cpu_ops.decode(*args)
+    finally:
+        del os.environ[cpu_native.DISABLE_ENV]
+        cpu_native.load.cache_clear()
+
+
+def _reference_decode(q, cache, table, seq, codec, scale, out):
+    qsl = torch.arange(q.shape[0] + 1)
+    out.copy_(tq_paged_attention(q, cache, table, seq, qsl, codec, scale))
+
+
+def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl):
+    codec = LayerCodec.create(PRESETS[preset], d, kv_heads)
+    slot = PRESETS[preset].layout(d).slot_bytes
+    nb = batch * math.ceil(ctx / BLOCK_SIZE)
+    # random bytes are valid codes; norms must be finite fp16: write small ones
+    cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, slot), dtype=torch.uint8)
+    lay = PRESETS[preset].layout(d)
+    for t in (lay.key, lay.value):
+        n = t.norms
+        cache[..., n.offset:n.end] = torch.full((n.nbytes // 2,), 1.0, dtype=torch.float16).view(torch.uint8)
+    table = torch.arange(nb, dtype=torch.int32).reshape(batch, -1)
+    seq = torch.full((batch,), ctx, dtype=torch.int32)
+    q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    fn = {"native": cpu_ops.decode, "numba": _numba_decode, "reference": _reference_decode}[impl]
+
+    def run():
+        fn(q, cache, table, seq, codec, 1 / math.sqrt(d), out)
+    return run, batch * ctx * kv_heads * slot
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--presets", default="tq4,tq3.5,tq3,tq2.5,tq4-qjl,tq3-qjl")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--contexts", default="1024,4096,16384,32768")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--gqa", default="3,7")
+    ap.add_argument("--reference-max-ctx", type=int, default=4096, help="skip the slow reference beyond")
+    ap.add_argument("--out", default="eval/results/bench_decode")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.contexts, args.head_dims, args.gqa = "8", "4096", "64", "3"
+    kv_heads = 2
+    rows = []
+    grid = [(b, c, d, g) for d in map(int, args.head_dims.split(",")) for g in map(int, args.gqa.split(","))
+            for b in map(int, args.batches.split(",")) for c in map(int, args.contexts.split(","))]
+    try:
+        from tqdm import tqdm
+        grid_iter = tqdm(grid, desc="decode bench")
+    except ImportError:
+        grid_iter = grid
+    for b, c, d, g in grid_iter:
+        if b * c > 32 * 16384:  # keep memory and time bounded on a 24 GiB machine
+            continue
+        run, nbytes = _bf16_case(b, c, d, kv_heads, g)
+        t_bf16 = _time(run)
+        rows.append(dict(impl="vllm-cpu bf16", preset="auto", batch=b, ctx=c, head_dim=d, gqa=g,
+                         ms=t_bf16 * 1e3, gbps=nbytes / t_bf16 / 1e9, vs_bf16=1.0))
+        for p in args.presets.split(","):
+            for impl in ("native", "numba", "reference"):
+                if impl == "reference" and c > args.reference_max_ctx:
+                    continue
+                run, nbytes = _tq_case(p, b, c, d, kv_heads, g, impl)
+                t = _time(run)
+                rows.append(dict(impl=f"tq {impl}", preset=p, batch=b, ctx=c, head_dim=d, gqa=g,
+                                 ms=t * 1e3, gbps=nbytes / t / 1e9, vs_bf16=t / t_bf16))
+    print(f"{'impl':<14}{'preset':<9}{'B':>4}{'ctx':>7}{'d':>5}{'gqa':>4}{'ms':>10}{'GB/s':>8}{'t/t_bf16':>10}")
+    for r in rows:
+        print(f"{r['impl']:<14}{r['preset']:<9}{r['batch']:>4}{r['ctx']:>7}{r['head_dim']:>5}{r['gqa']:>4}"
+              f"{r['ms']:>10.3f}{r['gbps']:>8.2f}{r['vs_bf16']:>10.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, out.with_suffix(".png"))
+    return 0
+
+
+def _plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = sorted({(r["impl"], r["preset"]) for r in rows if r["impl"] != "vllm-cpu bf16"})
+    for impl, preset in keys:
+        pts = sorted((r["ctx"], r["vs_bf16"]) for r in rows if (r["impl"], r["preset"]) == (impl, preset)
+                     and r["batch"] == max(x["batch"] for x in rows))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"{impl} {preset}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode time / vLLM-CPU bf16")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

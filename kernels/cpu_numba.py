@@ -1,0 +1,158 @@
+"""Numba CPU kernels over the packed cache (jit code only; launchers in ``cpu_ops``).
+
+The cache is passed as a flat uint8 array plus element strides of vLLM's
+``[num_blocks, H, block_size, slot]`` view, so any strided view works. Slot
+fields are read with the byte map of :mod:`tq_vllm.layout`, described to the
+kernels by small int arrays (``TensorDesc`` in ``cpu_ops``)::
+
+    desc[0] = norm byte offset        desc[1] = number of groups G
+    desc[2] = QJL sign byte offset (-1: none)
+    desc[3 + 3g : 6 + 3g] = (code byte offset, bits, channels) of group g
+
+Decode works token by token inside one (sequence, KV head, split) task: the
+token's key is decoded once into a ``d``-float register tile (rotated domain,
+norms applied), scored against all ``G`` query heads of the KV head (so each
+block is read once per KV head, not once per query head), the QJL bias is added
+from the sign bits, and the value tile updates an online softmax. Nothing
+dequantized is ever written to memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+@njit(inline="always", cache=True)
+def _half(lo, hi):
+    """IEEE fp16 (two little-endian bytes) → float."""
+    u = np.int32(lo) | (np.int32(hi) << 8)
+    e = (u >> 10) & 0x1F
+    f = u & 0x3FF
+    if e == 0:
+        v = math.ldexp(np.float64(f), -24)
+    elif e == 31:
+        v = np.inf if f == 0 else np.nan
+    else:
+        v = math.ldexp(np.float64(f | 0x400), e - 25)
+    return -v if (u >> 15) & 1 else v
+
+
+@njit(inline="always", cache=True)
+def _decode_tensor(cache, base, desc, lut, out):
+    """Rotated-domain MSE reconstruction of one K or V slot into ``out`` [d]."""
+    ngroups = desc[1]
+    j0 = 0
+    for g in range(ngroups):
+        nb = base + desc[0] + 2 * g
+        norm = _half(cache[nb], cache[nb + 1])
+        off = base + desc[3 + 3 * g]
+        bits = desc[4 + 3 * g]
+        dim = desc[5 + 3 * g]
+        mask = (1 << bits) - 1
+        for k in range(dim):
+            bp = k * bits
+            byte = off + (bp >> 3)
+            sh = bp & 7
+            w = np.int32(cache[byte]) >> sh
+            if sh + bits > 8:
+                w |= np.int32(cache[byte + 1]) << (8 - sh)
+            out[j0 + k] = norm * lut[j0 + k, w & mask]
+        j0 += dim
+
+
+@njit(inline="always", cache=True)
+def _sign_dot(cache, off, q, d):
+    """``Σ_j q[j]·(±1)`` for the QJL sign bits starting at byte ``off``."""
+    s = 0.0
+    for j in range(d):
+        bit = (cache[off + (j >> 3)] >> (j & 7)) & 1
+        s += q[j] if bit else -q[j]
+    return s
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_sk, scale,
+                      kdesc, lut_k, qjl_scale, vdesc, lut_v, num_kv_heads, block_size, n_splits,
+                      acc_out, m_out, l_out):
+    """Split-KV decode, all query heads of a KV head together.
+
+    q_rot, q_sk: float32 [B, Hq, d] (rotated / sketched-rotated queries).
+    acc_out: float32 [B, Hq, n_splits, d]; m_out, l_out: float32 [B, Hq, n_splits].
+    """
+    nseq, hq, d = q_rot.shape
+    g_per = hq // num_kv_heads
+    has_qjl = kdesc[2] >= 0
+    for task in prange(nseq * num_kv_heads * n_splits):
+        b = task // (num_kv_heads * n_splits)
+        rem = task % (num_kv_heads * n_splits)
+        h = rem // n_splits
+        sp = rem % n_splits
+        seq = seq_lens[b]
+        chunk = (seq + n_splits - 1) // n_splits
+        t0 = sp * chunk
+        t1 = min(seq, t0 + chunk)
+        m = np.full(g_per, -np.inf, dtype=np.float32)
+        l = np.zeros(g_per, dtype=np.float32)
+        acc = np.zeros((g_per, d), dtype=np.float32)
+        kt = np.empty(d, dtype=np.float32)
+        vt = np.empty(d, dtype=np.float32)
+        s = np.empty(g_per, dtype=np.float32)
+        for t in range(t0, t1):
+            base = block_table[b, t // block_size] * s_blk + h * s_head + (t % block_size) * s_tok
+            _decode_tensor(cache, base, kdesc, lut_k, kt)
+            if has_qjl:
+                gb = base + kdesc[0] + 2 * (kdesc[1])
+                gamma = _half(cache[gb], cache[gb + 1]) * qjl_scale
+            for g in range(g_per):
+                qh = h * g_per + g
+                acc_s = 0.0
+                for j in range(d):
+                    acc_s += q_rot[b, qh, j] * kt[j]
+                if has_qjl:
+                    acc_s += gamma * _sign_dot(cache, base + kdesc[2], q_sk[b, qh], d)
+                s[g] = acc_s * scale
+            _decode_tensor(cache, base, vdesc, lut_v, vt)
+            for g in range(g_per):
+                m_new = max(m[g], s[g])
+                corr = math.exp(m[g] - m_new)
+                p = math.exp(s[g] - m_new)
+                l[g] = l[g] * corr + p
+                for j in range(d):
+                    acc[g, j] = acc[g, j] * corr + p * vt[j]
+                m[g] = m_new
+        for g in range(g_per):
+            qh = h * g_per + g
+            m_out[b, qh, sp] = m[g]
+            l_out[b, qh, sp] = l[g]
+            for j in range(d):
+                acc_out[b, qh, sp, j] = acc[g, j]
+
+
+@njit(parallel=True, cache=True)
+def dequantize_kernel(cache, s_blk, s_head, s_tok, block_row, seq_len, desc, lut, num_kv_heads,
+                      block_size, out):
+    """Rotated-domain decode of positions 0..seq_len-1 of one sequence: out [H, S, d]."""
+    for task in prange(num_kv_heads * seq_len):
+        h = task // seq_len
+        t = task % seq_len
+        base = block_row[t // block_size] * s_blk + h * s_head + (t % block_size) * s_tok
+        _decode_tensor(cache, base, desc, lut, out[h, t])
+
+
+@njit(parallel=True, cache=True)
+def qjl_signs_kernel(cache, s_blk, s_head, s_tok, block_row, seq_len, kdesc, num_kv_heads,
+                     block_size, out):
+    """``γ·(±1)`` of the QJL key signs of positions 0..seq_len-1: out [H, S, d]."""
+    d = out.shape[2]
+    for task in prange(num_kv_heads * seq_len):
+        h = task // seq_len
+        t = task % seq_len
+        base = block_row[t // block_size] * s_blk + h * s_head + (t % block_size) * s_tok
+        gb = base + kdesc[0] + 2 * kdesc[1]
+        gamma = _half(cache[gb], cache[gb + 1])
+        so = base + kdesc[2]
+        for j in range(d):
+            bit = (cache[so + (j >> 3)] >> (j & 7)) & 1
+            out[h, t, j] = gamma if bit else -gamma

@@ -1,0 +1,197 @@
+"""Launchers for the Numba CPU kernels: validate, prepare tables, call, combine splits."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tq_vllm.codec import LayerCodec
+from tq_vllm.config import TensorLayout
+from tq_vllm.kernels import cpu_native, cpu_numba
+
+MIN_TOKENS_PER_SPLIT = 256
+"""A split-KV task below this many tokens costs more in setup and reduction than
+it gains in parallelism (measured on 2 AVX-512 cores, d = 64)."""
+
+
+@lru_cache(maxsize=None)
+def _desc(layout: TensorLayout) -> np.ndarray:
+    """Kernel descriptor of one of K/V (see :mod:`tq_vllm.kernels.cpu_numba`)."""
+    vals = [layout.norms.offset, len(layout.codes), layout.signs.offset if layout.signs else -1]
+    for seg, bits, dim in zip(layout.codes, layout.group_bits, layout.group_dims):
+        vals += [seg.offset, bits, dim]
+    return np.asarray(vals, dtype=np.int64)
+
+
+def _codebooks(lut: torch.Tensor, layout: TensorLayout) -> torch.Tensor:
+    """Per-group 16-entry codebooks ``[G, 16]`` (zero padded) for the native kernel."""
+    books = torch.zeros(len(layout.group_dims), 16)
+    start = 0
+    for g, dim in enumerate(layout.group_dims):
+        books[g, : lut.shape[1]] = lut[start]
+        start += dim
+    return books
+
+
+class _Tables:
+    """Per-codec constants the kernels need, built once (contiguous float32 / int64)."""
+
+    def __init__(self, codec: LayerCodec):
+        d = codec.key.head_dim
+        lay = codec.preset.layout(d)
+        self.layout = lay
+        self.kdesc, self.vdesc = _desc(lay.key), _desc(lay.value)
+        self.k_books = _codebooks(codec.key.lut, lay.key)
+        self.v_books = _codebooks(codec.value.lut, lay.value)
+        self.rot_k = codec.key.rot.float().contiguous()
+        self.rot_v = codec.value.rot.float().contiguous()
+        sk = codec.key.sketch
+        self.sketch = sk.float().contiguous() if sk is not None else None
+        self.qjl_scale = float(codec.key.qjl_scale)
+
+
+def tables(codec: LayerCodec) -> _Tables:
+    t = getattr(codec, "_cpu_tables", None)
+    if t is None:
+        t = codec._cpu_tables = _Tables(codec)
+    return t
+
+
+def _flat(kv_cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Flat uint8 array starting at the view's first byte, and its (block, head, token)
+    strides. The view must keep each slot contiguous."""
+    if kv_cache.dtype != torch.uint8 or kv_cache.device.type != "cpu":
+        raise ValueError(f"CPU kernels need a uint8 CPU cache, got {kv_cache.dtype} on {kv_cache.device}")
+    if kv_cache.stride(3) != 1:
+        raise ValueError("CPU kernels need each cache slot contiguous (stride 1 on the last dim)")
+    storage = torch.empty(0, dtype=torch.uint8).set_(kv_cache.untyped_storage())
+    flat = storage.numpy()[kv_cache.storage_offset():]
+    return flat, (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
+
+
+def _rotate_queries(q: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
+    """``R_h q`` for ``q`` ``[N, Hq, d]`` → float32 contiguous ``[N, Hq, d]``."""
+    n, hq, d = q.shape
+    q4 = q.float().reshape(n, num_kv, hq // num_kv, d)
+    return torch.einsum("nhgd,hed->nhge", q4, codec.key.rot).reshape(n, hq, d).contiguous()
+
+
+def _unrotate_values(o_rot: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
+    n, hq, d = o_rot.shape
+    o4 = o_rot.reshape(n, num_kv, hq // num_kv, d)
+    return torch.einsum("nhge,hed->nhgd", o4, codec.value.rot).reshape(n, hq, d)
+
+
+def num_splits(batch: int, num_kv: int, max_len: int) -> int:
+    """Split the KV axis until every thread has two tasks, keeping splits long."""
+    threads = numba.get_num_threads()
+    want = math.ceil(2 * threads / max(1, batch * num_kv))
+    return max(1, min(want, max_len // MIN_TOKENS_PER_SPLIT))
+
+
+def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+           seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor) -> None:
+    """Decode attention, q/out ``[B, Hq, d]``: the AVX-512 kernel where the CPU has it,
+    else the Numba kernel (same algorithm)."""
+    b, hq, d = q.shape
+    num_kv = kv_cache.shape[1]
+    flat, (sb, sh, st) = _flat(kv_cache)
+    tab = tables(codec)
+    seq = seq_lens.to(torch.int64).contiguous()
+    table = block_table.to(torch.int64).contiguous()
+    splits = num_splits(b, num_kv, int(seq.max()))
+    native = cpu_native.load()
+    if native is not None and hq // num_kv <= 16 and kv_cache.shape[2] % 16 == 0:
+        qf = q.float().contiguous()
+        res = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(b, hq, d)
+        sketch = tab.sketch.data_ptr() if tab.sketch is not None else None
+        rc = native(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), seq.data_ptr(),
+                    qf.data_ptr(), tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), b, hq,
+                    num_kv, d, kv_cache.shape[2], splits, float(scale), tab.qjl_scale,
+                    tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.vdesc.ctypes.data,
+                    tab.v_books.data_ptr(), res.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native decode kernel rejected its arguments (code {rc})")
+        if res is not out:
+            out.copy_(res)
+        return
+    q_rot = _rotate_queries(q, codec, num_kv)
+    q_sk = (q_rot @ tab.sketch.T).contiguous() if tab.sketch is not None else q_rot
+    acc = torch.empty(b, hq, splits, d)
+    m = torch.empty(b, hq, splits)
+    l = torch.empty(b, hq, splits)
+    cpu_numba.decode_kernel(
+        flat, sb, sh, st, table.numpy(), seq.numpy(), q_rot.numpy(), q_sk.numpy(), float(scale),
+        tab.kdesc, codec.key.lut.numpy(), tab.qjl_scale, tab.vdesc, codec.value.lut.numpy(),
+        num_kv, kv_cache.shape[2], splits, acc.numpy(), m.numpy(), l.numpy())
+    w = torch.exp(m - m.amax(-1, keepdim=True))  # empty splits have m = -inf → weight 0
+    o_rot = (w[..., None] * acc).sum(2) / (w * l).sum(-1, keepdim=True)
+    out.copy_(_unrotate_values(o_rot, codec, num_kv))
+
+
+def dequantize(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int,
+               codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated-domain K and V ``[H, S, d]`` of one sequence (MSE part only)."""
+    h, d = kv_cache.shape[1], codec.key.head_dim
+    flat, (sb, sh, st) = _flat(kv_cache)
+    tab = tables(codec)
+    row = block_row.to(torch.int64).contiguous().numpy()
+    k, v = torch.empty(h, seq_len, d), torch.empty(h, seq_len, d)
+    for desc, lut, dst in ((tab.kdesc, codec.key.lut, k), (tab.vdesc, codec.value.lut, v)):
+        cpu_numba.dequantize_kernel(flat, sb, sh, st, row, seq_len, desc, lut.numpy(), h,
+                                    kv_cache.shape[2], dst.numpy())
+    return k, v
+
+
+def qjl_signs(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int,
+              codec: LayerCodec) -> torch.Tensor:
+    """``γ · (±1)`` ``[H, S, d]`` of one sequence's QJL key signs."""
+    h, d = kv_cache.shape[1], codec.key.head_dim
+    flat, (sb, sh, st) = _flat(kv_cache)
+    out = torch.empty(h, seq_len, d)
+    cpu_numba.qjl_signs_kernel(flat, sb, sh, st, block_row.to(torch.int64).contiguous().numpy(),
+                               seq_len, tables(codec).kdesc, h, kv_cache.shape[2],
+                               out.numpy())
+    return out
+
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+            block_table: torch.Tensor, seq_lens_cpu: torch.Tensor,
+            query_start_loc_cpu: torch.Tensor, first: int, codec: LayerCodec, scale: float,
+            out: torch.Tensor, fresh_exact: bool) -> None:
+    """Causal attention of query chunks (sequences ``first..``) over the packed cache.
+
+    Attention runs in the rotated domain (``⟨R q, R k⟩ = ⟨q, k⟩``); for QJL keys the
+    query is augmented with its sketch ``c·S R q`` and the key with ``γ·signs`` so the
+    logits equal the estimator exactly. A chunk without cached context uses the fresh
+    exact K/V when ``fresh_exact``.
+    """
+    num_kv = kv_cache.shape[1]
+    qsl, sl = query_start_loc_cpu.tolist(), seq_lens_cpu.tolist()
+    qjl = codec.key.sketch is not None
+    for i in range(first, len(sl)):
+        q0, q1, s = qsl[i], qsl[i + 1], int(sl[i])
+        n = q1 - q0
+        if n == 0:
+            continue
+        if s == n and fresh_exact:
+            o = F.scaled_dot_product_attention(
+                q[q0:q1].float().transpose(0, 1)[None], k[q0:q1].float().transpose(0, 1)[None],
+                v[q0:q1].float().transpose(0, 1)[None], is_causal=True, scale=scale,
+                enable_gqa=True)
+            out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
+            continue
+        q_rot = _rotate_queries(q[q0:q1], codec, num_kv)  # [n, Hq, d]
+        kk, vv = dequantize(kv_cache, block_table[i], s, codec)
+        if qjl:
+            q_rot = torch.cat([q_rot, codec.key.qjl_scale * q_rot @ codec.key.sketch.T], -1)
+            kk = torch.cat([kk, qjl_signs(kv_cache, block_table[i], s, codec)], -1)
+        mask = torch.arange(s)[None, :] <= torch.arange(s - n, s)[:, None]
+        o_rot = F.scaled_dot_product_attention(q_rot.transpose(0, 1)[None], kk[None], vv[None],
+                                               attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q0:q1] = _unrotate_values(o_rot[0].transpose(0, 1), codec, num_kv).to(out.dtype)

@@ -1,0 +1,103 @@
+"""CPU kernels (AVX-512 native and Numba) against the PyTorch reference.
+
+Attention is compared with :func:`tq_vllm.reference.tq_paged_attention`, which
+itself equals exact attention on the dequantized cache (tests/test_reference.py),
+so these tolerances measure kernel error only: float32 accumulation in another
+order (~1e-6), never quantization error.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tq_vllm.kernels import cpu_native, cpu_ops
+from tq_vllm.reference import tq_paged_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_reference import build_cache  # noqa: E402
+
+ATOL = 2e-5  # float32 reduction-order noise on O(1) outputs, ~20× observed max
+
+
+@pytest.fixture(params=["native", "numba"])
+def impl(request, monkeypatch):
+    cpu_native.load.cache_clear()
+    if request.param == "numba":
+        monkeypatch.setenv(cpu_native.DISABLE_ENV, "1")
+    elif cpu_native.load() is None:
+        pytest.skip("no AVX-512 CPU or C++ compiler here: native kernel unavailable")
+    yield request.param
+    cpu_native.load.cache_clear()
+
+
+def _reference(q, cache, table, seq_lens, q_lens, codec, dtype):
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
+    return tq_paged_attention(q.to(dtype).float(), cache, table, torch.tensor(seq_lens), qsl, codec, 0.3), qsl
+
+
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq3", "tq2.5-mse", "tq4-qjl"])
+@pytest.mark.parametrize("dim,gqa,block_size", [(64, 3, 16), (64, 1, 32), (128, 7, 16),
+                                                  (128, 8, 128), (256, 2, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_matches_reference(impl, name, dim, gqa, block_size, dtype):
+    seq_lens = [1, 37, 300, 16, 129]  # not multiples of the block size, and one exact
+    codec, cache, table, _, _ = build_cache(name, dim, 2, block_size, seq_lens)
+    q = torch.randn(len(seq_lens), 2 * gqa, dim).to(dtype)
+    out = torch.empty(len(seq_lens), 2 * gqa, dim, dtype=dtype)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out)
+    ref, _ = _reference(q, cache, table, seq_lens, [1] * len(seq_lens), codec, dtype)
+    tol = ATOL if dtype == torch.float32 else 2 ** -8 * ref.abs().max().item()  # bf16 output rounding
+    assert (out.float() - ref).abs().max().item() <= tol
+
+
+def test_decode_long_context_uses_splits_and_stays_exact(impl):
+    codec, cache, table, _, _ = build_cache("tq3.5", 64, 1, 16, [2100])
+    assert cpu_ops.num_splits(1, 1, 2100) > 1
+    q = torch.randn(1, 3, 64)
+    out = torch.empty(1, 3, 64)
+    cpu_ops.decode(q, cache, table, torch.tensor([2100]), codec, 0.3, out)
+    ref, _ = _reference(q, cache, table, [2100], [1], codec, torch.float32)
+    assert (out - ref).abs().max().item() <= ATOL
+
+
+def test_decode_is_deterministic(impl):
+    codec, cache, table, _, _ = build_cache("tq4-qjl", 64, 2, 16, [700, 33])
+    q = torch.randn(2, 6, 64)
+    a, b = torch.empty(2, 6, 64), torch.empty(2, 6, 64)
+    cpu_ops.decode(q, cache, table, torch.tensor([700, 33]), codec, 0.3, a)
+    cpu_ops.decode(q, cache, table, torch.tensor([700, 33]), codec, 0.3, b)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq2.5-mse"])
+@pytest.mark.parametrize("dim,gqa,block_size", [(64, 3, 16), (128, 7, 32)])
+def test_prefill_matches_reference(name, dim, gqa, block_size):
+    seq_lens = [37, 50, 129]
+    q_lens = [5, 50, 1]  # continuation chunk, whole prompt from the cache, one token
+    codec, cache, table, _, _ = build_cache(name, dim, 2, block_size, seq_lens)
+    q = torch.randn(sum(q_lens), 2 * gqa, dim)
+    ref, qsl = _reference(q, cache, table, seq_lens, q_lens, codec, torch.float32)
+    out = torch.zeros_like(q)
+    cpu_ops.prefill(q, None, None, cache, table, torch.tensor(seq_lens), qsl, 0, codec, 0.3, out,
+                    fresh_exact=False)
+    assert (out - ref).abs().max().item() <= ATOL
+
+
+def test_prefill_fresh_exact_path_uses_fresh_kv():
+    codec, cache, table, kv, _ = build_cache("tq4", 64, 1, 16, [20])
+    q = torch.randn(20, 3, 64)
+    out = torch.zeros_like(q)
+    cpu_ops.prefill(q, kv[0][0], kv[0][1], cache, table, torch.tensor([20]), torch.tensor([0, 20]),
+                    0, codec, 0.125, out, fresh_exact=True)
+    from tq_vllm.reference import exact_attention
+    assert torch.allclose(out, exact_attention(q, kv[0][0], kv[0][1]), atol=1e-5)
+
+
+def test_launcher_rejects_non_contiguous_slots():
+    codec, cache, table, _, _ = build_cache("tq4", 64, 1, 16, [20])
+    wide = torch.zeros(*cache.shape[:3], cache.shape[3] * 2, dtype=torch.uint8)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_ops.decode(torch.randn(1, 3, 64), wide, table, torch.tensor([20]), codec, 0.1,
+                       torch.empty(1, 3, 64))
