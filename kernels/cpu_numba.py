@@ -156,3 +156,112 @@ def qjl_signs_kernel(cache, s_blk, s_head, s_tok, block_row, seq_len, kdesc, num
         for j in range(d):
             bit = (cache[so + (j >> 3)] >> (j & 7)) & 1
             out[h, t, j] = gamma if bit else -gamma
+
+
+@njit(inline="always", cache=True)
+def _half_bits(v):
+    """float32 value ``v`` in [0, 65504] → IEEE fp16 bits, round half to even
+    (what ``tensor.to(torch.float16)`` does)."""
+    x = np.float64(v)
+    if x < 6.103515625e-05:  # below 2**-14: subnormal, steps of 2**-24
+        return np.int64(np.rint(x * 16777216.0))
+    m, e2 = math.frexp(x)  # x = m · 2**e2, m in [0.5, 1)
+    e = e2 - 1
+    q = np.int64(np.rint(math.ldexp(x, 10 - e)))  # in [1024, 2048]
+    if q == 2048:
+        q = 1024
+        e += 1
+    return np.int64(((e + 15) << 10) | (q - 1024))
+
+
+@njit(inline="always", cache=True)
+def _put_half(cache, off, v):
+    b = _half_bits(v)
+    cache[off] = b & 0xFF
+    cache[off + 1] = (b >> 8) & 0xFF
+
+
+@njit(inline="always", cache=True)
+def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, work):
+    """Quantize one rotated vector ``y`` [d] into the slot at byte ``slot``.
+
+    Returns the number of norms saturated to the fp16 maximum. ``work`` is a [d]
+    float32 scratch row (the reconstruction, then the residual)."""
+    ngroups = desc[1]
+    saturated = 0
+    j0 = 0
+    for g in range(ngroups):
+        dim = desc[5 + 3 * g]
+        bits = desc[4 + 3 * g]
+        seg = slot + desc[3 + 3 * g]
+        ss = 0.0
+        for k in range(dim):
+            ss += np.float64(y[j0 + k]) * np.float64(y[j0 + k])
+        n = np.float32(math.sqrt(ss))
+        inv = n if n > np.float32(1e-30) else np.float32(1e-30)
+        cn = 0.0
+        for k in range(dim):
+            u = y[j0 + k] / inv
+            code = 0
+            for i in range(bounds.shape[1]):
+                if bounds[g, i] < u:
+                    code += 1
+            bp = k * bits
+            cache[seg + (bp >> 3)] |= (code << (bp & 7)) & 0xFF
+            if (bp & 7) + bits > 8:
+                cache[seg + (bp >> 3) + 1] |= code >> (8 - (bp & 7))
+            c = lut[j0 + k, code]
+            work[j0 + k] = c
+            cn += np.float64(c) * np.float64(c)
+        if norm_correction:
+            c_norm = np.float32(math.sqrt(cn))
+            if c_norm > np.float32(0.0):
+                n = n / (c_norm if c_norm > np.float32(1e-30) else np.float32(1e-30))
+        if n > np.float32(65504.0):
+            n = np.float32(65504.0)
+            saturated += 1
+        _put_half(cache, slot + desc[0] + 2 * g, n)
+        if desc[2] >= 0:  # reconstruction with the stored (fp16) norm, for the residual
+            nh = _half(cache[slot + desc[0] + 2 * g], cache[slot + desc[0] + 2 * g + 1])
+            for k in range(dim):
+                work[j0 + k] = np.float32(nh) * work[j0 + k]
+        j0 += dim
+    if desc[2] >= 0:
+        d = y.shape[0]
+        rr = 0.0
+        for j in range(d):
+            work[j] = y[j] - work[j]
+            rr += np.float64(work[j]) * np.float64(work[j])
+        for i in range(d):
+            acc = 0.0
+            for j in range(d):
+                acc += sketch[i, j] * np.float64(work[j])
+            if acc >= 0.0:
+                cache[slot + desc[2] + (i >> 3)] |= 1 << (i & 7)
+        gamma = np.float32(math.sqrt(rr))
+        if gamma > np.float32(65504.0):
+            gamma = np.float32(65504.0)
+            saturated += 1
+        _put_half(cache, slot + desc[0] + 2 * ngroups, gamma)
+    return saturated
+
+
+@njit(parallel=True, cache=True)
+def store_kernel(yk, yv, slots, cache, s_blk, s_head, s_tok, block_size, slot_bytes,
+                 kdesc, k_bounds, k_lut, k_nc, sketch, vdesc, v_bounds, v_lut, v_nc, saturated):
+    """Quantize rotated K/V ``[N, H, d]`` and write slots ``slots[N]`` (all valid).
+
+    The slot is zeroed first, so padding stays zero; ``saturated[i]`` counts the
+    norms of token i clamped to the fp16 range."""
+    n, h, d = yk.shape
+    for task in prange(n * h):
+        t = task // h
+        hh = task % h
+        sm = slots[t]
+        base = (sm // block_size) * s_blk + hh * s_head + (sm % block_size) * s_tok
+        for i in range(slot_bytes):
+            cache[base + i] = 0
+        work = np.empty(d, dtype=np.float32)
+        sat = _encode_tensor(yk[t, hh], base, cache, kdesc, k_bounds, k_lut, k_nc, sketch, work)
+        sat += _encode_tensor(yv[t, hh], base, cache, vdesc, v_bounds, v_lut, v_nc, sketch, work)
+        saturated[task] = sat

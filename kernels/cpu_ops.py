@@ -38,6 +38,14 @@ def _codebooks(lut: torch.Tensor, layout: TensorLayout) -> torch.Tensor:
     return books
 
 
+def _bounds(bounds: list[torch.Tensor]) -> torch.Tensor:
+    """Per-group decision boundaries ``[G, 15]`` padded with +inf (never crossed)."""
+    out = torch.full((len(bounds), 15), float("inf"))
+    for g, b in enumerate(bounds):
+        out[g, : b.numel()] = b
+    return out
+
+
 class _Tables:
     """Per-codec constants the kernels need, built once (contiguous float32 / int64)."""
 
@@ -53,6 +61,9 @@ class _Tables:
         sk = codec.key.sketch
         self.sketch = sk.float().contiguous() if sk is not None else None
         self.qjl_scale = float(codec.key.qjl_scale)
+        self.sketch64 = (sk.double().contiguous() if sk is not None else torch.zeros(1, 1, dtype=torch.float64)).numpy()
+        self.k_bounds = _bounds(codec.key.bounds).numpy()
+        self.v_bounds = _bounds(codec.value.bounds).numpy()
 
 
 def tables(codec: LayerCodec) -> _Tables:
@@ -92,6 +103,43 @@ def num_splits(batch: int, num_kv: int, max_len: int) -> int:
     threads = numba.get_num_threads()
     want = math.ceil(2 * threads / max(1, batch * num_kv))
     return max(1, min(want, max_len // MIN_TOKENS_PER_SPLIT))
+
+
+def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+          slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
+    """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped).
+
+    Same bits as :func:`tq_vllm.reference.tq_store`: the rotation and the
+    non-finite policy use the codec's own PyTorch ops, the rest is one Numba pass.
+    """
+    num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
+    sm = slot_mapping.to(torch.int64)
+    valid = sm >= 0
+    if bool((sm[valid] >= num_blocks * block_size).any()):
+        raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
+    if not bool(valid.all()):
+        key, value, sm = key[valid], value[valid], sm[valid]
+    if sm.numel() == 0:
+        return
+    tab = tables(codec)
+    ys = []
+    for q, x in ((codec.key, key), (codec.value, value)):
+        x = x.float()
+        finite = torch.isfinite(x).all(-1)
+        if not bool(finite.all()):
+            q.stats["nonfinite_vectors"] += int((~finite).sum())
+            x = torch.where(finite[..., None], x, torch.zeros_like(x))
+        ys.append(q.rotate(x).contiguous())
+    flat, (sb, sh, st) = _flat(kv_cache)
+    saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)
+    cpu_numba.store_kernel(
+        ys[0].numpy(), ys[1].numpy(), sm.contiguous().numpy(), flat, sb, sh, st, block_size,
+        slot_bytes, tab.kdesc, tab.k_bounds, codec.key.lut.numpy(), codec.key.codec.norm_correction,
+        tab.sketch64, tab.vdesc, tab.v_bounds, codec.value.lut.numpy(),
+        codec.value.codec.norm_correction, saturated.numpy())
+    n_sat = int(saturated.sum())
+    if n_sat:
+        codec.key.stats["saturated_norms"] += n_sat
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

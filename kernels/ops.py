@@ -27,10 +27,11 @@ def _impl(device: torch.device):
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
           slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
     """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped)."""
-    if kv_cache.device.type == "cuda":
-        _impl(kv_cache.device).store(key, value, kv_cache, slot_mapping, codec)
-    else:  # vectorized PyTorch; store is a small share of a step on CPU
-        reference.tq_store(key, value, kv_cache, slot_mapping, codec)
+    reference.check_cache(kv_cache, codec)
+    if key.shape != value.shape or key.dim() != 3 or slot_mapping.shape != key.shape[:1]:
+        raise ValueError(f"store: key {tuple(key.shape)}, value {tuple(value.shape)}, "
+                         f"slot_mapping {tuple(slot_mapping.shape)} disagree")
+    _impl(kv_cache.device).store(key, value, kv_cache, slot_mapping, codec)
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

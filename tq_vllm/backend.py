@@ -11,8 +11,13 @@ What attention reads::
     decode:    all of it from the packed cache (1 query token)
     prefill chunk with context (chunked prefill, prefix-cache hit):
                context and own chunk from the packed cache
-    first chunk (no context): exact fresh K/V ("serving" mode, the fast path)
-               or the packed cache too ("strict" mode, TQ_VLLM_ATTENTION=strict)
+    first chunk (no context):
+      "strict" (default): the packed cache too, so every token attends to exactly
+               what is stored and outputs do not depend on prefix-cache hits,
+               chunk sizes or which requests share a batch
+      "fast-prefill" (TQ_VLLM_ATTENTION=fast-prefill): the exact fresh K/V, which
+               skips decoding the prompt's own slots but makes a prompt's outputs
+               differ between a cold run and a prefix-cache hit
 """
 
 from __future__ import annotations
@@ -39,14 +44,17 @@ from tq_vllm.codec import LayerCodec
 from tq_vllm.config import PRESETS, SUPPORTED_HEAD_DIMS, Preset, backend_class_path, backend_enum_name
 from tq_vllm.kernels import ops
 
-STRICT_ENV = "TQ_VLLM_ATTENTION"
+MODE_ENV = "TQ_VLLM_ATTENTION"
+
+
+ATTENTION_MODES = ("strict", "fast-prefill")
 
 
 def attention_mode() -> str:
-    """``serving`` (default) or ``strict`` from ``TQ_VLLM_ATTENTION``."""
-    mode = os.environ.get(STRICT_ENV, "serving").strip().lower()
-    if mode not in ("serving", "strict"):
-        raise ValueError(f"{STRICT_ENV} must be 'serving' or 'strict', got {mode!r}")
+    """``strict`` (default) or ``fast-prefill`` from ``TQ_VLLM_ATTENTION``."""
+    mode = os.environ.get(MODE_ENV, "strict").strip().lower()
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"{MODE_ENV} must be one of {ATTENTION_MODES}, got {mode!r}")
     return mode
 
 
@@ -175,7 +183,7 @@ class TQAttentionImpl(AttentionImpl):
         self.scale = float(scale)
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.strict = attention_mode() == "strict"
+        self.fresh_exact = attention_mode() == "fast-prefill"
         self._codec: LayerCodec | None = None
 
     def codec(self, layer: torch.nn.Module, device: torch.device) -> LayerCodec:
@@ -220,7 +228,7 @@ class TQAttentionImpl(AttentionImpl):
             v = value[:n].view(n, self.num_kv_heads, self.head_size)
             ops.prefill(q, k, v, kv_cache, m.block_table, m.seq_lens_cpu,
                         m.query_start_loc_cpu, nd, codec, self.scale, out,
-                        fresh_exact=not self.strict)
+                        fresh_exact=self.fresh_exact)
         return output
 
 

@@ -14,6 +14,9 @@ Encoding ``x`` (``[N, H, d]``):
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
    from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16.
 
+Norms and ``S r`` are accumulated in float64 (then rounded once), which pins the
+stored bits independently of summation order: kernels reproduce them exactly.
+
 The inner-product estimator for a query ``q`` (``q̃ = R_h q``) is
 ``⟨q̃, ŷ⟩ + c · γ · ⟨S q̃, signs⟩`` with ``c`` from :func:`rotation.qjl_constant`;
 it is unbiased over the sketch. :meth:`TensorQuantizer.decode_rotated` returns the
@@ -38,6 +41,12 @@ from tq_vllm.rotation import derive_seed, group_rotation, qjl_constant, qjl_sket
 
 FP16_MAX = 65504.0
 _TINY = 1e-30
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over the last dim, accumulated in float64 and rounded once to
+    float32, so every implementation (kernels included) gets the same bits."""
+    return v.double().norm(dim=-1).float()
 
 
 @dataclass
@@ -175,20 +184,20 @@ class TensorQuantizer:
         start = 0
         for g, dg in enumerate(self.layout.group_dims):
             yg = y[..., start:start + dg]
-            n = yg.norm(dim=-1)
+            n = _norm(yg)
             idx = torch.bucketize((yg / n.clamp_min(_TINY)[..., None]).contiguous(), self.bounds[g])
             codes[..., start:start + dg] = idx.to(torch.uint8)
             if self.codec.norm_correction:
-                c_norm = self.lut[start, :][idx].norm(dim=-1)
+                c_norm = _norm(self.lut[start, :][idx])
                 n = torch.where(c_norm > 0, n / c_norm.clamp_min(_TINY), n)
             norms.append(n)
             start += dg
         if self.codec.qjl:
-            partial = self._to_fp16(torch.stack(norms, -1))
+            partial = torch.stack(norms, -1).clamp(max=FP16_MAX).to(torch.float16)  # counted below
             y_hat = self.group_norms(partial) * self.unit_values(codes)
             r = y - y_hat
-            signs = (r @ self.sketch.T) >= 0
-            norms.append(r.norm(dim=-1))
+            signs = (r.double() @ self.sketch.double().T) >= 0
+            norms.append(_norm(r))
         else:
             signs = None
         return Encoded(codes=codes, norms=self._to_fp16(torch.stack(norms, -1)), signs=signs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 SUPPORTED_VLLM = ((0, 32), (0, 33))
 """Half-open range [0.32, 0.33): patches and backend hooks are verified on 0.32."""
 
@@ -14,8 +16,8 @@ def parse_version(text: str) -> tuple[int, int, int]:
     """``"0.32.0+cpu"`` → ``(0, 32, 0)``."""
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
+        m = re.match(r"\d+", piece)
+        parts.append(int(m.group()) if m else 0)
     while len(parts) < 3:
         parts.append(0)
     return tuple(parts)  # type: ignore[return-value]

@@ -101,3 +101,41 @@ def test_launcher_rejects_non_contiguous_slots():
     with pytest.raises(ValueError, match="contiguous"):
         cpu_ops.decode(torch.randn(1, 3, 64), wide, table, torch.tensor([20]), codec, 0.1,
                        torch.empty(1, 3, 64))
+
+
+@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5-mse", "tq4-qjl", "tq3.5-qjl", "tq2.5-qjl"])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_store_bit_exact_with_reference(name, dim, dtype):
+    from tq_vllm.codec import LayerCodec
+    from tq_vllm.config import PRESETS
+    from tq_vllm.reference import tq_store
+
+    codec = LayerCodec.create(PRESETS[name], dim, 3)
+    slot = PRESETS[name].layout(dim).slot_bytes
+    ref = torch.randint(0, 256, (40, 3, 16, slot), dtype=torch.uint8)
+    ours = ref.clone()
+    k, v = (torch.randn(200, 3, dim) * 3).to(dtype), torch.randn(200, 3, dim).to(dtype)
+    k[7, 2, 5] = float("nan")
+    v[9, 0, 1] = float("inf")
+    k[11, 1] *= 1e4  # beyond fp16 for a norm only in float32/bf16
+    sm = torch.randperm(40 * 16)[:200]
+    sm[::9] = -1  # padding slots
+    tq_store(k, v, ref, sm, codec)
+    ref_stats = dict(codec.key.stats)
+    codec.key.stats.update(nonfinite_vectors=0, saturated_norms=0)
+    codec.value.stats.update(nonfinite_vectors=0)
+    cpu_ops.store(k, v, ours, sm, codec)
+    assert torch.equal(ours, ref)
+    assert codec.key.stats == ref_stats
+
+
+def test_store_rejects_out_of_range_slots_before_writing():
+    from tq_vllm.codec import LayerCodec
+    from tq_vllm.config import PRESETS
+
+    codec = LayerCodec.create(PRESETS["tq4"], 64, 1)
+    cache = torch.zeros(2, 1, 16, PRESETS["tq4"].layout(64).slot_bytes, dtype=torch.uint8)
+    with pytest.raises(IndexError, match="beyond"):
+        cpu_ops.store(torch.randn(2, 1, 64), torch.randn(2, 1, 64), cache, torch.tensor([3, 32]), codec)
+    assert torch.all(cache == 0)

@@ -1,0 +1,155 @@
+"""Triton split-KV decode attention over the packed cache (jit code only).
+
+Launcher: :func:`tq_vllm.kernels.triton_ops.decode`. One program per (sequence,
+KV head, split) handles all ``G`` query heads of its KV head together (rows padded
+to ``G_PAD``), so every cache block is read once per KV head. Per tile of
+``BLOCK_N`` tokens it decodes the key codes to a rotated-domain ``[BLOCK_N, D]``
+tile (group norm × per-coordinate centroid), scores it against the rotated queries
+(``q_rot = R_h q``, done once by the launcher), adds the QJL bias
+``γ · ⟨c·S q_rot, ±1⟩`` straight from the sign bits, runs an online softmax and
+accumulates the decoded value tile, all in fp32. Each split writes its partial
+``(acc, m, l)``; :func:`tq_reduce_kernel` merges splits by log-sum-exp and the
+launcher rotates the result back once.
+
+Slot fields follow :mod:`tq_vllm.layout`; a K/V tensor is described by constexprs:
+``NG`` groups of ``D // NG`` channels with ``B0``/``B1`` code bits, byte offsets of
+its fp16 norms (``NORM``: group norms then the QJL residual norm), of each group's
+LSB-first code stream (``C0``/``C1``) and of the QJL sign bits (``SIGN``).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_half(ptr, mask):
+    """fp16 (little-endian byte pair at ``ptr``) → fp32; masked lanes read 0."""
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def decode_tile(base, mask, s_byte, lut_ptr,
+                D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
+                W: tl.constexpr, NORM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """Rotated-domain MSE reconstruction ``[BLOCK_N, D]`` of the slots at byte
+    pointers ``base`` ``[BLOCK_N]`` (masked tokens give zeros)."""
+    DG: tl.constexpr = D // NG
+    j = tl.arange(0, D)
+    hi = j >= DG
+    bits = tl.where(hi, B1, B0)
+    bp = tl.where(hi, j - DG, j) * bits
+    byte = tl.where(hi, C1, C0) + (bp >> 3)
+    sh = bp & 7
+    m2 = mask[:, None]
+    lo = tl.load(base[:, None] + byte[None, :] * s_byte, mask=m2, other=0).to(tl.int32)
+    straddle = (sh + bits) > 8
+    nx = tl.load(base[:, None] + (byte + 1)[None, :] * s_byte,
+                 mask=m2 & straddle[None, :], other=0).to(tl.int32)
+    code = ((lo >> sh[None, :]) | (nx << (8 - sh)[None, :])) & ((1 << bits) - 1)[None, :]
+    cent = tl.load(lut_ptr + j[None, :] * W + code)
+    n0 = load_half(base + NORM * s_byte, mask)
+    if NG == 2:
+        n1 = load_half(base + (NORM + 2) * s_byte, mask)
+        nrm = tl.where(hi[None, :], n1[:, None], n0[:, None])
+    else:
+        nrm = n0[:, None]
+    return nrm * cent
+
+
+@triton.jit
+def qjl_tile(base, mask, s_byte, D: tl.constexpr, NG: tl.constexpr, NORM: tl.constexpr,
+             SIGN: tl.constexpr):
+    """(±1 signs ``[BLOCK_N, D]`` float32, residual norms γ ``[BLOCK_N]``) of QJL keys."""
+    j = tl.arange(0, D)
+    sb = tl.load(base[:, None] + (SIGN + (j >> 3))[None, :] * s_byte, mask=mask[:, None],
+                 other=0).to(tl.int32)
+    pm = ((sb >> (j & 7)[None, :]) & 1).to(tl.float32) * 2.0 - 1.0
+    return pm, load_half(base + (NORM + 2 * NG) * s_byte, mask)
+
+
+@triton.jit
+def tq_decode_kernel(
+    q_ptr, qsk_ptr,  # float32 [B, Hq, D] contiguous: R_h q and qjl_scale · S R_h q
+    cache_ptr, s_blk, s_head, s_tok, s_byte,  # uint8 cache, element strides
+    bt_ptr, bt_stride, seq_ptr, block_size, split_tokens,
+    lutk_ptr, lutv_ptr, scale,
+    acc_ptr, m_ptr, l_ptr,  # float32 [B, Hq, S, D], [B, Hq, S], [B, Hq, S]
+    num_q_heads, num_splits,
+    D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_W: tl.constexpr,
+    K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr, K_SIGN: tl.constexpr,
+    K_QJL: tl.constexpr,
+    V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
+    V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
+):
+    """Grid ``(B, H, S)``: tokens ``[s·split_tokens, (s+1)·split_tokens)`` of sequence
+    ``b``, KV head ``h``, for its ``G`` query heads."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    seq = tl.load(seq_ptr + b).to(tl.int32)
+    t0 = sp * split_tokens
+    t1 = tl.minimum(seq, t0 + split_tokens)
+
+    g = tl.arange(0, G_PAD)
+    gmask = g < G
+    j = tl.arange(0, D)
+    qrow = (b.to(tl.int64) * num_q_heads + h * G + g) * D
+    q = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=gmask[:, None], other=0.0)
+    if K_QJL:
+        qs = tl.load(qsk_ptr + qrow[:, None] + j[None, :], mask=gmask[:, None], other=0.0)
+
+    m = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    head_off = h.to(tl.int64) * s_head
+    row = bt_ptr + b.to(tl.int64) * bt_stride
+    for start in range(t0, t1, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < t1
+        blk = tl.load(row + pos // block_size, mask=valid, other=0).to(tl.int64)
+        base = cache_ptr + blk * s_blk + head_off + (pos % block_size).to(tl.int64) * s_tok
+        k = decode_tile(base, valid, s_byte, lutk_ptr, D, K_NG, K_B0, K_B1, K_W, K_NORM,
+                        K_C0, K_C1)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if K_QJL:
+            pm, gamma = qjl_tile(base, valid, s_byte, D, K_NG, K_NORM, K_SIGN)
+            s += tl.dot(qs, tl.trans(pm), input_precision="ieee") * gamma[None, :]
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = decode_tile(base, valid, s_byte, lutv_ptr, D, V_NG, V_B0, V_B1, V_W, V_NORM,
+                        V_C0, V_C1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m = m_new
+
+    out = (b.to(tl.int64) * num_q_heads + h * G + g) * num_splits + sp
+    tl.store(m_ptr + out, m, mask=gmask)
+    tl.store(l_ptr + out, l, mask=gmask)
+    tl.store(acc_ptr + out[:, None] * D + j[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def tq_reduce_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, num_splits,
+                     D: tl.constexpr, S_PAD: tl.constexpr):
+    """Grid ``(B·Hq,)``: merge the splits of one query head by log-sum-exp into
+    ``o`` float32 ``[B·Hq, D]`` (rotated domain). An empty sequence gives zeros."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, S_PAD)
+    smask = s < num_splits
+    j = tl.arange(0, D)
+    m = tl.load(m_ptr + row * num_splits + s, mask=smask, other=float("-inf"))
+    l = tl.load(l_ptr + row * num_splits + s, mask=smask, other=0.0)
+    top = tl.max(m, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(m - top)  # empty splits (m = -inf) weigh 0
+    total = tl.sum(w * l, axis=0)
+    acc = tl.load(acc_ptr + (row * num_splits + s)[:, None] * D + j[None, :],
+                  mask=smask[:, None], other=0.0)
+    o = tl.sum(w[:, None] * acc, axis=0)
+    o = tl.where(total > 0, o / tl.where(total > 0, total, 1.0), 0.0)
+    tl.store(o_ptr + row * D + j, o)

@@ -1,0 +1,380 @@
+"""Launchers for the Triton kernels (the CUDA path): validate, prepare tables, launch.
+
+Same signatures and semantics as :mod:`tq_vllm.kernels.cpu_ops` (``decode``,
+``prefill``) and :func:`tq_vllm.reference.tq_store` (``store``). Rotations are
+dense torch GEMMs here, once per call, on either side of the kernels:
+
+* store: ``y = R_h x`` is one batched GEMM over all tokens (cuBLAS, no host sync, so
+  the launcher stays CUDA-graph safe) and it is the very op the reference codec uses,
+  which is what makes the kernel bit-exact with :func:`reference.tq_store` (a
+  ``tl.dot`` rotation sums in another order: its float32 ``y`` differs in the last
+  bit, which moves codes and fp16 norms now and then);
+* decode/prefill: the query is rotated (and sketched, ``c·S R_h q``) once per step,
+  the rotated-domain output rotated back once, as in ``cpu_ops``.
+
+The kernels never see vLLM; this module imports only torch, triton and the codec.
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from tq_vllm.codec import LayerCodec, TensorQuantizer
+from tq_vllm.config import TensorLayout
+from tq_vllm.kernels.triton_decode import tq_decode_kernel, tq_reduce_kernel
+from tq_vllm.kernels.triton_prefill import tq_prefill_kernel
+from tq_vllm.kernels.triton_store import tq_store_kernel
+from tq_vllm.reference import check_cache
+
+STORE_BLOCK_T = 16
+"""Tokens per store program: ``tl.dot`` (QJL sketch) needs ≥ 16 rows, and 16 × d tiles
+(fp32 plus the fp64 squares) stay in registers up to d = 256. The store is memory
+bound; more tokens per program buy nothing."""
+
+SKETCH_COLS = 32
+"""QJL sketch columns per float64 ``tl.dot`` in the store: a [d, 32] fp64 tile is
+64 KiB at d = 256 (fits shared memory), and 32 outputs pack into 4 whole sign bytes."""
+
+DECODE_BLOCK_N = {64: 64, 128: 64, 256: 32}
+"""Decode tokens per tile by head size: K and V tiles ``[BLOCK_N, d]`` fp32 plus the
+``[G_PAD, d]`` accumulator stay around 16K registers per program; 64 tokens amortize
+the per-tile softmax bookkeeping, halved at d = 256 to avoid spills."""
+
+MIN_G_PAD = 16
+"""Query-head rows per decode program are padded to this: ``tl.dot`` needs M ≥ 16."""
+
+PREFILL_ROWS = 64
+"""Query rows (tokens × padded query heads of one KV head) per prefill program:
+``[64, d]`` accumulator plus a ``[64, BLOCK_N]`` score tile; with G = 8 that is 8
+query tokens, with G = 1 64 tokens."""
+
+PREFILL_BLOCK_N = 32
+"""Cache tokens per prefill KV tile: ``[32, d]`` K/V tiles; small enough for d = 256,
+fine-grained enough that causal tiles waste little past the diagonal."""
+
+MIN_SPLIT_TOKENS = 256
+"""A decode split shorter than this costs more in partial writes and the reduction
+than the extra parallelism gains."""
+
+MAX_SPLITS = 64
+"""Upper bound on decode splits (the reduction loads all of them at once)."""
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return os.cpu_count() or 1
+
+
+def num_splits(batch: int, num_kv: int, max_len: int, device: torch.device) -> int:
+    """Splits of the KV axis: enough programs for two waves over the SMs, every split
+    at least ``MIN_SPLIT_TOKENS`` long, at most ``MAX_SPLITS``. ``max_len`` is the block
+    table's capacity (a bound known without reading ``seq_lens`` back from the device)."""
+    want = math.ceil(2 * _sm_count(device) / max(1, batch * num_kv))
+    return max(1, min(want, math.ceil(max_len / MIN_SPLIT_TOKENS), MAX_SPLITS))
+
+
+# ---------------------------------------------------------------------------- tables
+
+def _tensor_consts(prefix: str, lay: TensorLayout, tq: TensorQuantizer) -> dict[str, object]:
+    """Constexpr descriptor of one of K/V (see the kernel modules)."""
+    ng = len(lay.group_dims)
+    b0, b1 = lay.group_bits[0], lay.group_bits[-1]
+    c0, c1 = lay.codes[0].offset, lay.codes[-1].offset
+    if b0 < b1:
+        raise ValueError(f"Triton kernels expect the first channel group to have the most "
+                         f"code bits, got {lay.group_bits}")
+    return {f"{prefix}_NG": ng, f"{prefix}_B0": b0, f"{prefix}_B1": b1,
+            f"{prefix}_W": int(tq.lut.shape[1]), f"{prefix}_NORM": lay.norms.offset,
+            f"{prefix}_C0": c0, f"{prefix}_C1": c1}
+
+
+def _tables(tq: TensorQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(lut [d, W], boundaries [G, 16] padded with +inf, sketch [d, d] or None), float32
+    contiguous on the quantizer's device; built once per quantizer and device."""
+    key = (tq.lut.device, tq.lut.data_ptr())
+    cached = getattr(tq, "_triton_tables", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    bnd = torch.full((len(tq.bounds), 16), float("inf"), dtype=torch.float32)
+    for g, b in enumerate(tq.bounds):
+        bnd[g, : b.numel()] = b.float().cpu()
+    sketch = tq.sketch.float().contiguous() if tq.sketch is not None else None
+    tables = (tq.lut.float().contiguous(), bnd.to(tq.lut.device), sketch)
+    tq._triton_tables = (key, tables)  # dies with the quantizer
+    return tables
+
+
+# ---------------------------------------------------------------------------- checks
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the cache on {device}")
+
+
+def _check_int(name: str, t: torch.Tensor, dims: int) -> None:
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != dims:
+        raise ValueError(f"{name} must be a {dims}-d int32/int64 tensor, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+
+
+def _check_codec_device(codec: LayerCodec, device: torch.device) -> None:
+    for tq, what in ((codec.key, "key"), (codec.value, "value")):
+        if tq.rot.device != device or tq.lut.device != device:
+            raise ValueError(f"codec {what} tables are on {tq.rot.device}, the cache on "
+                             f"{device}: call codec.to(device) once")
+
+
+def _check_queries(q: torch.Tensor, kv_cache: torch.Tensor, codec: LayerCodec, what: str) -> None:
+    if q.dim() != 3 or not q.is_floating_point():
+        raise ValueError(f"{what}: q must be floating [T, Hq, d], got {q.dtype} {tuple(q.shape)}")
+    if q.shape[2] != codec.key.head_dim:
+        raise ValueError(f"{what}: q head size {q.shape[2]} != codec head_dim {codec.key.head_dim}")
+    if q.shape[1] % kv_cache.shape[1]:
+        raise ValueError(f"{what}: {q.shape[1]} query heads are not a multiple of "
+                         f"{kv_cache.shape[1]} KV heads")
+
+
+def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    # any strides work (the kernels address bytes through all four); Triton takes the
+    # view's data pointer, i.e. storage offset included
+    return tuple(int(s) for s in kv_cache.stride())  # type: ignore[return-value]
+
+
+def _pad_pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+# ---------------------------------------------------------------------------- rotation
+
+def _rotate_queries(q: torch.Tensor, codec: LayerCodec, num_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``R_h q``, ``qjl_scale · S R_h q``) float32 contiguous ``[N, Hq, d]``; the second
+    is the first when keys have no QJL sketch (never read then)."""
+    n, hq, d = q.shape
+    q4 = q.float().reshape(n, num_kv, hq // num_kv, d)
+    q_rot = torch.einsum("nhgd,hed->nhge", q4, codec.key.rot).reshape(n, hq, d).contiguous()
+    sk = codec.key.sketch
+    q_sk = (codec.key.qjl_scale * (q_rot @ sk.T)).contiguous() if sk is not None else q_rot
+    return q_rot, q_sk
+
+
+def _unrotate(o_rot: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
+    n, hq, d = o_rot.shape
+    o4 = o_rot.reshape(n, num_kv, hq // num_kv, d)
+    return torch.einsum("nhge,hed->nhgd", o4, codec.value.rot).reshape(n, hq, d)
+
+
+def _kernel_consts(codec: LayerCodec) -> dict[str, object]:
+    d = codec.key.head_dim
+    lay = codec.preset.layout(d)
+    consts = {"D": d, **_tensor_consts("K", lay.key, codec.key),
+              **_tensor_consts("V", lay.value, codec.value)}
+    consts["K_SIGN"] = lay.key.signs.offset if lay.key.signs is not None else 0
+    consts["K_QJL"] = lay.key.signs is not None
+    return consts
+
+
+# ---------------------------------------------------------------------------- store
+
+def _rotate_for_store(x: torch.Tensor, tq: TensorQuantizer) -> torch.Tensor:
+    """``R_h x`` float32 ``[T, H, d]`` with non-finite vectors zeroed first (codec policy),
+    computed by the codec's own rotation op."""
+    x = x.float().contiguous()
+    x = torch.where(torch.isfinite(x).all(-1, keepdim=True), x, torch.zeros_like(x))
+    return tq.rotate(x).contiguous()
+
+
+def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+          slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
+    """Quantize ``key``/``value`` ``[T, H, d]`` and write them at ``slot_mapping`` ``[T]``.
+
+    Slots ``-1`` are skipped. On CPU tensors an out-of-range slot raises before anything
+    is written (as the reference does); on a GPU that check would need a host sync, so
+    the kernel instead skips such slots without writing. Non-finite vectors are stored
+    as zeros; ``codec.key.stats`` counters are not updated on this path.
+    """
+    check_cache(kv_cache, codec)
+    if key.shape != value.shape or key.dim() != 3:
+        raise ValueError(f"key and value must both be [T, H, d], got {tuple(key.shape)} "
+                         f"and {tuple(value.shape)}")
+    t, h, d = key.shape
+    if h != kv_cache.shape[1] or d != codec.key.head_dim:
+        raise ValueError(f"key/value [T, {h}, {d}] do not match the cache's {kv_cache.shape[1]} "
+                         f"KV heads and head_dim {codec.key.head_dim}")
+    if not key.is_floating_point() or not value.is_floating_point():
+        raise ValueError(f"key/value must be floating point, got {key.dtype}/{value.dtype}")
+    _check_int("slot_mapping", slot_mapping, 1)
+    if slot_mapping.shape[0] != t:
+        raise ValueError(f"slot_mapping must be [{t}], got {tuple(slot_mapping.shape)}")
+    device = kv_cache.device
+    for name, tensor in (("key", key), ("value", value), ("slot_mapping", slot_mapping)):
+        _check_device(name, tensor, device)
+    _check_codec_device(codec, device)
+    num_blocks, _, block_size, _ = kv_cache.shape
+    if device.type == "cpu" and t and int(slot_mapping.max()) >= num_blocks * block_size:
+        raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
+    if t == 0:
+        return
+
+    lay = codec.preset.layout(d)
+    yk = _rotate_for_store(key, codec.key)
+    yv = _rotate_for_store(value, codec.value)
+    lutk, bndk, sketch = _tables(codec.key)
+    lutv, bndv, _ = _tables(codec.value)
+    consts = _kernel_consts(codec)
+    for p, tlay, tq in (("K", lay.key, codec.key), ("V", lay.value, codec.value)):
+        consts[f"{p}_NBND"] = (1 << max(tlay.group_bits)) - 1  # boundaries of the widest group
+        consts[f"{p}_NCORR"] = bool(tq.codec.norm_correction)
+    s0, s1, s2, s3 = _cache_strides(kv_cache)
+    grid = (triton.cdiv(t, STORE_BLOCK_T), h)
+    tq_store_kernel[grid](
+        yk, yv, slot_mapping.to(torch.int64).contiguous(),
+        kv_cache, s0, s1, s2, s3,
+        t, h, block_size, num_blocks * block_size,
+        lutk, bndk, sketch if sketch is not None else lutk, lutv, bndv,
+        BLOCK_T=STORE_BLOCK_T, SK_COLS=SKETCH_COLS,
+        enable_fp_fusion=False,  # keep y − n·c unfused, as the reference computes it
+        **consts,
+    )
+
+
+# ---------------------------------------------------------------------------- decode
+
+def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+           seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor) -> None:
+    """Decode attention, one query token per sequence: q/out ``[B, Hq, d]``,
+    block_table ``[B, M]``, seq_lens ``[B]`` (new token included). Writes ``out``."""
+    check_cache(kv_cache, codec)
+    _check_queries(q, kv_cache, codec, "decode")
+    b, hq, d = q.shape
+    if out.shape != q.shape:
+        raise ValueError(f"decode: out {tuple(out.shape)} != q {tuple(q.shape)}")
+    _check_int("block_table", block_table, 2)
+    _check_int("seq_lens", seq_lens, 1)
+    if block_table.shape[0] != b or seq_lens.shape[0] != b:
+        raise ValueError(f"decode: q has {b} sequences, block_table {tuple(block_table.shape)}, "
+                         f"seq_lens {tuple(seq_lens.shape)}")
+    if block_table.stride(1) != 1:
+        raise ValueError("decode: block_table rows must be contiguous (stride 1 on dim 1)")
+    device = kv_cache.device
+    for name, tensor in (("q", q), ("out", out), ("block_table", block_table),
+                         ("seq_lens", seq_lens)):
+        _check_device(name, tensor, device)
+    _check_codec_device(codec, device)
+    if b == 0:
+        return
+
+    num_kv, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    g = hq // num_kv
+    block_n = DECODE_BLOCK_N[d]
+    max_len = block_table.shape[1] * block_size
+    splits = num_splits(b, num_kv, max_len, device)
+    split_tokens = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+    splits = triton.cdiv(max_len, split_tokens)
+
+    q_rot, q_sk = _rotate_queries(q, codec, num_kv)
+    lutk, _, _ = _tables(codec.key)
+    lutv, _, _ = _tables(codec.value)
+    acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
+    m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
+    l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
+    s0, s1, s2, s3 = _cache_strides(kv_cache)
+    tq_decode_kernel[(b, num_kv, splits)](
+        q_rot, q_sk, kv_cache, s0, s1, s2, s3,
+        block_table, block_table.stride(0), seq_lens.contiguous(), block_size, split_tokens,
+        lutk, lutv, float(scale), acc, m, l, hq, splits,
+        G=g, G_PAD=_pad_pow2(g, MIN_G_PAD), BLOCK_N=block_n, **_kernel_consts(codec),
+    )
+    o_rot = torch.empty(b, hq, d, dtype=torch.float32, device=device)
+    tq_reduce_kernel[(b * hq,)](acc, m, l, o_rot, splits, D=d, S_PAD=_pad_pow2(splits))
+    out.copy_(_unrotate(o_rot, codec, num_kv))
+
+
+# ---------------------------------------------------------------------------- prefill
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+            block_table: torch.Tensor, seq_lens_cpu: torch.Tensor,
+            query_start_loc_cpu: torch.Tensor, first: int, codec: LayerCodec, scale: float,
+            out: torch.Tensor, fresh_exact: bool) -> None:
+    """Causal attention of the query chunks of sequences ``first..`` over the packed cache.
+
+    q/out ``[T, Hq, d]``, k/v ``[T, H, d]`` (this step's fresh tokens, already stored),
+    seq_lens_cpu ``[B]`` and query_start_loc_cpu ``[B + 1]`` on the host. A chunk without
+    cached context attends to the fresh exact K/V (torch SDPA) when ``fresh_exact``;
+    every other chunk runs :func:`tq_prefill_kernel` on the cache. Rows of sequences
+    before ``first`` are left alone.
+    """
+    check_cache(kv_cache, codec)
+    _check_queries(q, kv_cache, codec, "prefill")
+    t, hq, d = q.shape
+    if out.shape != q.shape:
+        raise ValueError(f"prefill: out {tuple(out.shape)} != q {tuple(q.shape)}")
+    if k.shape != v.shape or k.dim() != 3 or k.shape[0] != t or k.shape[1:] != kv_cache.shape[1:2] + (d,):
+        raise ValueError(f"prefill: k {tuple(k.shape)} / v {tuple(v.shape)} must be "
+                         f"[{t}, {kv_cache.shape[1]}, {d}]")
+    _check_int("block_table", block_table, 2)
+    _check_int("seq_lens_cpu", seq_lens_cpu, 1)
+    _check_int("query_start_loc_cpu", query_start_loc_cpu, 1)
+    if seq_lens_cpu.device.type != "cpu" or query_start_loc_cpu.device.type != "cpu":
+        raise ValueError("prefill: seq_lens_cpu and query_start_loc_cpu must be host tensors")
+    nseq = seq_lens_cpu.shape[0]
+    if query_start_loc_cpu.shape[0] != nseq + 1 or block_table.shape[0] < nseq:
+        raise ValueError(f"prefill: {nseq} sequences but query_start_loc "
+                         f"{tuple(query_start_loc_cpu.shape)}, block_table {tuple(block_table.shape)}")
+    if block_table.stride(1) != 1:
+        raise ValueError("prefill: block_table rows must be contiguous (stride 1 on dim 1)")
+    device = kv_cache.device
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("out", out), ("block_table", block_table)):
+        _check_device(name, tensor, device)
+    _check_codec_device(codec, device)
+
+    num_kv, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    g = hq // num_kv
+    g_pad = _pad_pow2(g)
+    if g_pad > PREFILL_ROWS:
+        raise ValueError(f"prefill: {g} query heads per KV head exceed {PREFILL_ROWS} rows")
+    block_m = PREFILL_ROWS // g_pad
+    qsl, sl = query_start_loc_cpu.tolist(), seq_lens_cpu.tolist()
+    work, spans = [], []
+    for i in range(first, nseq):
+        q0, q1, s = qsl[i], qsl[i + 1], int(sl[i])
+        n = q1 - q0
+        if n == 0:
+            continue
+        if n > s:
+            raise ValueError(f"prefill: sequence {i} has {n} query tokens but seq_len {s}")
+        if s > block_table.shape[1] * block_size:
+            raise ValueError(f"prefill: sequence {i} seq_len {s} exceeds its block table")
+        if s == n and fresh_exact:
+            o = F.scaled_dot_product_attention(
+                q[q0:q1].float().transpose(0, 1)[None], k[q0:q1].float().transpose(0, 1)[None],
+                v[q0:q1].float().transpose(0, 1)[None], is_causal=True, scale=scale,
+                enable_gqa=True)
+            out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
+            continue
+        work += [(i, t0, q0, q1, s) for t0 in range(q0, q1, block_m)]
+        spans.append((q0, q1))
+    if not work:
+        return
+
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    q_rot, q_sk = _rotate_queries(q[lo:hi], codec, num_kv)
+    o_rot = torch.empty(hi - lo, hq, d, dtype=torch.float32, device=device)
+    items = torch.tensor([(i, t0 - lo, q0 - lo, q1 - lo, s) for i, t0, q0, q1, s in work],
+                         dtype=torch.int32).to(device)
+    lutk, _, _ = _tables(codec.key)
+    lutv, _, _ = _tables(codec.value)
+    s0, s1, s2, s3 = _cache_strides(kv_cache)
+    tq_prefill_kernel[(len(work), num_kv)](
+        q_rot, q_sk, o_rot, items, kv_cache, s0, s1, s2, s3,
+        block_table, block_table.stride(0), block_size, lutk, lutv, float(scale), hq,
+        G=g, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, **_kernel_consts(codec),
+    )
+    for q0, q1 in spans:
+        out[q0:q1] = _unrotate(o_rot[q0 - lo:q1 - lo], codec, num_kv).to(out.dtype)

@@ -1,0 +1,44 @@
+"""Shared helpers for the kernel tests: tiny ragged paged caches built by the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tq_vllm.codec import LayerCodec
+from tq_vllm.config import PRESETS
+from tq_vllm.reference import tq_store
+
+
+def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: list[int],
+                dtype: torch.dtype = torch.float32, spare_blocks: int = 3, layer: int = 3):
+    """Random K/V of ragged sequences stored by :func:`reference.tq_store` through
+    scattered blocks of a cache pre-filled with random bytes (as tests/test_reference.py).
+
+    Returns (codec, cache, block_table int32 [B, M], [(k, v)] per sequence, unused blocks).
+    """
+    codec = LayerCodec.create(PRESETS[name], dim, kv_heads, layer=layer)
+    slot = PRESETS[name].layout(dim).slot_bytes
+    per_seq = [max(1, -(-s // block_size)) for s in seq_lens]
+    num_blocks = sum(per_seq) + spare_blocks
+    cache = torch.randint(0, 256, (num_blocks, kv_heads, block_size, slot), dtype=torch.uint8)
+    order = torch.randperm(num_blocks)
+    table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(per_seq):
+        table[b, :n] = order[used:used + n]
+        used += n
+    kv = []
+    for b, s in enumerate(seq_lens):
+        k, v = (torch.randn(s, kv_heads, dim).to(dtype) for _ in range(2))
+        pos = torch.arange(s)
+        tq_store(k, v, cache, table[b, pos // block_size].long() * block_size + pos % block_size,
+                 codec)
+        kv.append((k, v))
+    return codec, cache, table, kv, order[used:]
+
+
+@pytest.fixture
+def build_cache():
+    """The :func:`make_cache` builder (test modules cannot import this conftest)."""
+    return make_cache

