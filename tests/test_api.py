@@ -66,3 +66,37 @@ def test_bad_inputs():
         kv.encode(torch.randn(3, 2, 64), torch.randn(4, 2, 64))
     with pytest.raises(ValueError, match="multiple of 2"):
         kv.append(torch.randn(3, 2, 64), torch.randn(3, 2, 64)) or kv.scores(torch.randn(1, 3, 64))
+
+
+def _offset_keys(n, h=2, d=64, seed=0):
+    """Keys with a large per-channel offset, like real post-RoPE keys."""
+    g = torch.Generator().manual_seed(seed)
+    offset = 4 * torch.randn(h, d, generator=g)
+    return torch.randn(n, h, d, generator=g) + offset, torch.randn(n, h, d, generator=g)
+
+
+def test_recommended_preset_calibrates_on_first_append_and_beats_plain_mse():
+    k, v = _offset_keys(300)
+    q = torch.randn(4, 6, 64)
+    errors = {}
+    for name in ("tq4", "tq4-mse"):
+        kv = KVCompressor(name, head_dim=64, num_kv_heads=2, keep_exact_shadow=True)
+        kv.append(k, v)
+        errors[name] = kv.shadow_report(q)["score_rmse"]
+        k2, _ = kv.decode(kv.slots)  # decode returns the model's domain, offset included
+        assert ((k2 - k).norm() / k.norm()) < 0.1
+    assert errors["tq4"] < 0.5 * errors["tq4-mse"], errors
+
+
+def test_explicit_calibration_and_its_order():
+    from tq_vllm.calibration import KVStats
+
+    k, v = _offset_keys(100)
+    stats = KVStats.from_samples(k, v)
+    a = KVCompressor("tq3", head_dim=64, num_kv_heads=2, calibration=stats)
+    b = KVCompressor("tq3", head_dim=64, num_kv_heads=2)
+    a.append(k, v)
+    b.append(k, v)  # calibrates on the same vectors: the same bytes
+    assert torch.equal(a.slots, b.slots)
+    with pytest.raises(RuntimeError, match="before the first append"):
+        a.calibrate(stats)

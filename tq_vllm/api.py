@@ -1,5 +1,9 @@
 """Public codec API outside vLLM: encode, decode, score, shadow mode, memory report.
 
+The recommended presets (``tq4``, ``tq3.5``, …) need calibration statistics
+(:mod:`tq_vllm.calibration`): pass ``calibration=KVStats`` or let the first
+``append`` calibrate on the vectors it receives.
+
 Example (executed by ``tests/test_api.py``)::
 
     import torch
@@ -7,7 +11,7 @@ Example (executed by ``tests/test_api.py``)::
 
     kv = KVCompressor("tq3.5", head_dim=128, num_kv_heads=2, keep_exact_shadow=True)
     keys, values = torch.randn(100, 2, 128), torch.randn(100, 2, 128)
-    kv.append(keys, values)                       # packed into 120-byte slots
+    kv.append(keys, values)                       # calibrates, packs 116-byte slots
     q = torch.randn(1, 4, 128)                    # 4 query heads share 2 KV heads
     scores = kv.scores(q)                         # [1, 4, 100] from the codes
     out = kv.attend(q)                            # [1, 4, 128] softmax(q·k/√d)·v
@@ -22,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from tq_vllm.calibration import KVStats, LayerTransform, calibrated
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import SlotLayout, get_preset
 from tq_vllm.layout import pack_slots, unpack_slots
@@ -82,29 +87,52 @@ class KVCompressor:
     """
 
     def __init__(self, preset: str, head_dim: int, num_kv_heads: int = 1, layer: int = 0,
-                 keep_exact_shadow: bool = False):
+                 keep_exact_shadow: bool = False, calibration: KVStats | None = None):
         self.preset = get_preset(preset)
         self.layout = self.preset.layout(head_dim)
-        self.codec = LayerCodec.create(self.preset, head_dim, num_kv_heads, layer)
+        self.layer = layer
         self.num_kv_heads = num_kv_heads
+        self.transform = LayerTransform()
+        self.codec = LayerCodec.create(self.preset, head_dim, num_kv_heads, layer)
+        self._calibrated = not self.preset.transform.needs_calibration
         self.keep_exact_shadow = keep_exact_shadow
         self.slots = torch.empty(0, num_kv_heads, self.layout.slot_bytes, dtype=torch.uint8)
         self._shadow_k: list[torch.Tensor] = []
         self._shadow_v: list[torch.Tensor] = []
+        if calibration is not None:
+            self.calibrate(calibration)
 
     def __len__(self) -> int:
         return self.slots.shape[0]
+
+    def calibrate(self, stats: KVStats) -> None:
+        """Set the preset's calibrated transforms (and outlier halves) from ``stats``.
+
+        Presets that need calibration (the recommended ``tq{b}``) calibrate on the
+        first :meth:`append` or :meth:`encode` unless this was called first; the
+        vLLM backend uses the model's cached calibration instead."""
+        if len(self):
+            raise RuntimeError("calibrate before the first append: stored codes depend on it")
+        kp, vp, self.transform = calibrated(self.preset, stats)
+        self.codec = LayerCodec.create(self.preset, self.layout.head_dim, self.num_kv_heads,
+                                       self.layer, key_perm=kp, value_perm=vp)
+        self._calibrated = True
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Pack ``[N, H, d]`` keys and values into uint8 slots ``[N, H, slot_bytes]``."""
         if keys.shape != values.shape:
             raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
-        return pack_slots(self.layout, self.codec.key.encode(keys), self.codec.value.encode(values))
+        if not self._calibrated:
+            self.calibrate(KVStats.from_samples(keys, values))
+        tf = self.transform
+        return pack_slots(self.layout, self.codec.key.encode(tf.keys(keys.float())),
+                          self.codec.value.encode(tf.values(values.float())))
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized (keys, values) ``[N, H, d]`` float32 from slots."""
         k, v = unpack_slots(self.layout, slots)
-        return self.codec.key.decode(k), self.codec.value.decode(v)
+        tf = self.transform
+        return tf.unkeys(self.codec.key.decode(k)), tf.unvalues(self.codec.value.decode(v))
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Compress and append ``[N, H, d]`` tokens."""
@@ -120,10 +148,14 @@ class KVCompressor:
         return torch.arange(queries.shape[1]) // (queries.shape[1] // self.num_kv_heads)
 
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
-        """Estimated ``⟨q, k⟩`` ``[L, Hq, N]`` computed from the codes."""
+        """Estimated ``⟨q, k⟩`` ``[L, Hq, N]`` computed from the codes (plus the exact
+        ``⟨q, μ_k⟩`` that key mean removal took out)."""
         head_of = self._head_of(queries)
         k, _ = unpack_slots(self.layout, self.slots)
-        return self.codec.key.scores(self.codec.key.rotate(queries.float(), head_of), k, head_of)
+        q = queries.float()
+        est = self.codec.key.scores(self.codec.key.rotate(self.transform.queries(q), head_of),
+                                    k, head_of)
+        return est + self.transform.key_offset(q)[..., None]
 
     def exact_scores(self, queries: torch.Tensor) -> torch.Tensor:
         """Exact ``⟨q, k⟩`` ``[L, Hq, N]`` from the shadow copies."""
@@ -139,7 +171,9 @@ class KVCompressor:
         p = torch.softmax(self.scores(queries) * scale, -1)
         _, v = unpack_slots(self.layout, self.slots)
         v_rot = self.codec.value.decode_rotated(v)[:, head_of]
-        return self.codec.value.unrotate(torch.einsum("lhn,nhd->lhd", p, v_rot), head_of)
+        out = self.codec.value.unrotate(torch.einsum("lhn,nhd->lhd", p, v_rot), head_of)
+        self.transform.restore_output(out)
+        return out
 
     def shadow_report(self, queries: torch.Tensor) -> dict[str, float]:
         """Per-token score error of the codes against the exact shadow keys."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -40,9 +41,12 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from tq_vllm.calibration import LayerTransform, calibrated
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import PRESETS, SUPPORTED_HEAD_DIMS, Preset, backend_class_path, backend_enum_name
 from tq_vllm.kernels import ops
+
+logger = init_logger(__name__)
 
 MODE_ENV = "TQ_VLLM_ATTENTION"
 
@@ -184,14 +188,20 @@ class TQAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.fresh_exact = attention_mode() == "fast-prefill"
+        self.model_path = _current_model_path() if self.preset.transform.needs_calibration else None
         self._codec: LayerCodec | None = None
+        self._transform = LayerTransform()
 
     def codec(self, layer: torch.nn.Module, device: torch.device) -> LayerCodec:
-        """This layer's seeded codec (built once, on first use)."""
+        """This layer's seeded codec and calibrated transform (built once, on first use)."""
         if self._codec is None:
             idx = extract_layer_index(getattr(layer, "layer_name", "layers.0"))
+            kp = vp = None
+            if self.model_path is not None:
+                kp, vp, self._transform = _calibrated(self.preset, self.model_path, idx)
+                self._transform = self._transform.to(device)
             self._codec = LayerCodec.create(self.preset, self.head_size, self.num_kv_heads,
-                                            layer=idx).to(device)
+                                            layer=idx, key_perm=kp, value_perm=vp).to(device)
         return self._codec
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
@@ -201,7 +211,9 @@ class TQAttentionImpl(AttentionImpl):
             return
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        ops.store(k, v, kv_cache, slot_mapping, self.codec(layer, key.device))
+        codec = self.codec(layer, key.device)
+        tf = self._transform
+        ops.store(tf.keys(k), tf.values(v), kv_cache, slot_mapping, codec)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TQMetadata | None,
@@ -216,20 +228,42 @@ class TQAttentionImpl(AttentionImpl):
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
-        q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         codec = self.codec(layer, query.device)
+        tf = self._transform
+        q = tf.queries(query[:n].view(n, self.num_heads, self.head_size))
         nd, ndt = m.num_decodes, m.num_decode_tokens
         if nd:
             ops.decode(q[:ndt], kv_cache, m.block_table[:nd], m.seq_lens[:nd], codec,
                        self.scale, out=out[:ndt])
         if ndt < n:
-            k = key[:n].view(n, self.num_kv_heads, self.head_size)
-            v = value[:n].view(n, self.num_kv_heads, self.head_size)
+            k = tf.keys(key[:n].view(n, self.num_kv_heads, self.head_size))
+            v = tf.values(value[:n].view(n, self.num_kv_heads, self.head_size))
             ops.prefill(q, k, v, kv_cache, m.block_table, m.seq_lens_cpu,
                         m.query_start_loc_cpu, nd, codec, self.scale, out,
                         fresh_exact=self.fresh_exact)
+        tf.restore_output(out)
         return output
+
+
+def _current_model_path() -> str:
+    """The served model's path, from the vLLM config being built (calibration source)."""
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config().model_config.model
+
+
+def _calibrated(preset: Preset, model_path: str, layer: int):
+    """(key perm, value perm, transform) of ``layer`` from the model's cached calibration."""
+    from tq_vllm.tools.calibrate import calibration_path, model_calibration
+
+    if layer == 0 or not calibration_path(model_path).exists():
+        logger.info("tq-vllm: %s uses the calibration %s (computed on first use)",
+                    preset.name, calibration_path(model_path))
+    stats = model_calibration(model_path)
+    if layer not in stats:
+        raise RuntimeError(f"tq-vllm calibration of {model_path} has no layer {layer}")
+    return calibrated(preset, stats[layer])
 
 
 def _make_backends() -> dict[str, type[TQAttentionBackend]]:

@@ -78,7 +78,12 @@ def outlier_permutation(sample: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"calibration sample must be [N, H, d], got {tuple(sample.shape)}")
     s = sample.float()
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
-    rms = s.pow(2).mean(0)  # [H, d]
+    return permutation_from_rms(s.pow(2).mean(0))
+
+
+def permutation_from_rms(rms: torch.Tensor) -> torch.Tensor:
+    """Channel order ``[H, d]`` with the half of largest ``rms`` ``[H, d]`` first (any
+    monotone statistic works), each half in ascending channel order."""
     d = rms.shape[-1]
     top = torch.topk(rms, d // 2, dim=-1, sorted=False).indices
     is_hi = torch.zeros_like(rms, dtype=torch.bool).scatter_(-1, top, True)

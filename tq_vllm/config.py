@@ -10,7 +10,9 @@ Families at each budget ``b`` (bits per coordinate of codes) in {4, 3.5, 3, 2.5}
 ``tq{b}-mse``  keys and values TurboQuant_mse at ``b`` bits.
 ``tq{b}-qjl``  keys TurboQuant_prod as in the paper: ``b-1`` bit MSE codes plus a
                1-bit QJL sketch of the residual and its norm; values TurboQuant_mse.
-``tq{b}``      the recommended preset at that budget (see ``RECOMMENDED``).
+``tq{b}``      the recommended preset at that budget: MSE codes with norm correction,
+               more bits for keys than values (``RECOMMENDED_BITS``, averaging ``b``),
+               plus the calibrated transforms of ``RECOMMENDED_TRANSFORM``.
 
 Fractional budgets split the channels into two halves (an outlier half at
 ``ceil`` bits and the rest at ``floor`` bits), each an independent TurboQuant
@@ -96,6 +98,29 @@ class TensorCodec(BaseModel):
         return (self.bits_hi, self.bits_lo) if self.split else (self.bits_hi,)
 
 
+class KVTransform(BaseModel):
+    """Calibrated, attention-exact pre-transforms of K/V (see :mod:`tq_vllm.calibration`).
+
+    They need per-layer statistics of the model's keys, values and queries, which the
+    vLLM backend computes once per model and caches (``tq_vllm.tools.calibrate``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key_mean: bool = Field(default=False, description="subtract the calibration key mean")
+    key_scale: Literal["rms", "balanced"] | None = Field(
+        default=None, description="per-channel key smoothing, queries scaled inversely")
+    value_mean: bool = Field(default=False, description="subtract the value mean, add it back")
+    value_scale: bool = Field(default=False, description="per-channel value smoothing")
+    calibrated_split: bool = Field(
+        default=False, description="outlier half of split codecs chosen by calibration RMS")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.key_mean or self.key_scale is not None or self.value_mean \
+            or self.value_scale or self.calibrated_split
+
+
 class Segment(BaseModel):
     """A byte range inside a slot."""
 
@@ -165,6 +190,7 @@ class Preset(BaseModel):
     value: TensorCodec
     codebook: Literal["beta", "gaussian"] = "beta"
     sketch: Literal["gaussian", "orthogonal"] = "gaussian"
+    transform: KVTransform = KVTransform()
     seed: int = 0x7A11
 
     @model_validator(mode="after")
@@ -227,9 +253,20 @@ def _qjl_key(budget: str) -> TensorCodec:
     return TensorCodec(bits_hi=hi, bits_lo=lo, split=hi != lo, qjl=True)
 
 
-RECOMMENDED: dict[str, str] = {b: "mse" for b in BUDGETS}
-"""Family the plain ``tq{b}`` name points at. MSE-only beats the paper's QJL variant
-at equal bits on inner-product error (π/2 variance factor, see tests/test_codec.py)."""
+RECOMMENDED_TRANSFORM = KVTransform(key_mean=True, key_scale="rms", calibrated_split=True)
+"""What the plain ``tq{b}`` presets add to TurboQuant_mse codes (with norm correction),
+each kept by a strict-mode perplexity A/B (``eval/ppl_strict.py``, docs/quality.md):
+key mean removal, key channel smoothing, and the outlier half chosen by calibration.
+The paper's QJL keys lose to MSE-only codes at equal bits (π/2 variance factor, see
+tests/test_codec.py), so the recommended presets carry no QJL bits."""
+
+
+RECOMMENDED_BITS: dict[str, tuple[str, str]] = {
+    "4": ("4", "4"), "3.5": ("4", "3"), "3": ("3.5", "2.5"), "2.5": ("3", "2")}
+"""(key, value) MSE code bits of ``tq{b}``, averaging ``b``: keys carry most of the
+attention error (SmolLM2 tq4, strict: +1.7% from keys alone, +0.3% from values), so
+below 4 bits the values give up the bits first (k4v3 +4.2% beat both halves split 4/3,
++4.8%, and is 4 bytes smaller)."""
 
 
 def _build_presets() -> dict[str, Preset]:
@@ -239,9 +276,11 @@ def _build_presets() -> dict[str, Preset]:
                      key=_mse_codec(b), value=_mse_codec(b))
         qjl = Preset(name=f"tq{b}-qjl", family="qjl", budget=b,
                      key=_qjl_key(b), value=_mse_codec(b))
-        out[mse.name], out[qjl.name] = mse, qjl
-        best = out[f"tq{b}-{RECOMMENDED[b]}"]
-        out[f"tq{b}"] = best.model_copy(update={"name": f"tq{b}", "family": "recommended"})
+        kb, vb = RECOMMENDED_BITS[b]
+        rec = Preset(name=f"tq{b}", family="recommended", budget=b,
+                     key=_mse_codec(kb, norm_correction=True),
+                     value=_mse_codec(vb, norm_correction=True), transform=RECOMMENDED_TRANSFORM)
+        out[mse.name], out[qjl.name], out[rec.name] = mse, qjl, rec
     return out
 
 

@@ -17,8 +17,13 @@ def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: li
 
     Returns (codec, cache, block_table int32 [B, M], [(k, v)] per sequence, unused blocks).
     """
-    codec = LayerCodec.create(PRESETS[name], dim, kv_heads, layer=layer)
-    slot = PRESETS[name].layout(dim).slot_bytes
+    preset = PRESETS[name]
+    perms = [torch.stack([torch.randperm(dim) for _ in range(kv_heads)])
+             if preset.transform.calibrated_split and c.split else None
+             for c in (preset.key, preset.value)]  # calibrated outlier halves: any order
+    codec = LayerCodec.create(preset, dim, kv_heads, layer=layer, key_perm=perms[0],
+                              value_perm=perms[1])
+    slot = preset.layout(dim).slot_bytes
     per_seq = [max(1, -(-s // block_size)) for s in seq_lens]
     num_blocks = sum(per_seq) + spare_blocks
     cache = torch.randint(0, 256, (num_blocks, kv_heads, block_size, slot), dtype=torch.uint8)

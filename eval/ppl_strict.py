@@ -1,0 +1,189 @@
+"""Strict-mode perplexity of codec variants in transformers (fast A/B for the quality work).
+
+Every listed layer's K and V go through the codec (encode → decode, QJL estimator
+included) before attention, as vLLM's strict mode computes from the packed cache.
+Documents: Paul Graham essays (``eval/textdata.py``), first ``--tokens`` tokens of each.
+Calibration (for the ``+kmean``/``+ksmooth``/``+vmean``/``+perm`` options): Python's own
+``pydoc_data`` reference text, disjoint from the evaluation essays.
+
+Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
+
+    nc       norm correction (stored norm = ‖x‖ / ‖centroids‖) for K and V
+    kmean    key mean removal      ksmooth  key channel smoothing s = rms_k^½
+    kbal     key smoothing balanced against the queries, s² ∝ rms_k / rms_q
+    vmean    value mean removal    vsmooth  value smoothing s² ∝ rms_v / ‖o_proj col‖
+    perm     outlier half chosen by calibration RMS
+    kexact / vexact   leave keys / values unquantized (error attribution)
+    ends=N   first and last N layers stay exact (counted at 16 bits)
+    sink=N   the first N tokens of each document stay exact (attention sinks)
+
+PRESET is a preset name, ``auto``, or ``kKvV`` (e.g. ``k4v3``): MSE keys at K and values
+at V bits per coordinate (fractional → split halves).
+
+    python eval/ppl_strict.py --model smollm2 --docs 8 auto tq4-mse tq4-mse+nc+kmean
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from textdata import paul_graham_essays  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tq_vllm.calibration import LayerTransform  # noqa: E402
+from tq_vllm.codec import LayerCodec, permutation_from_rms  # noqa: E402
+from tq_vllm.config import Preset, _mse_codec, get_preset  # noqa: E402
+from tq_vllm.tools import hf_attention  # noqa: E402
+from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
+from tq_vllm.tools.models import fetch_model  # noqa: E402
+
+OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "kexact", "vexact")
+
+
+def parse_variant(spec: str) -> dict:
+    body, *at = spec.split("@")
+    name, *opts = body.split("+")
+    bad = [o for o in opts if o not in OPTIONS]
+    if bad:
+        raise SystemExit(f"unknown option(s) {bad} in {spec!r}; choose from {OPTIONS}")
+    kw = {k: int(v) for k, v in (a.split("=") for a in at)}
+    return {"spec": spec, "preset": name, "opts": set(opts), "ends": kw.get("ends", 0),
+            "sink": kw.get("sink", 0)}
+
+
+def get_variant_preset(name: str) -> Preset:
+    m = re.fullmatch(r"k([\d.]+)v([\d.]+)", name)
+    if not m:
+        return get_preset(name)
+    return Preset(name=f"tq-{name}", family="mse", budget="4",
+                  key=_mse_codec(m.group(1)), value=_mse_codec(m.group(2)))
+
+
+def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, calib) -> dict:
+    if variant["preset"] == "auto":
+        return {}
+    preset = get_variant_preset(variant["preset"])
+    if "nc" in variant["opts"]:
+        preset = preset.model_copy(update={
+            "key": preset.key.model_copy(update={"norm_correction": True}),
+            "value": preset.value.model_copy(update={"norm_correction": True})})
+    o = variant["opts"]
+    n = variant["ends"]
+    layers = {}
+    for i in range(n, num_layers - n):
+        stats = calib[i]
+        ks = "balanced" if "kbal" in o else "rms" if "ksmooth" in o else None
+        tf = LayerTransform.from_stats(stats, key_mean="kmean" in o, key_scale=ks,
+                                       value_mean="vmean" in o, value_scale="vsmooth" in o)
+        kp = vp = None
+        if "perm" in o:  # smoothing keeps the channel order of the centred RMS
+            kp = permutation_from_rms(stats.key_rms(centred="kmean" in o))
+            vp = permutation_from_rms(stats.value_rms(centred="vmean" in o))
+        codec = LayerCodec.create(preset, head_dim, num_kv, layer=i, key_perm=kp, value_perm=vp)
+        layers[i] = (codec, tf)
+    return layers
+
+
+def bits_per_coord(variant: dict, num_layers: int, head_dim: int) -> float:
+    if variant["preset"] == "auto":
+        return 16.0
+    kb, vb = get_variant_preset(variant["preset"]).bits_per_coord(head_dim)
+    n = variant["ends"]
+    quant = num_layers - 2 * n
+    return ((kb + vb) / 2 * quant + 16.0 * 2 * n) / num_layers
+
+
+@torch.no_grad()
+def doc_nll(model, ids: torch.Tensor) -> tuple[float, int]:
+    logits = model(ids[None]).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum")
+    return float(nll), ids.numel() - 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--calib-chunks", type=int, default=4)
+    ap.add_argument("--calib-text", choices=("pydoc", "essays"), default="pydoc",
+                    help="calibration source: the runtime's pydoc text, or held-out essays "
+                         "(the last ones, never evaluated) to measure the domain effect")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    path = fetch_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    nl, nkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    essays = paul_graham_essays()
+    docs, last = [], 0
+    for last, text in enumerate(essays.values()):
+        ids = tok(text, return_tensors="pt").input_ids[0]
+        if ids.numel() >= args.tokens:
+            docs.append(ids[: args.tokens])
+        if len(docs) == args.docs:
+            break
+    if args.calib_text == "pydoc":
+        chunks = calibration_token_chunks(tok, args.calib_chunks, args.tokens)
+    else:
+        held_out = [tok(t, return_tensors="pt").input_ids[0] for t in list(essays.values())[-12:]]
+        chunks = [ids[: args.tokens] for ids in held_out if ids.numel() >= args.tokens]
+        chunks = chunks[: args.calib_chunks]
+        if last >= len(essays) - 12:
+            raise SystemExit("held-out calibration essays overlap the evaluated ones")
+    with hf_attention.capture(model) as calib:
+        for chunk in chunks:
+            model(chunk[None])
+    variants = [parse_variant(s) for s in args.variants]
+    if not any(v["preset"] == "auto" for v in variants):
+        variants.insert(0, parse_variant("auto"))
+    results = []
+    base = None
+    for var in variants:
+        t0 = time.time()
+        layers = build_layers(var, nl, head_dim, nkv, calib)
+        per_doc = []
+        parts = "".join(p for p in "kv" if f"{p}exact" not in var["opts"])
+        with hf_attention.quantized(model, layers, parts, var["sink"]):
+            for ids in docs:
+                nll, n = doc_nll(model, ids)
+                per_doc.append(nll / n)
+        ppl = math.exp(sum(per_doc) / len(per_doc))
+        row = {"variant": var["spec"], "ppl": ppl, "per_doc_nll": per_doc,
+               "bits_per_coord": bits_per_coord(var, nl, head_dim)}
+        if var["preset"] == "auto":
+            base = row
+        if base is not None:
+            diffs = torch.tensor(per_doc) - torch.tensor(base["per_doc_nll"])
+            mean = float(diffs.mean())
+            se = float(diffs.std() / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+            row["delta_pct"] = 100 * (math.exp(mean) - 1)
+            row["delta_se_pct"] = 100 * se
+        results.append(row)
+        print(f"{var['spec']:<40} bits {row['bits_per_coord']:5.2f}  ppl {ppl:8.3f}  "
+              f"Δ {row.get('delta_pct', 0):+7.2f}% ± {row.get('delta_se_pct', 0):.2f}  "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "docs": len(docs),
+                                         "tokens": args.tokens, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The calibrated K/V transforms are exact for attention; statistics and scales are right."""
+
+import pytest
+import torch
+
+from tq_vllm.calibration import KVStats, LayerTransform, balanced_scale
+
+
+def _sample(n=200, h=2, hq=6, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(n, h, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 5, d) + 3.0
+    v = torch.randn(n, h, d, generator=g, dtype=torch.float64) + torch.linspace(-2, 2, d)
+    q = torch.randn(n, hq, d, generator=g, dtype=torch.float64)
+    return k, v, q
+
+
+def _attention(q, k, v):
+    """Causal-free attention, q ``[L, Hq, d]``, k/v ``[N, H, d]`` (GQA by head groups)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    p = torch.softmax(torch.einsum("lhd,nhd->lhn", q, k) / 4, -1)
+    return torch.einsum("lhn,nhd->lhd", p, v)
+
+
+@pytest.mark.parametrize("key_scale", [None, "rms", "balanced"])
+@pytest.mark.parametrize("value_mean,value_scale", [(False, False), (True, False), (True, True)])
+def test_transforms_leave_attention_unchanged(key_scale, value_mean, value_scale):
+    k, v, q = _sample()
+    stats = KVStats.from_samples(k.float(), v.float(), q.float(), torch.randn(32, 6 * 16))
+    tf = LayerTransform.from_stats(stats, key_mean=True, key_scale=key_scale,
+                                   value_mean=value_mean, value_scale=value_scale)
+    tf = LayerTransform(*(None if t is None else t.double() for t in
+                          (tf.k_mean, tf.k_scale, tf.v_mean, tf.v_scale)))
+    ref = _attention(q[:5], k, v)
+    out = _attention(tf.queries(q[:5]), tf.keys(k), tf.values(v))
+    assert not torch.allclose(out, ref) or (not value_mean and not value_scale)
+    tf.restore_output(out)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_mean_removal_centres_the_keys_and_shrinks_them():
+    k, v, q = _sample()
+    tf = LayerTransform.from_stats(KVStats.from_samples(k.float(), v.float()), key_mean=True)
+    moved = tf.keys(k)
+    assert moved.mean(0).abs().max() < 1e-5
+    # E‖k − μ‖² = E‖k‖² − ‖μ‖²: the codec's norms shrink by the offset's energy
+    energy = k.pow(2).sum(-1).mean(0) - k.mean(0).pow(2).sum(-1)
+    torch.testing.assert_close(moved.pow(2).sum(-1).mean(0), energy, rtol=1e-5, atol=1e-5)
+    assert (energy < 0.6 * k.pow(2).sum(-1).mean(0)).all()
+
+
+def test_stats_are_the_moments_and_round_trip():
+    k, v, q = _sample()
+    w = torch.randn(32, 6 * 16)
+    st = KVStats.from_samples(k, v, q, w)
+    torch.testing.assert_close(st.k_mean, k.float().mean(0))
+    torch.testing.assert_close(st.v_sq, v.float().pow(2).mean(0))
+    torch.testing.assert_close(st.q_sq, q.float().pow(2).mean(0).reshape(2, 3, 16).sum(1))
+    torch.testing.assert_close(st.o_sq, w.pow(2).sum(0).reshape(6, 16).reshape(2, 3, 16).sum(1))
+    torch.testing.assert_close(st.key_rms(True), k.float().std(0, unbiased=False), rtol=1e-4, atol=1e-4)
+    back = KVStats.from_state_dict(st.state_dict("7."), "7.")
+    for f in KVStats.FIELDS:
+        assert torch.equal(getattr(back, f), getattr(st, f))
+
+
+def test_nonfinite_calibration_values_count_as_zero():
+    k, v, _ = _sample()
+    k[0, 0, 0] = float("nan")
+    v[1, 1, 1] = float("inf")
+    st = KVStats.from_samples(k, v)
+    assert all(torch.isfinite(getattr(st, f)).all() for f in KVStats.FIELDS)
+
+
+def test_bad_calibration_shapes_are_rejected():
+    with pytest.raises(ValueError, match=r"\[N, H, d\]"):
+        KVStats.from_samples(torch.randn(4, 2, 8), torch.randn(4, 2, 9))
+    with pytest.raises(ValueError, match="key_scale"):
+        LayerTransform.from_stats(KVStats.from_samples(torch.randn(4, 2, 8), torch.randn(4, 2, 8)),
+                                  key_scale="max")
+
+
+def test_balanced_scale_minimises_the_error_product():
+    """``E‖w⊙s‖²·E‖x/s‖²`` is smallest at the balanced scale (Cauchy–Schwarz)."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.rand(1, 32, generator=g) * 10, torch.rand(1, 32, generator=g) + 0.1
+    s = balanced_scale(x, w)
+    assert s.log().mean().abs() < 1e-5  # geometric mean 1
+
+    def cost(s):
+        return float((w * s).pow(2).sum() * (x / s).pow(2).sum())
+
+    best = cost(s)
+    for _ in range(50):
+        other = s * torch.exp(0.3 * torch.randn(1, 32, generator=g))
+        assert cost(other) >= best * (1 - 1e-6)
+    assert cost(torch.ones_like(s)) > best
