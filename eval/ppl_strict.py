@@ -13,12 +13,14 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
     kbal     key smoothing balanced against the queries, s² ∝ rms_k / rms_q
     vmean    value mean removal    vsmooth  value smoothing s² ∝ rms_v / ‖o_proj col‖
     perm     outlier half chosen by calibration RMS
+    gauss    Gaussian N(0, 1/d) codebook instead of the exact sphere-coordinate law
     kexact / vexact   leave keys / values unquantized (error attribution)
     ends=N   first and last N layers stay exact (counted at 16 bits)
     sink=N   the first N tokens of each document stay exact (attention sinks)
 
-PRESET is a preset name, ``auto``, or ``kKvV`` (e.g. ``k4v3``): MSE keys at K and values
-at V bits per coordinate (fractional → split halves).
+PRESET is a preset name (the recommended ``tq{b}`` bring their own calibrated transforms,
+as in vLLM), ``auto``, or ``kKvV`` (e.g. ``k4v3``): MSE keys at K and values at V bits per
+coordinate (fractional → split halves).
 
     python eval/ppl_strict.py --model smollm2 --docs 8 auto tq4-mse tq4-mse+nc+kmean
 """
@@ -40,14 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from textdata import paul_graham_essays  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tq_vllm.calibration import LayerTransform  # noqa: E402
-from tq_vllm.codec import LayerCodec, permutation_from_rms  # noqa: E402
-from tq_vllm.config import Preset, _mse_codec, get_preset  # noqa: E402
+from tq_vllm.calibration import calibrated  # noqa: E402
+from tq_vllm.codec import LayerCodec  # noqa: E402
+from tq_vllm.config import Preset, get_preset, mse_codec  # noqa: E402
 from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
 from tq_vllm.tools.models import fetch_model  # noqa: E402
 
-OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "kexact", "vexact")
+OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kexact",
+           "vexact")
 
 
 def parse_variant(spec: str) -> dict:
@@ -66,29 +69,37 @@ def get_variant_preset(name: str) -> Preset:
     if not m:
         return get_preset(name)
     return Preset(name=f"tq-{name}", family="mse", budget="4",
-                  key=_mse_codec(m.group(1)), value=_mse_codec(m.group(2)))
+                  key=mse_codec(m.group(1)), value=mse_codec(m.group(2)))
 
 
-def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, calib) -> dict:
-    if variant["preset"] == "auto":
-        return {}
+OPTION_TRANSFORM = {"kmean": {"key_mean": True}, "ksmooth": {"key_scale": "rms"},
+                    "kbal": {"key_scale": "balanced"}, "vmean": {"value_mean": True},
+                    "vsmooth": {"value_scale": True}, "perm": {"calibrated_split": True}}
+
+
+def variant_preset(variant: dict) -> Preset:
+    """The preset a variant runs: its base preset plus the options' codec and transforms."""
     preset = get_variant_preset(variant["preset"])
-    if "nc" in variant["opts"]:
+    o = variant["opts"]
+    if "nc" in o:
         preset = preset.model_copy(update={
             "key": preset.key.model_copy(update={"norm_correction": True}),
             "value": preset.value.model_copy(update={"norm_correction": True})})
-    o = variant["opts"]
+    if "gauss" in o:
+        preset = preset.model_copy(update={"codebook": "gaussian"})
+    update = {k: v for opt in o for k, v in OPTION_TRANSFORM.get(opt, {}).items()}
+    return preset.model_copy(update={"transform": preset.transform.model_copy(update=update)})
+
+
+def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, calib) -> dict:
+    """``{layer: (codec, transform)}`` exactly as the vLLM backend builds them."""
+    if variant["preset"] == "auto":
+        return {}
+    preset = variant_preset(variant)
     n = variant["ends"]
     layers = {}
     for i in range(n, num_layers - n):
-        stats = calib[i]
-        ks = "balanced" if "kbal" in o else "rms" if "ksmooth" in o else None
-        tf = LayerTransform.from_stats(stats, key_mean="kmean" in o, key_scale=ks,
-                                       value_mean="vmean" in o, value_scale="vsmooth" in o)
-        kp = vp = None
-        if "perm" in o:  # smoothing keeps the channel order of the centred RMS
-            kp = permutation_from_rms(stats.key_rms(centred="kmean" in o))
-            vp = permutation_from_rms(stats.value_rms(centred="vmean" in o))
+        kp, vp, tf = calibrated(preset, calib[i])
         codec = LayerCodec.create(preset, head_dim, num_kv, layer=i, key_perm=kp, value_perm=vp)
         layers[i] = (codec, tf)
     return layers

@@ -100,3 +100,15 @@ def test_explicit_calibration_and_its_order():
     assert torch.equal(a.slots, b.slots)
     with pytest.raises(RuntimeError, match="before the first append"):
         a.calibrate(stats)
+
+
+def test_readme_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Using the codec outside vLLM", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README.md example", "exec"), ns)
+    assert ns["scores"].shape == (1, 4, 100) and ns["out"].shape == (1, 4, 128)
+    assert ns["kv"].memory_report().packed_bytes == 100 * 2 * 116

@@ -36,6 +36,8 @@ def test_transforms_leave_attention_unchanged(key_scale, value_mean, value_scale
     assert not torch.allclose(out, ref) or (not value_mean and not value_scale)
     tf.restore_output(out)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tf.unkeys(tf.keys(k)), k, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tf.unvalues(tf.values(v)), v, rtol=1e-10, atol=1e-10)
 
 
 def test_mean_removal_centres_the_keys_and_shrinks_them():
@@ -94,3 +96,4 @@ def test_balanced_scale_minimises_the_error_product():
         other = s * torch.exp(0.3 * torch.randn(1, 32, generator=g))
         assert cost(other) >= best * (1 - 1e-6)
     assert cost(torch.ones_like(s)) > best
+

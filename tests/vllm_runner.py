@@ -2,7 +2,7 @@
 
 Usage: ``python tests/vllm_runner.py SPEC.json OUT.json``. SPEC holds ``model`` and
 a list of ``runs`` ({kv_cache_dtype, llm (extra LLM kwargs), prompts, max_tokens,
-batches (optional: list of prompt-index lists submitted one generate call each)}).
+ignore_eos, batches (optional: list of prompt-index lists submitted one generate call each)}).
 Runs share the process one after another. Writes, per run, the greedy texts and
 token ids and the KV capacity vLLM allocated. vLLM on CPU spawns workers, hence
 the ``__main__`` guard.
@@ -21,7 +21,8 @@ def run_one(model: str, run: dict) -> dict:
                   kv_cache_dtype=run.get("kv_cache_dtype", "auto"))
     kwargs.update(run.get("llm", {}))
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=run.get("max_tokens", 16))
+    params = SamplingParams(temperature=0.0, max_tokens=run.get("max_tokens", 16),
+                            ignore_eos=run.get("ignore_eos", False))
     prompts = run["prompts"]
     batches = run.get("batches") or [list(range(len(prompts)))]
     texts, ids = [None] * len(prompts), [None] * len(prompts)

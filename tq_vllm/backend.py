@@ -188,7 +188,10 @@ class TQAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.fresh_exact = attention_mode() == "fast-prefill"
-        self.model_path = _current_model_path() if self.preset.transform.needs_calibration else None
+        self.model_path = None
+        if self.preset.transform.needs_calibration:  # at start-up: errors and the one-off
+            self.model_path = _current_model_path()  # calibration happen before serving
+            _model_stats(self.model_path)
         self._codec: LayerCodec | None = None
         self._transform = LayerTransform()
 
@@ -253,14 +256,20 @@ def _current_model_path() -> str:
     return get_current_vllm_config().model_config.model
 
 
-def _calibrated(preset: Preset, model_path: str, layer: int):
-    """(key perm, value perm, transform) of ``layer`` from the model's cached calibration."""
+def _model_stats(model_path: str) -> dict:
+    """The served model's cached calibration (computed on first use, logged)."""
     from tq_vllm.tools.calibrate import calibration_path, model_calibration
 
-    if layer == 0 or not calibration_path(model_path).exists():
-        logger.info("tq-vllm: %s uses the calibration %s (computed on first use)",
-                    preset.name, calibration_path(model_path))
-    stats = model_calibration(model_path)
+    path = calibration_path(model_path)
+    if not path.exists():
+        logger.info("tq-vllm: calibrating %s for the recommended presets (once) → %s",
+                    model_path, path)
+    return model_calibration(model_path)
+
+
+def _calibrated(preset: Preset, model_path: str, layer: int):
+    """(key perm, value perm, transform) of ``layer`` from the model's cached calibration."""
+    stats = _model_stats(model_path)
     if layer not in stats:
         raise RuntimeError(f"tq-vllm calibration of {model_path} has no layer {layer}")
     return calibrated(preset, stats[layer])

@@ -241,7 +241,8 @@ def _layout(preset: Preset, head_dim: int) -> SlotLayout:
     return SlotLayout(head_dim=head_dim, key=key, value=value, slot_bytes=slot, padding=slot - pos)
 
 
-def _mse_codec(budget: str, **kw) -> TensorCodec:
+def mse_codec(budget: str, **kw) -> TensorCodec:
+    """TurboQuant_mse at ``budget`` bits per coordinate ("3.5" → halves at 4 and 3 bits)."""
     b = float(budget)
     hi, lo = math.ceil(b), math.floor(b)
     return TensorCodec(bits_hi=hi, bits_lo=lo, split=hi != lo, **kw)
@@ -273,13 +274,13 @@ def _build_presets() -> dict[str, Preset]:
     out: dict[str, Preset] = {}
     for b in BUDGETS:
         mse = Preset(name=f"tq{b}-mse", family="mse", budget=b,
-                     key=_mse_codec(b), value=_mse_codec(b))
+                     key=mse_codec(b), value=mse_codec(b))
         qjl = Preset(name=f"tq{b}-qjl", family="qjl", budget=b,
-                     key=_qjl_key(b), value=_mse_codec(b))
+                     key=_qjl_key(b), value=mse_codec(b))
         kb, vb = RECOMMENDED_BITS[b]
         rec = Preset(name=f"tq{b}", family="recommended", budget=b,
-                     key=_mse_codec(kb, norm_correction=True),
-                     value=_mse_codec(vb, norm_correction=True), transform=RECOMMENDED_TRANSFORM)
+                     key=mse_codec(kb, norm_correction=True),
+                     value=mse_codec(vb, norm_correction=True), transform=RECOMMENDED_TRANSFORM)
         out[mse.name], out[qjl.name], out[rec.name] = mse, qjl, rec
     return out
 

@@ -1,0 +1,60 @@
+"""Pareto plot: perplexity increase vs bits per coordinate, one line per family.
+
+Reads JSON written by ``eval/ppl_strict.py --json`` (one file per model) and groups
+the variants by name: the paper's TurboQuant_prod (``tq{b}-qjl``), the paper's
+TurboQuant_mse (``tq{b}-mse``), an emulation of vLLM's in-tree recipe (``+gauss``
+variants with ``@ends=2``) and ours (``tq{b}``).
+
+    python eval/plot_quality.py smollm2.json qwen.json --out docs/quality_pareto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+FAMILIES = {
+    "paper TurboQuant_prod (QJL)": re.compile(r"^tq[\d.]+-qjl$"),
+    "paper TurboQuant_mse": re.compile(r"^tq[\d.]+-mse$"),
+    "vLLM in-tree recipe (emulated)": re.compile(r"\+gauss.*@ends=2$"),
+    "tq-vllm recommended (tq{b})": re.compile(r"^tq[\d.]+$"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("docs/quality_pareto.png"))
+    args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.results), figsize=(6 * len(args.results), 4.5),
+                             squeeze=False)
+    for ax, path in zip(axes[0], args.results):
+        data = json.loads(path.read_text())
+        for family, pattern in FAMILIES.items():
+            pts = sorted((r["bits_per_coord"], r["delta_pct"]) for r in data["results"]
+                         if pattern.search(r["variant"]) and "delta_pct" in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=family)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per coordinate (K+V average, norms incl., exact layers at 16)")
+        ax.set_ylabel("perplexity increase vs exact (%)")
+        ax.set_title(f"{data['model']}: strict mode, {data['docs']} × {data['tokens']} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
