@@ -88,6 +88,30 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _centre_scale(x: torch.Tensor, mean: torch.Tensor | None,
+                  scale: torch.Tensor | None) -> torch.Tensor:
+    """``(x − mean) / scale`` per ``[H, d]`` channel, skipping what is None; dtype kept."""
+    if mean is None and scale is None:
+        return x
+    y = _wide(x)
+    if mean is not None:
+        y = y - mean
+    if scale is not None:
+        y = y / scale
+    return y.to(x.dtype)
+
+
+def _uncentre_scale(x: torch.Tensor, mean: torch.Tensor | None,
+                    scale: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`_centre_scale`: ``x · scale + mean``."""
+    y = _wide(x)
+    if scale is not None:
+        y = y * scale
+    if mean is not None:
+        y = y + mean
+    return y.to(x.dtype)
+
+
 def _group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Sum ``[Hq, d]`` over the query heads of each KV head → ``[H, d]``."""
     return x.reshape(num_kv_heads, -1, x.shape[-1]).sum(1)
@@ -144,23 +168,11 @@ class LayerTransform:
 
     def keys(self, k: torch.Tensor) -> torch.Tensor:
         """``[N, H, d]`` keys to store (same dtype as ``k``)."""
-        if self.k_mean is None and self.k_scale is None:
-            return k
-        y = _wide(k)
-        if self.k_mean is not None:
-            y = y - self.k_mean
-        if self.k_scale is not None:
-            y = y / self.k_scale
-        return y.to(k.dtype)
+        return _centre_scale(k, self.k_mean, self.k_scale)
 
     def unkeys(self, k: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`keys`: stored-domain ``[N, H, d]`` keys back to the model's."""
-        y = _wide(k)
-        if self.k_scale is not None:
-            y = y * self.k_scale
-        if self.k_mean is not None:
-            y = y + self.k_mean
-        return y.to(k.dtype)
+        return _uncentre_scale(k, self.k_mean, self.k_scale)
 
     def key_offset(self, q: torch.Tensor) -> torch.Tensor:
         """``⟨q, μ_k⟩`` ``[N, Hq]``: the per-query logit shift mean removal takes out."""
@@ -178,23 +190,11 @@ class LayerTransform:
 
     def values(self, v: torch.Tensor) -> torch.Tensor:
         """``[N, H, d]`` values to store."""
-        if self.v_mean is None and self.v_scale is None:
-            return v
-        y = _wide(v)
-        if self.v_mean is not None:
-            y = y - self.v_mean
-        if self.v_scale is not None:
-            y = y / self.v_scale
-        return y.to(v.dtype)
+        return _centre_scale(v, self.v_mean, self.v_scale)
 
     def unvalues(self, v: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`values`."""
-        y = _wide(v)
-        if self.v_scale is not None:
-            y = y * self.v_scale
-        if self.v_mean is not None:
-            y = y + self.v_mean
-        return y.to(v.dtype)
+        return _uncentre_scale(v, self.v_mean, self.v_scale)
 
     def restore_output(self, out: torch.Tensor) -> None:
         """Undo the value transforms on attention outputs ``[N, Hq, d]`` in place:
