@@ -157,10 +157,6 @@ class LayerTransform:
         return cls(k_mean=stats.k_mean if key_mean else None, k_scale=ks,
                    v_mean=stats.v_mean if value_mean else None, v_scale=vs)
 
-    @property
-    def is_identity(self) -> bool:
-        return all(t is None for t in (self.k_mean, self.k_scale, self.v_mean, self.v_scale))
-
     def to(self, device: torch.device | str) -> "LayerTransform":
         move = (lambda t: None if t is None else t.to(device))
         return LayerTransform(move(self.k_mean), move(self.k_scale), move(self.v_mean),

@@ -62,10 +62,7 @@ def _hook(module, query, key, value, attention_mask, **kwargs):
         out, w = sdpa_attention_forward(module, _from_tokens(q, b).to(query.dtype),
                                         _from_tokens(k, b).to(key.dtype),
                                         _from_tokens(v, b).to(value.dtype), attention_mask, **kwargs)
-        if not (tf.v_mean is None and tf.v_scale is None):  # out: [B, T, Hq, d]
-            flat = out.reshape(-1, *out.shape[2:])
-            tf.restore_output(flat)
-            out = flat.reshape(out.shape)
+        tf.restore_output(out.view(-1, *out.shape[2:]))  # out: [B, T, Hq, d], in place
         return out, w
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
