@@ -83,6 +83,7 @@ def tq_decode_kernel(
     K_QJL: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
     V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Grid ``(B, H, S)``: tokens ``[s·split_tokens, (s+1)·split_tokens)`` of sequence
     ``b``, KV head ``h``, for its ``G`` query heads."""
@@ -113,10 +114,10 @@ def tq_decode_kernel(
         base = cache_ptr + blk * s_blk + head_off + (pos % block_size).to(tl.int64) * s_tok
         k = decode_tile(base, valid, s_byte, lutk_ptr, D, K_NG, K_B0, K_B1, K_W, K_NORM,
                         K_C0, K_C1)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if K_QJL:
             pm, gamma = qjl_tile(base, valid, s_byte, D, K_NG, K_NORM, K_SIGN)
-            s += tl.dot(qs, tl.trans(pm), input_precision="ieee") * gamma[None, :]
+            s += tl.dot(qs, tl.trans(pm), input_precision=DOT_PREC) * gamma[None, :]
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
@@ -124,7 +125,7 @@ def tq_decode_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         v = decode_tile(base, valid, s_byte, lutv_ptr, D, V_NG, V_B0, V_B1, V_W, V_NORM,
                         V_C0, V_C1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PREC)
         m = m_new
 
     out = (b.to(tl.int64) * num_q_heads + h * G + g) * num_splits + sp

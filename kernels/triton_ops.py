@@ -13,7 +13,31 @@ dense torch GEMMs here, once per call, on either side of the kernels:
   the rotated-domain output rotated back once, as in ``cpu_ops``.
 
 The kernels never see vLLM; this module imports only torch, triton and the codec.
-Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests).
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests); with
+``TQ_TEST_DEVICE=cuda`` the same tests run compiled on a GPU (46 passed on an H100,
+Triton 3.6, 2026-11-23: store bit-exact, decode/prefill within the fp32 tolerances).
+
+Decode roofline (bytes read per token per KV head = the slot, from ``config``):
+
+=========  ======  =======  =======  ==============================================
+cache      d = 64  d = 128  d = 256  H100 roofline, B 32 × 32k ctx × 8 KV heads, d 128
+=========  ======  =======  =======  ==============================================
+bf16         256      512     1024   1.28 ms (FlashAttention measured 1.71 ms, 75%)
+fp8          128      256      512   0.64 ms
+tq4           68      132      260   0.33 ms (measured 14.2 ms)
+tq3.5         60      116      228   0.29 ms (measured 10.3 ms)
+tq3           56      104      200   0.26 ms (measured 17.5 ms)
+tq2.5         44       84      164   0.21 ms (measured 10.1 ms)
+=========  ======  =======  =======  ==============================================
+
+Roofline = bytes / 3.35 TB/s. Measured with ``eval/bench_decode_gpu.py`` (H100,
+2026-11-23): the decode kernel runs at 5–18× FlashAttention's bf16 time, 1–4% of peak
+bandwidth. ``ncu`` says why: 255 registers per thread (12.5% occupancy) and L1-bound
+byte gathers — every code is a 1-byte load plus a centroid-table gather, DRAM traffic
+is 2% of peak. Not yet fast on GPUs; next steps: unpack from coalesced 32-bit words
+instead of per-coordinate byte loads, a per-group centroid table in registers, query
+rows not padded to 16 (the score needs no ``tl.dot``), fewer live ``[BLOCK_N, d]``
+temporaries.
 """
 
 from __future__ import annotations
@@ -41,22 +65,34 @@ SKETCH_COLS = 32
 """QJL sketch columns per float64 ``tl.dot`` in the store: a [d, 32] fp64 tile is
 64 KiB at d = 256 (fits shared memory), and 32 outputs pack into 4 whole sign bytes."""
 
-DECODE_BLOCK_N = {64: 64, 128: 64, 256: 32}
-"""Decode tokens per tile by head size: K and V tiles ``[BLOCK_N, d]`` fp32 plus the
-``[G_PAD, d]`` accumulator stay around 16K registers per program; 64 tokens amortize
-the per-tile softmax bookkeeping, halved at d = 256 to avoid spills."""
+DECODE_BLOCK_N = {64: 16, 128: 16, 256: 16}
+"""Decode tokens per tile by head size. Measured on an H100 (``eval/bench_decode_gpu.py
+--sweep``, batch 8, 16k context, d = 128, tq3.5 / tq3, tf32x3 dots): 16 tokens 1.39 /
+2.39 ms per step, 32 tokens 1.38 / 4.0 ms; with fp32 FMA dots 64 tokens took 4–30 ms
+(larger ``[BLOCK_N, d]`` byte-unpack tiles spill registers)."""
 
 MIN_G_PAD = 16
 """Query-head rows per decode program are padded to this: ``tl.dot`` needs M ≥ 16."""
 
-PREFILL_ROWS = 64
-"""Query rows (tokens × padded query heads of one KV head) per prefill program:
-``[64, d]`` accumulator plus a ``[64, BLOCK_N]`` score tile; with G = 8 that is 8
-query tokens, with G = 1 64 tokens."""
+DECODE_NUM_WARPS = 4
+"""Warps per decode program: with tf32x3 dots 4 warps beat 8 by 36% (same sweep)."""
 
-PREFILL_BLOCK_N = 32
-"""Cache tokens per prefill KV tile: ``[32, d]`` K/V tiles; small enough for d = 256,
-fine-grained enough that causal tiles waste little past the diagonal."""
+DECODE_DOT_PRECISION = "tf32x3"
+"""``tl.dot`` input precision of the decode kernel. ``tf32x3`` (three TF32 tensor-core
+products, about fp32 accuracy) passes the same fp32 tolerances as ``ieee`` (CUDA-core
+FMA) in tests/kernels; plain ``tf32`` (10-bit mantissa) does not."""
+
+PREFILL_ROWS = {64: 64, 128: 64, 256: 32}
+"""Query rows (tokens × padded query heads of one KV head) per prefill program by head
+size: ``[rows, d]`` fp32 query/accumulator tiles plus a ``[rows, BLOCK_N]`` score tile;
+with G = 8 and 64 rows that is 8 query tokens, with G = 1 64 tokens. At d = 256, 64
+rows need 320 KiB of shared memory for the fp32 ``tl.dot`` operands (an H100 has
+227 KiB), so 32."""
+
+PREFILL_BLOCK_N = {64: 32, 128: 32, 256: 16}
+"""Cache tokens per prefill KV tile by head size: ``[BLOCK_N, d]`` K/V tiles, fine-grained
+enough that causal tiles waste little past the diagonal. At d = 256, 32 rows × 32 tokens
+needed 256 KiB of shared memory on an H100 (limit 227 KiB); 16 tokens halve the K/V part."""
 
 MIN_SPLIT_TOKENS = 256
 """A decode split shorter than this costs more in partial writes and the reduction
@@ -72,11 +108,17 @@ def _sm_count(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
+DECODE_WAVES = 8
+"""Decode programs per SM the split count aims for: 8 (4× the first guess of 2) was
+up to 20% faster in the H100 sweep — more programs hide the latency of the dependent
+code → centroid loads; 32 gained nothing more."""
+
+
 def num_splits(batch: int, num_kv: int, max_len: int, device: torch.device) -> int:
-    """Splits of the KV axis: enough programs for two waves over the SMs, every split
-    at least ``MIN_SPLIT_TOKENS`` long, at most ``MAX_SPLITS``. ``max_len`` is the block
-    table's capacity (a bound known without reading ``seq_lens`` back from the device)."""
-    want = math.ceil(2 * _sm_count(device) / max(1, batch * num_kv))
+    """Splits of the KV axis: ``DECODE_WAVES`` programs per SM, every split at least
+    ``MIN_SPLIT_TOKENS`` long, at most ``MAX_SPLITS``. ``max_len`` is the block table's
+    capacity (a bound known without reading ``seq_lens`` back from the device)."""
+    want = math.ceil(DECODE_WAVES * _sm_count(device) / max(1, batch * num_kv))
     return max(1, min(want, math.ceil(max_len / MIN_SPLIT_TOKENS), MAX_SPLITS))
 
 
@@ -290,6 +332,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         block_table, block_table.stride(0), seq_lens.contiguous(), block_size, split_tokens,
         lutk, lutv, float(scale), acc, m, l, hq, splits,
         G=g, G_PAD=_pad_pow2(g, MIN_G_PAD), BLOCK_N=block_n, **_kernel_consts(codec),
+        DOT_PREC=DECODE_DOT_PRECISION, num_warps=DECODE_NUM_WARPS,
     )
     o_rot = torch.empty(b, hq, d, dtype=torch.float32, device=device)
     tq_reduce_kernel[(b * hq,)](acc, m, l, o_rot, splits, D=d, S_PAD=_pad_pow2(splits))
@@ -337,9 +380,10 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
     num_kv, block_size = kv_cache.shape[1], kv_cache.shape[2]
     g = hq // num_kv
     g_pad = _pad_pow2(g)
-    if g_pad > PREFILL_ROWS:
-        raise ValueError(f"prefill: {g} query heads per KV head exceed {PREFILL_ROWS} rows")
-    block_m = PREFILL_ROWS // g_pad
+    rows = PREFILL_ROWS[d]
+    if g_pad > rows:
+        raise ValueError(f"prefill: {g} query heads per KV head exceed {rows} rows")
+    block_m = rows // g_pad
     qsl, sl = query_start_loc_cpu.tolist(), seq_lens_cpu.tolist()
     work, spans = [], []
     for i in range(first, nseq):
@@ -374,7 +418,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
     tq_prefill_kernel[(len(work), num_kv)](
         q_rot, q_sk, o_rot, items, kv_cache, s0, s1, s2, s3,
         block_table, block_table.stride(0), block_size, lutk, lutv, float(scale), hq,
-        G=g, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, **_kernel_consts(codec),
+        G=g, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N[d], **_kernel_consts(codec),
     )
     for q0, q1 in spans:
         out[q0:q1] = _unrotate(o_rot[q0 - lo:q1 - lo], codec, num_kv).to(out.dtype)

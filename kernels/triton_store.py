@@ -27,8 +27,10 @@ channels, code bits ``B0``/``B1`` (``B0 ≥ B1``), byte offsets of the norms
 import triton
 import triton.language as tl
 
-_TINY = 1e-30  # codec._TINY: clamp of the norm before dividing
-_FP16_MAX = 65504.0
+# Globals read inside @triton.jit code must be constexprs: compiled Triton rejects
+# plain module floats (the interpreter accepts them, so only a GPU run shows it).
+_TINY = tl.constexpr(1e-30)  # codec._TINY: clamp of the norm before dividing
+_FP16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit

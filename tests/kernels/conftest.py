@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+DEVICE = torch.device(os.environ.get("TQ_TEST_DEVICE", "cpu"))
+"""Where the Triton kernel tests run: ``cpu`` (default, CI) runs the kernels on CPU
+tensors through the Triton interpreter; ``TQ_TEST_DEVICE=cuda`` compiles them for the
+GPU and runs the same tests there (reference included)."""
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before any test module imports triton
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import PRESETS
@@ -11,9 +20,11 @@ from tq_vllm.reference import tq_store
 
 
 def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: list[int],
-                dtype: torch.dtype = torch.float32, spare_blocks: int = 3, layer: int = 3):
+                dtype: torch.dtype = torch.float32, spare_blocks: int = 3, layer: int = 3,
+                device: torch.device = DEVICE):
     """Random K/V of ragged sequences stored by :func:`reference.tq_store` through
     scattered blocks of a cache pre-filled with random bytes (as tests/test_reference.py).
+    Drawn on the CPU (same bits on every device), then moved to ``device``.
 
     Returns (codec, cache, block_table int32 [B, M], [(k, v)] per sequence, unused blocks).
     """
@@ -40,6 +51,9 @@ def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: li
         tq_store(k, v, cache, table[b, pos // block_size].long() * block_size + pos % block_size,
                  codec)
         kv.append((k, v))
+    if device.type != "cpu":
+        codec, cache, table = codec.to(device), cache.to(device), table.to(device)
+        kv = [(k.to(device), v.to(device)) for k, v in kv]
     return codec, cache, table, kv, order[used:]
 
 
@@ -47,3 +61,9 @@ def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: li
 def build_cache():
     """The :func:`make_cache` builder (test modules cannot import this conftest)."""
     return make_cache
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the kernel tests run on (:data:`DEVICE`)."""
+    return DEVICE

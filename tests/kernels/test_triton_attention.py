@@ -1,6 +1,7 @@
 """Triton decode/prefill attention vs the reference paged attention.
 
-Runs the CUDA kernels on CPU tensors through the Triton interpreter. The reference
+Runs the kernels on CPU tensors through the Triton interpreter, or compiled on a GPU
+with ``TQ_TEST_DEVICE=cuda`` (tests/kernels/conftest.py). The reference
 (``reference.tq_paged_attention``, equal to exact attention on the dequantized
 cache) gets the very same queries (bf16 queries stay bf16 for both), so the only
 differences are fp32 summation order in the kernel and, for bf16 outputs, the final
@@ -9,7 +10,8 @@ rounding to bf16.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+if os.environ.get("TQ_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import pytest
 import torch
@@ -52,8 +54,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _decode(q, cache, table, seq_lens, codec):
     out = torch.empty_like(q)
-    triton_ops.decode(q, cache, table, torch.tensor(seq_lens, dtype=torch.int32), codec,
-                      q.shape[-1] ** -0.5, out)
+    triton_ops.decode(q, cache, table, torch.tensor(seq_lens, dtype=torch.int32,
+                                                    device=cache.device),
+                      codec, q.shape[-1] ** -0.5, out)
     return out
 
 
@@ -62,27 +65,32 @@ def _decode_ref(q, cache, table, seq_lens, codec):
                               torch.arange(len(seq_lens) + 1), codec)
 
 
+def _randn(*shape, dtype=torch.float32, device):
+    """Standard normal drawn on the CPU (same bits on every device), moved to ``device``."""
+    return torch.randn(*shape).to(dtype).to(device)
+
+
 @pytest.mark.parametrize("name,dim,gqa,block_size,dtype", CASES, ids=IDS)
-def test_decode_matches_reference(name, dim, gqa, block_size, dtype, build_cache):
+def test_decode_matches_reference(name, dim, gqa, block_size, dtype, build_cache, device):
     codec, cache, table, _, _ = build_cache(name, dim, KV_HEADS, block_size, SEQ_LENS)
-    q = torch.randn(len(SEQ_LENS), KV_HEADS * gqa, dim).to(dtype)
+    q = _randn(len(SEQ_LENS), KV_HEADS * gqa, dim, dtype=dtype, device=device)
     out = _decode(q, cache, table, SEQ_LENS, codec)
     assert out.dtype == dtype
     ref = _decode_ref(q, cache, table, SEQ_LENS, codec)
     assert_close(out, ref)
     if dtype != torch.float32:  # the kernel itself is fp32: an fp32 output shows it
-        out32 = torch.empty(q.shape, dtype=torch.float32)
-        triton_ops.decode(q, cache, table, torch.tensor(SEQ_LENS, dtype=torch.int32), codec,
-                          dim ** -0.5, out32)
+        out32 = torch.empty(q.shape, dtype=torch.float32, device=device)
+        triton_ops.decode(q, cache, table, torch.tensor(SEQ_LENS, dtype=torch.int32,
+                                                        device=device), codec, dim ** -0.5, out32)
         assert_close(out32, ref)
 
 
 @pytest.mark.parametrize("name,dim,gqa,block_size,dtype", CASES, ids=IDS)
-def test_prefill_matches_reference(name, dim, gqa, block_size, dtype, build_cache):
+def test_prefill_matches_reference(name, dim, gqa, block_size, dtype, build_cache, device):
     codec, cache, table, _, _ = build_cache(name, dim, KV_HEADS, block_size, SEQ_LENS)
     t = sum(Q_LENS)
-    q = torch.randn(t, KV_HEADS * gqa, dim).to(dtype)
-    k, v = torch.randn(t, KV_HEADS, dim).to(dtype), torch.randn(t, KV_HEADS, dim).to(dtype)
+    q = _randn(t, KV_HEADS * gqa, dim, dtype=dtype, device=device)
+    k, v = (_randn(t, KV_HEADS, dim, dtype=dtype, device=device) for _ in range(2))
     qsl = torch.tensor([0] + torch.tensor(Q_LENS).cumsum(0).tolist())
     out = torch.zeros_like(q)
     triton_ops.prefill(q, k, v, cache, table, torch.tensor(SEQ_LENS), qsl, 0, codec, dim ** -0.5,
@@ -90,38 +98,38 @@ def test_prefill_matches_reference(name, dim, gqa, block_size, dtype, build_cach
     assert_close(out, tq_paged_attention(q, cache, table, torch.tensor(SEQ_LENS), qsl, codec))
 
 
-def test_decode_split_kv_and_empty_sequence(monkeypatch, build_cache):
+def test_decode_split_kv_and_empty_sequence(monkeypatch, build_cache, device):
     """Several splits per sequence (some empty) merged by log-sum-exp; seq_len 0 → zeros."""
     monkeypatch.setattr(triton_ops, "num_splits", lambda *a: 4)
-    monkeypatch.setitem(triton_ops.DECODE_BLOCK_N, 64, 16)
     seq_lens = [100, 33, 7, 0]
     codec, cache, table, _, _ = build_cache("tq3.5-qjl", 64, KV_HEADS, 16, seq_lens)
-    q = torch.randn(4, KV_HEADS * 2, 64)
+    q = _randn(4, KV_HEADS * 2, 64, device=device)
     out = _decode(q, cache, table, seq_lens, codec)
     assert_close(out[:3], _decode_ref(q[:3], cache, table[:3], seq_lens[:3], codec))
     assert torch.all(out[3] == 0)
 
 
-def test_head_dim_256_block_128_gqa_8(build_cache):
+def test_head_dim_256_block_128_gqa_8(build_cache, device):
     seq_lens, q_lens = [130, 5], [3, 5]
     codec, cache, table, _, _ = build_cache("tq3-qjl", 256, 1, 128, seq_lens)
-    q = torch.randn(2, 8, 256)
+    q = _randn(2, 8, 256, device=device)
     assert_close(_decode(q, cache, table, seq_lens, codec),
                  _decode_ref(q, cache, table, seq_lens, codec))
-    qp = torch.randn(sum(q_lens), 8, 256)
+    qp = _randn(sum(q_lens), 8, 256, device=device)
     qsl = torch.tensor([0, 3, 8])
     out = torch.zeros_like(qp)
-    triton_ops.prefill(qp, torch.randn(8, 1, 256), torch.randn(8, 1, 256), cache, table,
+    fresh = _randn(8, 1, 256, device=device)
+    triton_ops.prefill(qp, fresh, fresh, cache, table,
                        torch.tensor(seq_lens), qsl, 0, codec, 256 ** -0.5, out, False)
     assert_close(out, tq_paged_attention(qp, cache, table, torch.tensor(seq_lens), qsl, codec))
 
 
-def test_prefill_first_and_fresh_exact(build_cache):
+def test_prefill_first_and_fresh_exact(build_cache, device):
     """Rows before ``first`` stay untouched; a chunk without context uses the fresh K/V."""
     seq_lens, q_lens = [20, 24, 40], [1, 24, 9]
     codec, cache, table, kv, _ = build_cache("tq4-qjl", 64, KV_HEADS, 16, seq_lens)
     t = sum(q_lens)
-    q = torch.randn(t, KV_HEADS * 3, 64)
+    q = _randn(t, KV_HEADS * 3, 64, device=device)
     k = torch.cat([kv[0][0][-1:], kv[1][0], kv[2][0][-9:]])
     v = torch.cat([kv[0][1][-1:], kv[1][1], kv[2][1][-9:]])
     qsl = torch.tensor([0, 1, 25, 34])
@@ -138,22 +146,24 @@ def test_prefill_first_and_fresh_exact(build_cache):
     assert_close(out[1:], ref[1:])
 
 
-def test_decode_on_strided_cache_view(build_cache):
+def test_decode_on_strided_cache_view(build_cache, device):
     """vLLM may hand a view: permuted (token, head) strides and padded slots."""
     name, dim, bs = "tq2.5-qjl", 64, 16
     seq_lens = [29, 40]
     codec, packed, table, _, _ = build_cache(name, dim, KV_HEADS, bs, seq_lens)
     slot = packed.shape[-1]
-    base = torch.zeros(packed.shape[0], bs, KV_HEADS, slot + 4, dtype=torch.uint8)
+    base = torch.zeros(packed.shape[0], bs, KV_HEADS, slot + 4, dtype=torch.uint8, device=device)
     view = base.permute(0, 2, 1, 3)[..., 2:2 + slot]
     view.copy_(packed)
-    q = torch.randn(2, KV_HEADS * 3, dim)
+    q = _randn(2, KV_HEADS * 3, dim, device=device)
     assert_close(_decode(q, view, table, seq_lens, codec),
                  _decode_ref(q, packed, table, seq_lens, codec))
 
 
 def test_launchers_reject_bad_inputs(build_cache):
-    codec, cache, table, _, _ = build_cache("tq4", 64, KV_HEADS, 16, [20])
+    """Validation runs before any launch: checked on CPU tensors on every test device."""
+    codec, cache, table, _, _ = build_cache("tq4", 64, KV_HEADS, 16, [20],
+                                            device=torch.device("cpu"))
     q = torch.randn(1, 4, 64)
     sl = torch.tensor([20], dtype=torch.int32)
     with pytest.raises(ValueError, match="out"):

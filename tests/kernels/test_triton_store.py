@@ -1,6 +1,7 @@
 """Triton store kernel vs the reference store: bit-exact packed slots.
 
-Runs the CUDA kernels on CPU tensors through the Triton interpreter. The kernel
+Runs the kernels on CPU tensors through the Triton interpreter, or compiled on a GPU
+with ``TQ_TEST_DEVICE=cuda`` (tests/kernels/conftest.py). The kernel
 receives the rotation from the codec's own torch op and repeats every later float
 step of ``TensorQuantizer.encode`` in the same order, so slots must match byte for
 byte, norms, codes, QJL signs and padding included.
@@ -8,7 +9,8 @@ byte, norms, codes, QJL signs and padding included.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+if os.environ.get("TQ_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import pytest
 import torch
@@ -37,6 +39,11 @@ def _inputs(t, heads, dim, dtype=torch.float32):
     return k, v
 
 
+def _on(device, *tensors):
+    """``tensors`` drawn on the CPU (same bits on every device), moved to ``device``."""
+    return tuple(t.to(device) for t in tensors)
+
+
 def _by_slot(cache):
     """``[num_slots, H, slot_bytes]`` view of a ``[blocks, H, block_size, slot_bytes]`` cache."""
     return cache.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
@@ -50,12 +57,13 @@ def _with_norm_correction(preset):
 
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("dim", [64, 128])
-def test_store_bit_exact_with_reference(name, dim):
+def test_store_bit_exact_with_reference(name, dim, device):
     heads, t = 2, 40
-    codec = LayerCodec.create(PRESETS[name], dim, heads, layer=1)
+    codec = LayerCodec.create(PRESETS[name], dim, heads, layer=1).to(device)
     cache = _cache(PRESETS[name], dim, heads, blocks=4)
     k, v = _inputs(t, heads, dim, torch.bfloat16 if dim == 128 else torch.float32)
     sm = torch.randperm(cache.shape[0] * cache.shape[2])[:t]
+    cache, k, v, sm = _on(device, cache, k, v, sm)
     want, got = cache.clone(), cache.clone()
     tq_store(k, v, want, sm, codec)
     triton_ops.store(k, v, got, sm, codec)
@@ -66,11 +74,12 @@ def test_store_bit_exact_with_reference(name, dim):
 
 
 @pytest.mark.parametrize("name,dim", [("tq3.5-qjl", 256), ("tq4-mse", 256)])
-def test_store_bit_exact_head_dim_256(name, dim):
-    codec = LayerCodec.create(PRESETS[name], dim, 1, layer=0)
+def test_store_bit_exact_head_dim_256(name, dim, device):
+    codec = LayerCodec.create(PRESETS[name], dim, 1, layer=0).to(device)
     cache = _cache(PRESETS[name], dim, 1, blocks=3, block_size=32)
     k, v = torch.randn(24, 1, dim), torch.randn(24, 1, dim)
     sm = torch.randperm(96)[:24]
+    cache, k, v, sm = _on(device, cache, k, v, sm)
     want, got = cache.clone(), cache.clone()
     tq_store(k, v, want, sm, codec)
     triton_ops.store(k, v, got, sm, codec)
@@ -78,13 +87,14 @@ def test_store_bit_exact_head_dim_256(name, dim):
 
 
 @pytest.mark.parametrize("name", ["tq3.5-qjl", "tq3-mse"])
-def test_store_bit_exact_with_norm_correction(name):
+def test_store_bit_exact_with_norm_correction(name, device):
     preset = _with_norm_correction(PRESETS[name])
-    codec = LayerCodec.create(preset, 64, 2, layer=2)
+    codec = LayerCodec.create(preset, 64, 2, layer=2).to(device)
     assert codec.key.codec.norm_correction and codec.value.codec.norm_correction
     cache = _cache(preset, 64, 2, blocks=3)
     k, v = _inputs(32, 2, 64)
     sm = torch.randperm(48)[:32]
+    cache, k, v, sm = _on(device, cache, k, v, sm)
     want, got = cache.clone(), cache.clone()
     tq_store(k, v, want, sm, codec)
     triton_ops.store(k, v, got, sm, codec)
@@ -92,7 +102,7 @@ def test_store_bit_exact_with_norm_correction(name):
 
 
 @pytest.mark.parametrize("name", ["tq3.5-qjl", "tq2.5-mse"])
-def test_store_skips_padding_and_leaves_other_slots_untouched(name):
+def test_store_skips_padding_and_leaves_other_slots_untouched(name, device):
     """Slots -1 are skipped, no other slot changes, written slots match the reference.
 
     The reference drops padding before rotating, and torch's CPU GEMM takes another
@@ -100,36 +110,38 @@ def test_store_skips_padding_and_leaves_other_slots_untouched(name):
     tokens to scratch blocks instead: same batch, same rotation bits.
     """
     heads, t, dim = 2, 36, 64
-    codec = LayerCodec.create(PRESETS[name], dim, heads, layer=4)
+    codec = LayerCodec.create(PRESETS[name], dim, heads, layer=4).to(device)
     cache = _cache(PRESETS[name], dim, heads, blocks=8)  # blocks 6, 7: scratch
     k, v = _inputs(t, heads, dim)
     sm = torch.randperm(6 * 16)[:t]
     pad = torch.tensor([0, 5, 6, 20, 35])
     sm[pad] = -1
+    cache, k, v, sm, pad = _on(device, cache, k, v, sm, pad)
     before = cache.clone()
     got = cache.clone()
     triton_ops.store(k, v, got, sm.to(torch.int32), codec)
 
-    written = torch.zeros(8 * 16, dtype=torch.bool)
+    written = torch.zeros(8 * 16, dtype=torch.bool, device=device)
     written[sm[sm >= 0]] = True
     assert torch.equal(_by_slot(got)[~written], _by_slot(before)[~written])
 
     scratch = sm.clone()
-    scratch[pad] = 6 * 16 + torch.arange(len(pad))
+    scratch[pad] = 6 * 16 + torch.arange(len(pad), device=device)
     want = cache.clone()
     tq_store(k, v, want, scratch, codec)
     assert torch.equal(got[:6], want[:6])
 
 
-def test_store_on_strided_cache_view():
+def test_store_on_strided_cache_view(device):
     """A cache view with padded slots and permuted (token, head) strides."""
     name, dim, heads = "tq3-qjl", 64, 2
     slot = PRESETS[name].layout(dim).slot_bytes
-    codec = LayerCodec.create(PRESETS[name], dim, heads)
+    codec = LayerCodec.create(PRESETS[name], dim, heads).to(device)
     base = torch.randint(0, 256, (4, 16, heads, slot + 6), dtype=torch.uint8)
-    view = base.permute(0, 2, 1, 3)[..., 3:3 + slot]
     k, v = _inputs(24, heads, dim)
     sm = torch.randperm(64)[:24]
+    base, k, v, sm = _on(device, base, k, v, sm)
+    view = base.permute(0, 2, 1, 3)[..., 3:3 + slot]
     want = view.clone()
     tq_store(k, v, want, sm, codec)
     before = base.clone()
@@ -140,6 +152,7 @@ def test_store_on_strided_cache_view():
 
 
 def test_store_rejects_bad_inputs_before_writing():
+    """Validation runs before any launch: checked on CPU tensors on every test device."""
     codec = LayerCodec.create(PRESETS["tq4"], 64, 1)
     cache = torch.zeros(2, 1, 16, PRESETS["tq4"].layout(64).slot_bytes, dtype=torch.uint8)
     x = torch.randn(2, 1, 64)
@@ -153,3 +166,24 @@ def test_store_rejects_bad_inputs_before_writing():
     with pytest.raises(ValueError, match="68-byte slots"):
         triton_ops.store(x, x, cache[..., :64], torch.tensor([0, 1]), codec)
     assert torch.all(cache == 0)
+
+
+@pytest.mark.skipif(os.environ.get("TQ_TEST_DEVICE", "cpu") == "cpu",
+                    reason="GPU path: on CPU tensors an out-of-range slot raises (test above)")
+def test_store_skips_out_of_range_slots_on_gpu(device):
+    """On a GPU the launcher cannot check slots without a host sync: the kernel skips
+    slots beyond the cache instead of writing out of bounds; in-range slots are stored.
+    The reference stores the same batch into a cache with two scratch blocks that take
+    the out-of-range tokens (same batch, same rotation bits)."""
+    name, heads = "tq3.5-qjl", 2
+    codec = LayerCodec.create(PRESETS[name], 64, heads, layer=5).to(device)
+    cache = _cache(PRESETS[name], 64, heads, blocks=4)  # blocks 2, 3: scratch
+    k, v = _inputs(8, heads, 64)
+    sm = torch.tensor([3, 30, 32, 10**6, -1, 5, 33, 7])
+    scratch = torch.where(sm >= 32, 32 + torch.arange(8), sm)
+    cache, k, v, sm, scratch = _on(device, cache, k, v, sm, scratch)
+    got = cache[:2].clone()
+    triton_ops.store(k, v, got, sm, codec)
+    want = cache.clone()
+    tq_store(k, v, want, scratch, codec)
+    assert torch.equal(got, want[:2])

@@ -1,0 +1,208 @@
+"""Decode-attention kernel benchmark on a CUDA GPU: our Triton kernel vs exact bf16 attention.
+
+Per decode step (one query token per sequence, one layer), side by side in one run:
+the Triton decode kernel reading the packed cache for each preset, and FlashAttention
+(PyTorch's ``scaled_dot_product_attention`` flash backend, GQA) on a dense bf16 cache
+of the same context — an optimistic bf16 baseline, since it reads contiguous K/V with
+no block table. Prints time, ratio vs bf16, effective GB/s of cache bytes read and
+that bandwidth as a fraction of the device's peak; writes JSON and a plot.
+
+    python eval/bench_decode_gpu.py                 # the full grid (a few minutes)
+    python eval/bench_decode_gpu.py --quick         # batch 8, context 4k/32k, d 128, GQA 4
+    python eval/bench_decode_gpu.py --sweep         # launch constants of triton_ops, one case
+
+Needs only PyTorch with CUDA and Triton (no vLLM): ``kernels/`` never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from tq_vllm.codec import LayerCodec
+from tq_vllm.config import PRESETS
+from tq_vllm.kernels import triton_ops
+
+BLOCK_SIZE = 16  # vLLM's default block size on CUDA
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L40S": 864.0}
+"""Datasheet HBM bandwidth (GB/s) by device-name substring, for the fraction of peak."""
+
+
+def _peak_gbps() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def _time_ms(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def _bf16_case(batch, ctx, d, kv_heads, gqa):
+    """FlashAttention over a dense bf16 cache: q [B, Hq, 1, d], K/V [B, H, ctx, d]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    k = torch.randn(batch, kv_heads, ctx, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    q = torch.randn(batch, kv_heads * gqa, 1, d, dtype=torch.bfloat16, device="cuda")
+
+    def run():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return run, 2 * k.numel() * k.element_size()
+
+
+def _tq_case(preset, batch, ctx, d, kv_heads, gqa):
+    """Our Triton decode over a packed paged cache filled with valid random slots."""
+    lay = PRESETS[preset].layout(d)
+    codec = LayerCodec.create(PRESETS[preset], d, kv_heads).to("cuda")
+    per_seq = math.ceil(ctx / BLOCK_SIZE)
+    nb = batch * per_seq
+    cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, lay.slot_bytes), dtype=torch.uint8,
+                          device="cuda")
+    for t in (lay.key, lay.value):  # random bytes are valid codes; norms must be finite fp16
+        n = t.norms
+        cache[..., n.offset:n.end] = torch.full((n.nbytes // 2,), 1.0, dtype=torch.float16,
+                                                device="cuda").view(torch.uint8)
+    table = torch.randperm(nb, device="cuda", dtype=torch.int64).to(torch.int32).reshape(batch, -1)
+    seq = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+
+    def run():
+        triton_ops.decode(q, cache, table, seq, codec, 1 / math.sqrt(d), out)
+    return run, batch * ctx * kv_heads * lay.slot_bytes
+
+
+def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) -> list[dict]:
+    """Time one case over the decode launch constants (tokens per tile, warps, splits)."""
+    run, _ = _bf16_case(batch, ctx, d, kv_heads, gqa)
+    t_bf16 = _time_ms(run)
+    saved = (dict(triton_ops.DECODE_BLOCK_N), triton_ops.DECODE_NUM_WARPS, triton_ops.num_splits,
+             triton_ops.DECODE_DOT_PRECISION)
+    rows = []
+    try:
+        for block_n in (16, 32):
+            for warps in (4, 8):
+                for mult in (1, 4):
+                    triton_ops.DECODE_BLOCK_N[d] = block_n
+                    triton_ops.DECODE_NUM_WARPS = warps
+                    triton_ops.num_splits = (lambda *a, m=mult: m * saved[2](*a))
+                    run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
+                    t = _time_ms(run)
+                    rows.append(dict(preset=preset, block_n=block_n, warps=warps, split_mult=mult,
+                                     prec=saved[3], ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_bf16))
+                    print(f"{preset} B{batch} ctx{ctx} d{d} block_n {block_n:>3} warps {warps} "
+                          f"splits x{mult}: {t:.4f} ms  {nbytes / t / 1e6:7.0f} GB/s  "
+                          f"{t / t_bf16:6.2f}x bf16", flush=True)
+        best = min(rows, key=lambda r: r["ms"])
+        triton_ops.DECODE_BLOCK_N[d], triton_ops.DECODE_NUM_WARPS = best["block_n"], best["warps"]
+        triton_ops.num_splits = (lambda *a, m=best["split_mult"]: m * saved[2](*a))
+        for prec in ("ieee", "tf32x3", "tf32"):
+            triton_ops.DECODE_DOT_PRECISION = prec
+            run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
+            t = _time_ms(run)
+            rows.append(dict(best, prec=prec, ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_bf16))
+            print(f"{preset} best with {prec} dots: {t:.4f} ms  {t / t_bf16:6.2f}x bf16", flush=True)
+    finally:
+        triton_ops.DECODE_DOT_PRECISION = saved[3]
+        triton_ops.DECODE_BLOCK_N.clear()
+        triton_ops.DECODE_BLOCK_N.update(saved[0])
+        triton_ops.DECODE_NUM_WARPS, triton_ops.num_splits = saved[1], saved[2]
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="tune the launch constants on one case")
+    ap.add_argument("--presets", default="tq4,tq3.5,tq3,tq2.5,tq4-qjl,tq3-qjl")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--contexts", default="1024,4096,16384,32768")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--gqa", default="4,7")
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--out", default="eval/results/bench_decode_gpu")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_gpu needs a CUDA GPU; on CPU run eval/bench_decode.py")
+    if args.sweep:
+        rows = [r for p in ("tq3.5", "tq3") for r in sweep(p, 8, 16384, 128, args.kv_heads, 4)]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_suffix(".sweep.json").write_text(json.dumps(rows, indent=1))
+        return 0
+    if args.quick:
+        args.batches, args.contexts, args.head_dims, args.gqa = "8", "4096,32768", "128", "4"
+    peak = _peak_gbps()
+    rows = []
+    grid = [(b, c, d, g) for d in map(int, args.head_dims.split(","))
+            for g in map(int, args.gqa.split(",")) for b in map(int, args.batches.split(","))
+            for c in map(int, args.contexts.split(","))]
+    try:
+        from tqdm import tqdm
+        grid_iter = tqdm(grid, desc="gpu decode bench")
+    except ImportError:
+        grid_iter = grid
+    for b, c, d, g in grid_iter:
+        run, nbytes = _bf16_case(b, c, d, args.kv_heads, g)
+        t_bf16 = _time_ms(run)
+        rows.append(dict(impl="flash bf16", preset="auto", batch=b, ctx=c, head_dim=d, gqa=g,
+                         ms=t_bf16, gbps=nbytes / t_bf16 / 1e6, vs_bf16=1.0))
+        del run
+        for p in args.presets.split(","):
+            run, nbytes = _tq_case(p, b, c, d, args.kv_heads, g)
+            t = _time_ms(run)
+            rows.append(dict(impl="tq triton", preset=p, batch=b, ctx=c, head_dim=d, gqa=g,
+                             ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_bf16))
+            del run
+        torch.cuda.empty_cache()
+    for r in rows:
+        r["of_peak"] = r["gbps"] / peak if peak else None
+    print(f"device: {torch.cuda.get_device_name()}  peak {peak} GB/s  "
+          f"kv_heads {args.kv_heads}  block_size {BLOCK_SIZE}")
+    print(f"{'impl':<12}{'preset':<9}{'B':>4}{'ctx':>7}{'d':>5}{'gqa':>4}{'ms':>9}{'GB/s':>8}"
+          f"{'%peak':>7}{'t/t_bf16':>10}")
+    for r in rows:
+        pk = f"{100 * r['of_peak']:>6.0f}%" if r["of_peak"] else "      -"
+        print(f"{r['impl']:<12}{r['preset']:<9}{r['batch']:>4}{r['ctx']:>7}{r['head_dim']:>5}"
+              f"{r['gqa']:>4}{r['ms']:>9.4f}{r['gbps']:>8.0f}{pk}{r['vs_bf16']:>10.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), peak_gbps=peak, kv_heads=args.kv_heads,
+                block_size=BLOCK_SIZE, torch=torch.__version__)
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    _plot(rows, out.with_suffix(".png"))
+    return 0
+
+
+def _plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    big = max(r["batch"] for r in rows)
+    d, g = max(r["head_dim"] for r in rows), min(r["gqa"] for r in rows)
+    for p in sorted({r["preset"] for r in rows if r["impl"] == "tq triton"}):
+        pts = sorted((r["ctx"], r["vs_bf16"]) for r in rows if r["preset"] == p
+                     and r["batch"] == big and r["head_dim"] == d and r["gqa"] == g)
+        ax.plot(*zip(*pts), marker="o", label=p)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode time / FlashAttention bf16")
+    ax.set_title(f"batch {big}, head_dim {d}, GQA {g}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
