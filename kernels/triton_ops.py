@@ -22,22 +22,21 @@ Decode roofline (bytes read per token per KV head = the slot, from ``config``):
 =========  ======  =======  =======  ==============================================
 cache      d = 64  d = 128  d = 256  H100 roofline, B 32 × 32k ctx × 8 KV heads, d 128
 =========  ======  =======  =======  ==============================================
-bf16         256      512     1024   1.28 ms (FlashAttention measured 1.71 ms, 75%)
+bf16         256      512     1024   1.28 ms (FlashAttention measured 1.67 ms, 77%)
 fp8          128      256      512   0.64 ms
-tq4           68      132      260   0.33 ms (measured 14.2 ms)
-tq3.5         60      116      228   0.29 ms (measured 10.3 ms)
-tq3           56      104      200   0.26 ms (measured 17.5 ms)
-tq2.5         44       84      164   0.21 ms (measured 10.1 ms)
+tq4           68      132      260   0.33 ms (measured 7.95 ms)
+tq3.5         60      116      228   0.29 ms (measured 8.61 ms)
+tq3           56      104      200   0.26 ms (measured 9.39 ms)
+tq2.5         44       84      164   0.21 ms (measured 9.29 ms)
 =========  ======  =======  =======  ==============================================
 
 Roofline = bytes / 3.35 TB/s. Measured with ``eval/bench_decode_gpu.py`` (H100,
-2026-11-23): the decode kernel runs at 5–18× FlashAttention's bf16 time, 1–4% of peak
-bandwidth. ``ncu`` says why: 255 registers per thread (12.5% occupancy) and L1-bound
-byte gathers — every code is a 1-byte load plus a centroid-table gather, DRAM traffic
-is 2% of peak. Not yet fast on GPUs; next steps: unpack from coalesced 32-bit words
-instead of per-coordinate byte loads, a per-group centroid table in registers, query
-rows not padded to 16 (the score needs no ``tl.dot``), fewer live ``[BLOCK_N, d]``
-temporaries.
+2026-11-23; docs/performance.md): at ≥ 4k context the decode kernel takes about 5×
+FlashAttention's bf16 time (8× with QJL), 2–4% of peak bandwidth — not yet fast on
+GPUs. ``ncu`` on the earlier per-byte version showed 255 registers per thread (12.5%
+occupancy) and L1-bound gathers; unpacking whole words halved the time. Left: the
+centroid-table gather per code, query rows padded to 16 for ``tl.dot``, the fixed
+~0.2 ms of launcher work at short contexts.
 """
 
 from __future__ import annotations
@@ -65,11 +64,11 @@ SKETCH_COLS = 32
 """QJL sketch columns per float64 ``tl.dot`` in the store: a [d, 32] fp64 tile is
 64 KiB at d = 256 (fits shared memory), and 32 outputs pack into 4 whole sign bytes."""
 
-DECODE_BLOCK_N = {64: 16, 128: 16, 256: 16}
+DECODE_BLOCK_N = {64: 32, 128: 32, 256: 16}
 """Decode tokens per tile by head size. Measured on an H100 (``eval/bench_decode_gpu.py
---sweep``, batch 8, 16k context, d = 128, tq3.5 / tq3, tf32x3 dots): 16 tokens 1.39 /
-2.39 ms per step, 32 tokens 1.38 / 4.0 ms; with fp32 FMA dots 64 tokens took 4–30 ms
-(larger ``[BLOCK_N, d]`` byte-unpack tiles spill registers)."""
+--sweep``, batch 8, 16k context, d = 128, tq3.5 / tq3, word-unpacked codes, tf32x3
+dots): 32 tokens 1.16 / 1.26 ms per step, 16 tokens 1.42 / 1.32 ms; 64 tokens spilled
+registers in the first (per-byte) kernel. d = 256 keeps 16 (not measured)."""
 
 MIN_G_PAD = 16
 """Query-head rows per decode program are padded to this: ``tl.dot`` needs M ≥ 16."""
@@ -132,6 +131,10 @@ def _tensor_consts(prefix: str, lay: TensorLayout, tq: TensorQuantizer) -> dict[
     if b0 < b1:
         raise ValueError(f"Triton kernels expect the first channel group to have the most "
                          f"code bits, got {lay.group_bits}")
+    if b0 > 4 or lay.head_dim % 16:
+        raise ValueError(f"Triton kernels unpack 8 codes from one 32-bit word and split the "
+                         f"head dim in halves of whole bytes: need ≤ 4 code bits and a head "
+                         f"size divisible by 16, got {lay.group_bits} bits, d = {lay.head_dim}")
     return {f"{prefix}_NG": ng, f"{prefix}_B0": b0, f"{prefix}_B1": b1,
             f"{prefix}_W": int(tq.lut.shape[1]), f"{prefix}_NORM": lay.norms.offset,
             f"{prefix}_C0": c0, f"{prefix}_C1": c1}

@@ -13,7 +13,7 @@ QJL bias from the sign bits); fp32 online softmax; output in the rotated domain.
 import triton
 import triton.language as tl
 
-from tq_vllm.kernels.triton_decode import decode_tile, qjl_tile
+from tq_vllm.kernels.triton_decode import decode_half, load_half, qjl_half
 
 
 @triton.jit
@@ -45,16 +45,20 @@ def tq_prefill_kernel(
     g = r % G_PAD
     rmask = (tok < q_end) & (g < G)
     qpos = seq_len - q_end + tok  # cache position of each row's query token
-    j = tl.arange(0, D)
+    DH: tl.constexpr = D // 2
+    j = tl.arange(0, DH)  # the head dim is handled as two halves (see decode_half)
     qrow = (tok.to(tl.int64) * num_q_heads + h * G + g) * D
-    q = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
+    q0 = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
+    q1 = tl.load(q_ptr + qrow[:, None] + DH + j[None, :], mask=rmask[:, None], other=0.0)
     if K_QJL:
-        qs = tl.load(qsk_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
+        qs0 = tl.load(qsk_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
+        qs1 = tl.load(qsk_ptr + qrow[:, None] + DH + j[None, :], mask=rmask[:, None], other=0.0)
 
     kv_end = seq_len - q_end + tl.minimum(tile0 + BLOCK_M, q_end)
     m = tl.full((BLOCK_M * G_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M * G_PAD,), tl.float32)
-    acc = tl.zeros((BLOCK_M * G_PAD, D), tl.float32)
+    acc0 = tl.zeros((BLOCK_M * G_PAD, DH), tl.float32)
+    acc1 = tl.zeros((BLOCK_M * G_PAD, DH), tl.float32)
     head_off = h.to(tl.int64) * s_head
     row = bt_ptr + seq_idx.to(tl.int64) * bt_stride
     for start in range(0, kv_end, BLOCK_N):
@@ -62,12 +66,18 @@ def tq_prefill_kernel(
         valid = pos < kv_end
         blk = tl.load(row + pos // block_size, mask=valid, other=0).to(tl.int64)
         base = cache_ptr + blk * s_blk + head_off + (pos % block_size).to(tl.int64) * s_tok
-        k = decode_tile(base, valid, s_byte, lutk_ptr, D, K_NG, K_B0, K_B1, K_W, K_NORM,
-                        K_C0, K_C1)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        k0 = decode_half(base, valid, s_byte, lutk_ptr, 0, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
+                         K_NORM, K_C0, K_C1)
+        s = tl.dot(q0, tl.trans(k0), input_precision="ieee")
+        k1 = decode_half(base, valid, s_byte, lutk_ptr, 1, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
+                         K_NORM, K_C0, K_C1)
+        s += tl.dot(q1, tl.trans(k1), input_precision="ieee")
         if K_QJL:
-            pm, gamma = qjl_tile(base, valid, s_byte, D, K_NG, K_NORM, K_SIGN)
-            s += tl.dot(qs, tl.trans(pm), input_precision="ieee") * gamma[None, :]
+            pm0 = qjl_half(base, valid, s_byte, 0, BLOCK_N, D, K_SIGN)
+            sq = tl.dot(qs0, tl.trans(pm0), input_precision="ieee")
+            pm1 = qjl_half(base, valid, s_byte, 1, BLOCK_N, D, K_SIGN)
+            sq += tl.dot(qs1, tl.trans(pm1), input_precision="ieee")
+            s += sq * load_half(base + (K_NORM + 2 * K_NG) * s_byte, valid)[None, :]
         causal = valid[None, :] & (pos[None, :] <= qpos[:, None])
         s = tl.where(causal, s * scale, float("-inf"))
         # every row sees position 0 in the first tile, so m is finite from then on
@@ -75,9 +85,13 @@ def tq_prefill_kernel(
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        v = decode_tile(base, valid, s_byte, lutv_ptr, D, V_NG, V_B0, V_B1, V_W, V_NORM,
-                        V_C0, V_C1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        v0 = decode_half(base, valid, s_byte, lutv_ptr, 0, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
+                         V_NORM, V_C0, V_C1)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision="ieee")
+        v1 = decode_half(base, valid, s_byte, lutv_ptr, 1, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
+                         V_NORM, V_C0, V_C1)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision="ieee")
         m = m_new
 
-    tl.store(o_ptr + qrow[:, None] + j[None, :], acc / l[:, None], mask=rmask[:, None])
+    tl.store(o_ptr + qrow[:, None] + j[None, :], acc0 / l[:, None], mask=rmask[:, None])
+    tl.store(o_ptr + qrow[:, None] + DH + j[None, :], acc1 / l[:, None], mask=rmask[:, None])

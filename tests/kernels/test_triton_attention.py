@@ -101,6 +101,7 @@ def test_prefill_matches_reference(name, dim, gqa, block_size, dtype, build_cach
 def test_decode_split_kv_and_empty_sequence(monkeypatch, build_cache, device):
     """Several splits per sequence (some empty) merged by log-sum-exp; seq_len 0 → zeros."""
     monkeypatch.setattr(triton_ops, "num_splits", lambda *a: 4)
+    monkeypatch.setitem(triton_ops.DECODE_BLOCK_N, 64, 16)  # two tiles per split
     seq_lens = [100, 33, 7, 0]
     codec, cache, table, _, _ = build_cache("tq3.5-qjl", 64, KV_HEADS, 16, seq_lens)
     q = _randn(4, KV_HEADS * 2, 64, device=device)
