@@ -120,6 +120,8 @@ def features(tmp_path_factory):
         "preempted": {**count32, "llm": {"num_gpu_blocks_override": 10, "block_size": 16,
                                          "max_num_seqs": 64, "max_model_len": 128}},
         "roomy": {**count32, "llm": {"max_num_seqs": 64, "max_model_len": 1024}},
+        "skip_layers": {"kv_cache_dtype": "tq3.5", "prompts": PROMPTS, "max_tokens": 16,
+                        "llm": {"kv_cache_dtype_skip_layers": ["0", str(LAYERS - 1)]}},
         "alone": {**count32, "prompts": many[:4], "batches": [[0], [1], [2], [3]],
                   "llm": {"max_num_seqs": 64, "max_model_len": 1024}},
     }
@@ -158,3 +160,13 @@ def test_preemption_gives_the_same_answers(features):
 def test_requests_alone_equal_requests_in_a_batch_of_64(features):
     assert features["alone"]["token_ids"] == features["roomy"]["token_ids"][:4]
     assert math.isclose(len(features["roomy"]["texts"]), 64)
+
+
+def test_skip_layers_stay_exact_and_the_rest_compressed(features):
+    """``kv_cache_dtype_skip_layers``: the listed layers keep vLLM's exact bf16 cache
+    (CPU_ATTN), the rest are packed; one block pool holds both, sized from the sum."""
+    r = features["skip_layers"]
+    assert "Paris" in r["texts"][0], r["texts"][0]
+    slot = PRESETS["tq3.5"].layout(HEAD_DIM).slot_bytes
+    per_token = KV_HEADS * ((LAYERS - 2) * slot + 2 * 2 * HEAD_DIM * 2)
+    assert r["num_blocks"] == KV_BYTES // (r["block_size"] * per_token)
