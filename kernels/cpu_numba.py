@@ -75,7 +75,7 @@ def _sign_dot(cache, off, q, d):
 @njit(parallel=True, fastmath=True, cache=True)
 def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_sk, scale,
                       kdesc, lut_k, qjl_scale, vdesc, lut_v, num_kv_heads, block_size, n_splits,
-                      acc_out, m_out, l_out):
+                      split_tokens, acc_out, m_out, l_out):
     """Split-KV decode, all query heads of a KV head together.
 
     q_rot, q_sk: float32 [B, Hq, d] (rotated / sketched-rotated queries).
@@ -90,9 +90,8 @@ def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_s
         h = rem // n_splits
         sp = rem % n_splits
         seq = seq_lens[b]
-        chunk = (seq + n_splits - 1) // n_splits
-        t0 = sp * chunk
-        t1 = min(seq, t0 + chunk)
+        t0 = sp * split_tokens  # fixed runs: a sequence's splits do not depend on the batch
+        t1 = min(seq, t0 + split_tokens)
         m = np.full(g_per, -np.inf, dtype=np.float32)
         l = np.zeros(g_per, dtype=np.float32)
         acc = np.zeros((g_per, d), dtype=np.float32)

@@ -14,9 +14,12 @@ from tq_vllm.codec import LayerCodec
 from tq_vllm.config import TensorLayout
 from tq_vllm.kernels import cpu_native, cpu_numba
 
-MIN_TOKENS_PER_SPLIT = 256
-"""A split-KV task below this many tokens costs more in setup and reduction than
-it gains in parallelism (measured on 2 AVX-512 cores, d = 64)."""
+SPLIT_TOKENS = 512
+"""Decode splits the KV axis into fixed runs of this many tokens (a multiple of the
+native kernel's 16-token tile). Fixed, so how a sequence is split — and so the float
+summation order of its attention — depends on its own length only, never on the batch
+it shares a step with: the same request gives the same greedy tokens alone, in any
+batch, chunked or not. 512 keeps a 2-core machine busy at batch 1 from 1k tokens on."""
 
 
 @lru_cache(maxsize=None)
@@ -85,24 +88,39 @@ def _flat(kv_cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
     return flat, (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
 
 
+_ROWS = 32
+"""Tokens per :func:`_per_row` step: bounds its ``[rows, h, g, e, d]`` temporary
+(32 × 14 query heads × 128² floats = 29 MiB)."""
+
+
+def _per_row(x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[n, h, g, d]`` times ``mats`` ``[h, d, e]`` → ``[n, h, g, e]`` as a product
+    and a sum over the contiguous last axis: each output element is reduced the same
+    way however many tokens share the call (GEMMs — folded or batched — change their
+    blocking and threading with the batch, and with it the last bits of a row)."""
+    mt = mats.transpose(-1, -2)[None, :, None]  # [1, h, 1, e, d]
+    out = x.new_empty(*x.shape[:3], mats.shape[-1])
+    for i in range(0, x.shape[0], _ROWS):
+        out[i:i + _ROWS] = (x[i:i + _ROWS, :, :, None, :] * mt).sum(-1)
+    return out
+
+
 def _rotate_queries(q: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
     """``R_h q`` for ``q`` ``[N, Hq, d]`` → float32 contiguous ``[N, Hq, d]``."""
     n, hq, d = q.shape
     q4 = q.float().reshape(n, num_kv, hq // num_kv, d)
-    return torch.einsum("nhgd,hed->nhge", q4, codec.key.rot).reshape(n, hq, d).contiguous()
+    return _per_row(q4, codec.key.rot.transpose(-1, -2)).reshape(n, hq, d).contiguous()
 
 
 def _unrotate_values(o_rot: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
     n, hq, d = o_rot.shape
     o4 = o_rot.reshape(n, num_kv, hq // num_kv, d)
-    return torch.einsum("nhge,hed->nhgd", o4, codec.value.rot).reshape(n, hq, d)
+    return _per_row(o4, codec.value.rot).reshape(n, hq, d)
 
 
-def num_splits(batch: int, num_kv: int, max_len: int) -> int:
-    """Split the KV axis until every thread has two tasks, keeping splits long."""
-    threads = numba.get_num_threads()
-    want = math.ceil(2 * threads / max(1, batch * num_kv))
-    return max(1, min(want, max_len // MIN_TOKENS_PER_SPLIT))
+def num_splits(max_len: int) -> int:
+    """KV splits that cover the longest sequence in runs of ``SPLIT_TOKENS``."""
+    return max(1, -(-max_len // SPLIT_TOKENS))
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -152,7 +170,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     tab = tables(codec)
     seq = seq_lens.to(torch.int64).contiguous()
     table = block_table.to(torch.int64).contiguous()
-    splits = num_splits(b, num_kv, int(seq.max()))
+    splits = num_splits(int(seq.max()))
     native = cpu_native.load()
     if native is not None and hq // num_kv <= 16 and kv_cache.shape[2] % 16 == 0:
         qf = q.float().contiguous()
@@ -160,7 +178,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         sketch = tab.sketch.data_ptr() if tab.sketch is not None else None
         rc = native(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), seq.data_ptr(),
                     qf.data_ptr(), tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), b, hq,
-                    num_kv, d, kv_cache.shape[2], splits, float(scale), tab.qjl_scale,
+                    num_kv, d, kv_cache.shape[2], splits, SPLIT_TOKENS, float(scale), tab.qjl_scale,
                     tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.vdesc.ctypes.data,
                     tab.v_books.data_ptr(), res.data_ptr(), torch.get_num_threads())
         if rc != 0:
@@ -169,16 +187,21 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
             out.copy_(res)
         return
     q_rot = _rotate_queries(q, codec, num_kv)
-    q_sk = (q_rot @ tab.sketch.T).contiguous() if tab.sketch is not None else q_rot
+    q_sk = (_per_row(q_rot[:, :, None, :], tab.sketch.T.expand(hq, d, d))[:, :, 0].contiguous()
+            if tab.sketch is not None else q_rot)
     acc = torch.empty(b, hq, splits, d)
     m = torch.empty(b, hq, splits)
     l = torch.empty(b, hq, splits)
     cpu_numba.decode_kernel(
         flat, sb, sh, st, table.numpy(), seq.numpy(), q_rot.numpy(), q_sk.numpy(), float(scale),
         tab.kdesc, codec.key.lut.numpy(), tab.qjl_scale, tab.vdesc, codec.value.lut.numpy(),
-        num_kv, kv_cache.shape[2], splits, acc.numpy(), m.numpy(), l.numpy())
+        num_kv, kv_cache.shape[2], splits, SPLIT_TOKENS, acc.numpy(), m.numpy(), l.numpy())
     w = torch.exp(m - m.amax(-1, keepdim=True))  # empty splits have m = -inf → weight 0
-    o_rot = (w[..., None] * acc).sum(2) / (w * l).sum(-1, keepdim=True)
+    o_rot, den = torch.zeros(b, hq, d), torch.zeros(b, hq, 1)
+    for s in range(splits):  # in split order: a batch's extra (empty) splits add exact zeros
+        o_rot += w[..., s, None] * acc[:, :, s]
+        den += w[..., s, None] * l[..., s, None]
+    o_rot = o_rot / den
     out.copy_(_unrotate_values(o_rot, codec, num_kv))
 
 

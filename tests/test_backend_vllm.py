@@ -93,7 +93,8 @@ COHERENT = [n for n in PRESET_NAMES if n not in PAPER_QJL_BELOW_4_BITS]
 @pytest.mark.parametrize("name", COHERENT)
 def test_preset_generates_varied_text(all_presets, name):
     for ids in all_presets[name]["token_ids"]:
-        assert len(set(ids)) >= 4, ids  # not one token repeated
+        # not one token repeated; an answer may end early at EOS (" Paris." + EOS: 3 tokens)
+        assert len(set(ids)) >= min(4, len(ids)), ids
 
 
 @pytest.mark.parametrize("name", COHERENT)

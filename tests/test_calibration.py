@@ -97,3 +97,11 @@ def test_balanced_scale_minimises_the_error_product():
         assert cost(other) >= best * (1 - 1e-6)
     assert cost(torch.ones_like(s)) > best
 
+
+
+def test_heads_selects_a_ranks_rows():
+    stats = KVStats.from_samples(torch.randn(50, 4, 16), torch.randn(50, 4, 16),
+                                 torch.randn(50, 8, 16))
+    part = stats.heads(torch.tensor([2, 3]))
+    for name in KVStats.FIELDS:
+        assert torch.equal(getattr(part, name), getattr(stats, name)[2:])

@@ -2,7 +2,8 @@
 
 Usage: ``python tests/vllm_runner.py SPEC.json OUT.json``. SPEC holds ``model`` and
 a list of ``runs`` ({kv_cache_dtype, llm (extra LLM kwargs), prompts, max_tokens,
-ignore_eos, batches (optional: list of prompt-index lists submitted one generate call each)}).
+ignore_eos, batches (optional: list of prompt-index lists submitted one generate call each),
+env (optional: environment variables set before the engine starts)}).
 Runs share the process one after another. Writes, per run, the greedy texts and
 token ids and the KV capacity vLLM allocated. vLLM on CPU spawns workers, hence
 the ``__main__`` guard.
@@ -16,6 +17,8 @@ import sys
 
 def run_one(model: str, run: dict) -> dict:
     from vllm import LLM, SamplingParams
+
+    os.environ.update(run.get("env", {}))  # read at engine start (e.g. CPU thread binding)
 
     kwargs = dict(model=model, enforce_eager=True, dtype="bfloat16", max_model_len=2048, seed=0,
                   kv_cache_dtype=run.get("kv_cache_dtype", "auto"))

@@ -201,7 +201,8 @@ class TQAttentionImpl(AttentionImpl):
             idx = extract_layer_index(getattr(layer, "layer_name", "layers.0"))
             kp = vp = None
             if self.model_path is not None:
-                kp, vp, self._transform = _calibrated(self.preset, self.model_path, idx)
+                kp, vp, self._transform = _calibrated(self.preset, self.model_path, idx,
+                                                      self.num_kv_heads)
                 self._transform = self._transform.to(device)
             self._codec = LayerCodec.create(self.preset, self.head_size, self.num_kv_heads,
                                             layer=idx, key_perm=kp, value_perm=vp).to(device)
@@ -267,12 +268,32 @@ def _model_stats(model_path: str) -> dict:
     return model_calibration(model_path)
 
 
-def _calibrated(preset: Preset, model_path: str, layer: int):
-    """(key perm, value perm, transform) of ``layer`` from the model's cached calibration."""
+def _calibrated(preset: Preset, model_path: str, layer: int, num_kv_heads: int):
+    """(key perm, value perm, transform) of ``layer`` for this rank's ``num_kv_heads`` KV
+    heads, from the model's cached calibration (which covers all of the model's heads)."""
     stats = _model_stats(model_path)
     if layer not in stats:
         raise RuntimeError(f"tq-vllm calibration of {model_path} has no layer {layer}")
-    return calibrated(preset, stats[layer])
+    heads = local_kv_heads(int(stats[layer].k_mean.shape[0]), num_kv_heads)
+    return calibrated(preset, stats[layer].heads(heads))
+
+
+def local_kv_heads(total: int, local: int) -> torch.Tensor:
+    """Indices ``[local]`` of this tensor-parallel rank's KV heads among the model's
+    ``total``: vLLM gives rank r heads ``[r·local, (r+1)·local)``, or, with fewer KV heads
+    than ranks, one head replicated over ``tp / total`` consecutive ranks."""
+    if local == total:
+        return torch.arange(total)
+    from vllm.distributed import (get_tensor_model_parallel_rank,
+                                  get_tensor_model_parallel_world_size)
+
+    rank, tp = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    if tp >= total and local == 1 and tp % total == 0:
+        return torch.tensor([rank // (tp // total)])
+    if local * tp == total:
+        return torch.arange(rank * local, (rank + 1) * local)
+    raise RuntimeError(f"tq-vllm: cannot map {local} local KV heads of {total} onto tensor-"
+                       f"parallel rank {rank} of {tp}")
 
 
 def _make_backends() -> dict[str, type[TQAttentionBackend]]:

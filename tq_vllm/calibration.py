@@ -66,6 +66,10 @@ class KVStats:
             o_sq = _group(o_proj.float().pow(2).sum(0).reshape(-1, d), h)
         return cls(k.mean(0), k.pow(2).mean(0), v.mean(0), v.pow(2).mean(0), q_sq, o_sq)
 
+    def heads(self, index: torch.Tensor) -> "KVStats":
+        """The statistics of KV heads ``index`` ``[h]`` only (a tensor-parallel rank's)."""
+        return KVStats(*(getattr(self, n)[index] for n in self.FIELDS))
+
     def key_rms(self, centred: bool) -> torch.Tensor:
         """Channel RMS ``[H, d]`` of keys (about their mean if ``centred``)."""
         var = self.k_sq - self.k_mean.pow(2) if centred else self.k_sq

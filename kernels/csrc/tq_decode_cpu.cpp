@@ -265,10 +265,11 @@ extern "C" int tq_decode_cpu(
     const int64_t* block_table, int64_t bt_stride, const int64_t* seq_lens,
     const float* q, const float* rot_k, const float* sketch, const float* rot_v,
     int64_t B, int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t n_splits,
+    int64_t split_tokens,
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
     const int64_t* vdesc_p, const float* v_books, float* out, int num_threads) {
   const int64_t G = Hq / H;
-  if (d % 16 || d > MAX_D || G > MAX_G || Hq % H || block_size % TILE) return -1;
+  if (d % 16 || d > MAX_D || G > MAX_G || Hq % H || block_size % TILE || split_tokens % TILE) return -1;
   for (const int64_t* desc : {kdesc_p, vdesc_p})
     for (int64_t g = 0; g < desc[1]; ++g)
       if (desc[5 + 3 * g] % W) return -1;  // a group must be whole vectors
@@ -291,10 +292,10 @@ extern "C" int tq_decode_cpu(
   for (int64_t task = 0; task < ntasks; ++task) {
     const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
     const int64_t seq = seq_lens[b];
-    // splits start on TILE boundaries; with block_size % TILE == 0 a tile never
-    // crosses a block, so one block-table lookup serves the whole tile
-    const int64_t chunk = ((seq + n_splits - 1) / n_splits + TILE - 1) / TILE * TILE;
-    const int64_t t0 = sp * chunk, t1 = std::min(seq, t0 + chunk);
+    // fixed runs of split_tokens (a multiple of TILE): how a sequence is split does not
+    // depend on the batch. Splits start on TILE boundaries; with block_size % TILE == 0 a
+    // tile never crosses a block, so one block-table lookup serves the whole tile
+    const int64_t t0 = sp * split_tokens, t1 = std::min(seq, t0 + split_tokens);
     alignas(64) float kt[MAX_D];
     alignas(64) float acc[MAX_G][MAX_D];
     alignas(64) float s[MAX_G][TILE];

@@ -54,7 +54,7 @@ def test_decode_matches_reference(impl, name, dim, gqa, block_size, dtype):
 
 def test_decode_long_context_uses_splits_and_stays_exact(impl):
     codec, cache, table, _, _ = build_cache("tq3.5", 64, 1, 16, [2100])
-    assert cpu_ops.num_splits(1, 1, 2100) > 1
+    assert cpu_ops.num_splits(2100) > 1
     q = torch.randn(1, 3, 64)
     out = torch.empty(1, 3, 64)
     cpu_ops.decode(q, cache, table, torch.tensor([2100]), codec, 0.3, out)
@@ -139,3 +139,17 @@ def test_store_rejects_out_of_range_slots_before_writing():
     with pytest.raises(IndexError, match="beyond"):
         cpu_ops.store(torch.randn(2, 1, 64), torch.randn(2, 1, 64), cache, torch.tensor([3, 32]), codec)
     assert torch.all(cache == 0)
+
+
+def test_decode_does_not_depend_on_the_batch(impl):
+    """A sequence's output is bit-identical alone and beside a longer sequence (which
+    raises the batch's split count): the split of a sequence depends on its length only."""
+    seq_lens = [1500, 4000]
+    codec, cache, table, _, _ = build_cache("tq3.5", 64, 2, 16, seq_lens)
+    q = torch.randn(2, 6, 64)
+    both = torch.empty(2, 6, 64)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, both)
+    alone = torch.empty(1, 6, 64)
+    cpu_ops.decode(q[:1], cache, table[:1], torch.tensor(seq_lens[:1]), codec, 0.3, alone)
+    assert cpu_ops.num_splits(4000) > cpu_ops.num_splits(1500) > 1
+    assert torch.equal(alone[0], both[0])
