@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
