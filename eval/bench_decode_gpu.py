@@ -83,26 +83,26 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
     """Time one case over the decode launch constants (tokens per tile, warps, splits)."""
     run, _ = _bf16_case(batch, ctx, d, kv_heads, gqa)
     t_bf16 = _time_ms(run)
-    saved = (dict(triton_ops.DECODE_BLOCK_N), triton_ops.DECODE_NUM_WARPS, triton_ops.num_splits,
-             triton_ops.DECODE_DOT_PRECISION)
+    saved = (dict(triton_ops.DECODE_BLOCK_N), triton_ops.DECODE_NUM_WARPS,
+             triton_ops.DECODE_SPLIT_TOKENS, triton_ops.DECODE_DOT_PRECISION)
     rows = []
     try:
         for block_n in (16, 32):
             for warps in (4, 8):
-                for mult in (1, 4):
+                for split in (256, 1024):
                     triton_ops.DECODE_BLOCK_N[d] = block_n
                     triton_ops.DECODE_NUM_WARPS = warps
-                    triton_ops.num_splits = (lambda *a, m=mult: m * saved[2](*a))
+                    triton_ops.DECODE_SPLIT_TOKENS = split
                     run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
                     t = _time_ms(run)
-                    rows.append(dict(preset=preset, block_n=block_n, warps=warps, split_mult=mult,
+                    rows.append(dict(preset=preset, block_n=block_n, warps=warps, split_tokens=split,
                                      prec=saved[3], ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_bf16))
                     print(f"{preset} B{batch} ctx{ctx} d{d} block_n {block_n:>3} warps {warps} "
-                          f"splits x{mult}: {t:.4f} ms  {nbytes / t / 1e6:7.0f} GB/s  "
+                          f"split {split}: {t:.4f} ms  {nbytes / t / 1e6:7.0f} GB/s  "
                           f"{t / t_bf16:6.2f}x bf16", flush=True)
         best = min(rows, key=lambda r: r["ms"])
         triton_ops.DECODE_BLOCK_N[d], triton_ops.DECODE_NUM_WARPS = best["block_n"], best["warps"]
-        triton_ops.num_splits = (lambda *a, m=best["split_mult"]: m * saved[2](*a))
+        triton_ops.DECODE_SPLIT_TOKENS = best["split_tokens"]
         for prec in ("ieee", "tf32x3", "tf32"):
             triton_ops.DECODE_DOT_PRECISION = prec
             run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
@@ -113,7 +113,7 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
         triton_ops.DECODE_DOT_PRECISION = saved[3]
         triton_ops.DECODE_BLOCK_N.clear()
         triton_ops.DECODE_BLOCK_N.update(saved[0])
-        triton_ops.DECODE_NUM_WARPS, triton_ops.num_splits = saved[1], saved[2]
+        triton_ops.DECODE_NUM_WARPS, triton_ops.DECODE_SPLIT_TOKENS = saved[1], saved[2]
     return rows
 
 

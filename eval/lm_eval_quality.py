@@ -26,7 +26,8 @@ Tasks (``eval/tasks``, data built here from packaged text, nothing from a hub):
     python eval/lm_eval_quality.py --model smollm2                       # everything
     python eval/lm_eval_quality.py --dtypes auto,tq4,tq3.5 --modes strict --tasks ppl
 
-Writes ``eval/results/lm_eval/<model>.{json,md,png}`` (per-run lm-eval output beside).
+Writes ``eval/results/lm_eval/<model>-<modes>.{json,md,png}`` (per-run lm-eval output and
+``row.json`` beside; ``--reuse`` takes finished runs from there).
 """
 
 from __future__ import annotations
@@ -98,8 +99,16 @@ def build_data(tasks: list[str], model: Path, docs: int, max_chars: int,
 
 
 def run_lm_eval(model: Path, dtype: str, mode: str, tasks: list[str], max_len: int,
-                out_dir: Path, model_dtype: str = "float32") -> dict:
-    """One engine, all tasks; returns metrics, per-sample values and the KV capacity."""
+                out_dir: Path, model_dtype: str = "float32", reuse: bool = False) -> dict:
+    """One engine, all tasks; returns metrics, per-sample values and the KV capacity
+    (also saved as ``row.json`` beside lm-eval's output; ``reuse`` loads that instead)."""
+    out = out_dir / f"{dtype}-{mode}"
+    saved = out / "row.json"
+    if reuse and saved.exists():
+        row = json.loads(saved.read_text())
+        if set(tasks) <= set(row["tasks"]):
+            print(f"[lm_eval] {dtype} ({mode}): reusing {saved}", flush=True)
+            return row
     args = [f"pretrained={model}", f"kv_cache_dtype={dtype}", f"dtype={model_dtype}", "seed=0",
             "enforce_eager=True", f"max_model_len={max_len}"]
     env = dict(os.environ)
@@ -109,7 +118,6 @@ def run_lm_eval(model: Path, dtype: str, mode: str, tasks: list[str], max_len: i
         env["TQ_VLLM_ATTENTION"] = "fast-prefill"
     else:
         env["TQ_VLLM_ATTENTION"] = "strict"
-    out = out_dir / f"{dtype}-{mode}"
     cmd = [sys.executable, "-m", "lm_eval", "--model", "vllm", "--model_args", ",".join(args),
            "--tasks", ",".join(TASKS[t] for t in tasks), "--include_path", str(HERE / "tasks"),
            "--output_path", str(out), "--batch_size", "auto", "--log_samples"]
@@ -125,10 +133,18 @@ def run_lm_eval(model: Path, dtype: str, mode: str, tasks: list[str], max_len: i
             kv_tokens = int(m.group(1).replace(",", ""))
     if proc.wait():
         raise SystemExit(f"lm_eval failed for {dtype} ({mode}):\n{''.join(log[-60:])}")
-    row = {"kv_cache_dtype": dtype, "mode": mode, "seconds": time.time() - t0,
-           "kv_tokens": kv_tokens}
+    row = {"kv_cache_dtype": dtype, "mode": mode, "model_dtype": model_dtype,
+           "seconds": time.time() - t0, "kv_tokens": kv_tokens,
+           **parse_run(out, tasks)}
+    saved.write_text(json.dumps(row))
+    return row
+
+
+def parse_run(out: Path, tasks: list[str]) -> dict:
+    """Metrics and per-sample values of the newest lm-eval run under ``out``."""
     run_dir = max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime).parent
     results = json.loads(max(run_dir.glob("results_*.json")).read_text())["results"]
+    row: dict = {"tasks": tasks}
     for t in tasks:
         samples = [json.loads(s) for s in open(max(run_dir.glob(f"samples_{TASKS[t]}_*.jsonl")))]
         samples.sort(key=lambda s: s["doc_id"])
@@ -241,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                          "slower on CPUs without AVX-512 BF16 (measured: 9 × 600-token prompts "
                          "128 s in bf16, 25 s in float32)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "lm_eval")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take runs already done (row.json under --out) instead of rerunning")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
     if not set(tasks) <= set(TASKS):
@@ -262,15 +280,16 @@ def main(argv: list[str] | None = None) -> int:
                          f"context {context}")
     build_data(tasks, model, args.docs, args.max_chars, lengths, args.kv_count, args.kv_pairs)
     out = args.out / args.model
-    rows = [run_lm_eval(model, d, m, tasks, max_len, out, args.dtype)
+    rows = [run_lm_eval(model, d, m, tasks, max_len, out, args.dtype, args.reuse)
             for m in modes for d in dtypes]
     md = table(rows, args.model, head_dim)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.model}.json").write_text(json.dumps(rows, indent=1))
-    (args.out / f"{args.model}.md").write_text(md + "\n")
+    stem = f"{args.model}-{'-'.join(modes)}"  # model names contain dots: no with_suffix
+    (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"{stem}.md").write_text(md + "\n")
     if "ppl" in tasks:
-        plot(rows, head_dim, args.out / f"{args.model}.png")
+        plot(rows, head_dim, args.out / f"{stem}.png")
     return 0
 
 

@@ -162,22 +162,28 @@ def tq_decode_kernel(
 
 
 @triton.jit
-def tq_reduce_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, num_splits,
-                     D: tl.constexpr, S_PAD: tl.constexpr):
+def tq_reduce_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, num_splits, D: tl.constexpr):
     """Grid ``(B·Hq,)``: merge the splits of one query head by log-sum-exp into
-    ``o`` float32 ``[B·Hq, D]`` (rotated domain). An empty sequence gives zeros."""
+    ``o`` float32 ``[B·Hq, D]`` (rotated domain), in split order, one at a time: a
+    trailing empty split (``m = -inf``, ``l = 0``, ``acc = 0``) scales by exactly 1 and
+    adds exactly 0, so the result does not depend on how many splits the batch's longest
+    sequence needed. An empty sequence gives zeros."""
     row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, S_PAD)
-    smask = s < num_splits
     j = tl.arange(0, D)
-    m = tl.load(m_ptr + row * num_splits + s, mask=smask, other=float("-inf"))
-    l = tl.load(l_ptr + row * num_splits + s, mask=smask, other=0.0)
-    top = tl.max(m, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(m - top)  # empty splits (m = -inf) weigh 0
-    total = tl.sum(w * l, axis=0)
-    acc = tl.load(acc_ptr + (row * num_splits + s)[:, None] * D + j[None, :],
-                  mask=smask[:, None], other=0.0)
-    o = tl.sum(w[:, None] * acc, axis=0)
-    o = tl.where(total > 0, o / tl.where(total > 0, total, 1.0), 0.0)
+    base = row * num_splits
+    m_run = tl.load(m_ptr + base)
+    l_run = tl.load(l_ptr + base)
+    o = tl.load(acc_ptr + base * D + j)
+    for s in range(1, num_splits):
+        m_s = tl.load(m_ptr + base + s)
+        l_s = tl.load(l_ptr + base + s)
+        a_s = tl.load(acc_ptr + (base + s) * D + j)
+        m_new = tl.maximum(m_run, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_run - m_safe)
+        beta = tl.exp(m_s - m_safe)
+        l_run = l_run * alpha + l_s * beta
+        o = o * alpha + a_s * beta
+        m_run = m_new
+    o = tl.where(l_run > 0, o / tl.where(l_run > 0, l_run, 1.0), 0.0)
     tl.store(o_ptr + row * D + j, o)

@@ -10,7 +10,10 @@ dense torch GEMMs here, once per call, on either side of the kernels:
   ``tl.dot`` rotation sums in another order: its float32 ``y`` differs in the last
   bit, which moves codes and fp16 norms now and then);
 * decode/prefill: the query is rotated (and sketched, ``c·S R_h q``) once per step,
-  the rotated-domain output rotated back once, as in ``cpu_ops``.
+  the rotated-domain output rotated back once, as in ``cpu_ops``, by
+  :func:`tq_rotate_kernel` — one program per row, so a row's bits do not depend on how
+  many rows share the call (a GEMM's blocking does). With the fixed KV splits the
+  decode of a request is the same in any batch (tested under the interpreter).
 
 The kernels never see vLLM; this module imports only torch, triton and the codec.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests); with
@@ -41,8 +44,6 @@ centroid-table gather per code, query rows padded to 16 for ``tl.dot``, the fixe
 
 from __future__ import annotations
 
-import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ from tq_vllm.codec import LayerCodec, TensorQuantizer
 from tq_vllm.config import TensorLayout
 from tq_vllm.kernels.triton_decode import tq_decode_kernel, tq_reduce_kernel
 from tq_vllm.kernels.triton_prefill import tq_prefill_kernel
+from tq_vllm.kernels.triton_rotate import tq_rotate_kernel
 from tq_vllm.kernels.triton_store import tq_store_kernel
 from tq_vllm.reference import check_cache
 
@@ -93,32 +95,19 @@ PREFILL_BLOCK_N = {64: 32, 128: 32, 256: 16}
 enough that causal tiles waste little past the diagonal. At d = 256, 32 rows × 32 tokens
 needed 256 KiB of shared memory on an H100 (limit 227 KiB); 16 tokens halve the K/V part."""
 
-MIN_SPLIT_TOKENS = 256
-"""A decode split shorter than this costs more in partial writes and the reduction
-than the extra parallelism gains."""
-
-MAX_SPLITS = 64
-"""Upper bound on decode splits (the reduction loads all of them at once)."""
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return os.cpu_count() or 1
+DECODE_SPLIT_TOKENS = 256
+"""Decode splits the KV axis into fixed runs of this many tokens (a multiple of every
+``DECODE_BLOCK_N``), as the CPU kernels do (``cpu_ops.SPLIT_TOKENS``): how a sequence is
+split, and so the float summation order of its attention, depends on its own length
+only, never on the batch or the longest sequence beside it. Splits past a sequence's
+end are empty and merge exactly (×1, +0) in :func:`tq_reduce_kernel`'s in-order loop.
+256 is the old minimum split: the H100 sweep's small-batch cases ran at this size;
+large batches now launch more, shorter programs (not re-measured on a GPU)."""
 
 
-DECODE_WAVES = 8
-"""Decode programs per SM the split count aims for: 8 (4× the first guess of 2) was
-up to 20% faster in the H100 sweep — more programs hide the latency of the dependent
-code → centroid loads; 32 gained nothing more."""
-
-
-def num_splits(batch: int, num_kv: int, max_len: int, device: torch.device) -> int:
-    """Splits of the KV axis: ``DECODE_WAVES`` programs per SM, every split at least
-    ``MIN_SPLIT_TOKENS`` long, at most ``MAX_SPLITS``. ``max_len`` is the block table's
-    capacity (a bound known without reading ``seq_lens`` back from the device)."""
-    want = math.ceil(DECODE_WAVES * _sm_count(device) / max(1, batch * num_kv))
-    return max(1, min(want, math.ceil(max_len / MIN_SPLIT_TOKENS), MAX_SPLITS))
+def num_splits(max_len: int) -> int:
+    """Decode splits covering ``max_len`` tokens (the block table's capacity)."""
+    return max(1, -(-max_len // DECODE_SPLIT_TOKENS))
 
 
 # ---------------------------------------------------------------------------- tables
@@ -198,21 +187,38 @@ def _pad_pow2(n: int, at_least: int = 1) -> int:
 
 # ---------------------------------------------------------------------------- rotation
 
+ROTATE_ROWS = 32
+"""Output coordinates per step of :func:`tq_rotate_kernel`: a ``[32, d]`` float32 tile of
+the matrix (32 KiB at d = 256) stays in registers at 4 warps."""
+
+
+def _per_row(x: torch.Tensor, mats: torch.Tensor, group: int, scale: float = 1.0) -> torch.Tensor:
+    """``scale · mats[q // group] @ x[n, q]`` for ``x`` ``[N, Hq, d]`` and ``mats`` ``[H, d, d]``
+    (or ``[d, d]`` for all heads) → float32 contiguous ``[N, Hq, d]``."""
+    n, hq, d = x.shape
+    x = x.float().contiguous()
+    mats = mats.float().contiguous()
+    out = torch.empty_like(x)
+    if n:
+        head_stride = 0 if mats.dim() == 2 else mats.stride(0)
+        tq_rotate_kernel[(n, hq)](x, mats, out, head_stride, float(scale), G=group, D=d,
+                                  ROWS=min(ROTATE_ROWS, d))
+    return out
+
+
 def _rotate_queries(q: torch.Tensor, codec: LayerCodec, num_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(``R_h q``, ``qjl_scale · S R_h q``) float32 contiguous ``[N, Hq, d]``; the second
     is the first when keys have no QJL sketch (never read then)."""
-    n, hq, d = q.shape
-    q4 = q.float().reshape(n, num_kv, hq // num_kv, d)
-    q_rot = torch.einsum("nhgd,hed->nhge", q4, codec.key.rot).reshape(n, hq, d).contiguous()
+    g = q.shape[1] // num_kv
+    q_rot = _per_row(q, codec.key.rot, g)
     sk = codec.key.sketch
-    q_sk = (codec.key.qjl_scale * (q_rot @ sk.T)).contiguous() if sk is not None else q_rot
+    q_sk = _per_row(q_rot, sk, g, codec.key.qjl_scale) if sk is not None else q_rot
     return q_rot, q_sk
 
 
 def _unrotate(o_rot: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
-    n, hq, d = o_rot.shape
-    o4 = o_rot.reshape(n, num_kv, hq // num_kv, d)
-    return torch.einsum("nhge,hed->nhgd", o4, codec.value.rot).reshape(n, hq, d)
+    """``R_hᵀ o`` for rotated-domain outputs ``[N, Hq, d]`` → float32 ``[N, Hq, d]``."""
+    return _per_row(o_rot, codec.value.rot.transpose(-1, -2), o_rot.shape[1] // num_kv)
 
 
 def _kernel_consts(codec: LayerCodec) -> dict[str, object]:
@@ -318,10 +324,11 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     num_kv, block_size = kv_cache.shape[1], kv_cache.shape[2]
     g = hq // num_kv
     block_n = DECODE_BLOCK_N[d]
-    max_len = block_table.shape[1] * block_size
-    splits = num_splits(b, num_kv, max_len, device)
-    split_tokens = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
-    splits = triton.cdiv(max_len, split_tokens)
+    if DECODE_SPLIT_TOKENS % block_n:
+        raise ValueError(f"DECODE_SPLIT_TOKENS {DECODE_SPLIT_TOKENS} must be a multiple of the "
+                         f"decode tile ({block_n} tokens)")
+    splits = num_splits(block_table.shape[1] * block_size)
+    split_tokens = DECODE_SPLIT_TOKENS
 
     q_rot, q_sk = _rotate_queries(q, codec, num_kv)
     lutk, _, _ = _tables(codec.key)
@@ -338,7 +345,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         DOT_PREC=DECODE_DOT_PRECISION, num_warps=DECODE_NUM_WARPS,
     )
     o_rot = torch.empty(b, hq, d, dtype=torch.float32, device=device)
-    tq_reduce_kernel[(b * hq,)](acc, m, l, o_rot, splits, D=d, S_PAD=_pad_pow2(splits))
+    tq_reduce_kernel[(b * hq,)](acc, m, l, o_rot, splits, D=d)
     out.copy_(_unrotate(o_rot, codec, num_kv))
 
 

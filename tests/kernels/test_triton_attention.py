@@ -100,14 +100,28 @@ def test_prefill_matches_reference(name, dim, gqa, block_size, dtype, build_cach
 
 def test_decode_split_kv_and_empty_sequence(monkeypatch, build_cache, device):
     """Several splits per sequence (some empty) merged by log-sum-exp; seq_len 0 → zeros."""
-    monkeypatch.setattr(triton_ops, "num_splits", lambda *a: 4)
-    monkeypatch.setitem(triton_ops.DECODE_BLOCK_N, 64, 16)  # two tiles per split
+    monkeypatch.setattr(triton_ops, "DECODE_SPLIT_TOKENS", 32)
+    monkeypatch.setitem(triton_ops.DECODE_BLOCK_N, 64, 16)  # two tiles per split, 4 splits
     seq_lens = [100, 33, 7, 0]
     codec, cache, table, _, _ = build_cache("tq3.5-qjl", 64, KV_HEADS, 16, seq_lens)
     q = _randn(4, KV_HEADS * 2, 64, device=device)
     out = _decode(q, cache, table, seq_lens, codec)
     assert_close(out[:3], _decode_ref(q[:3], cache, table[:3], seq_lens[:3], codec))
     assert torch.all(out[3] == 0)
+
+
+def test_decode_does_not_depend_on_the_batch(monkeypatch, build_cache, device):
+    """A sequence decoded alone gives the same bits as beside a longer one, which makes
+    the grid launch more splits (fixed split size, in-order merge of empty splits)."""
+    monkeypatch.setattr(triton_ops, "DECODE_SPLIT_TOKENS", 32)
+    monkeypatch.setitem(triton_ops.DECODE_BLOCK_N, 64, 16)
+    seq_lens = [45, 150]
+    codec, cache, table, _, _ = build_cache("tq3.5", 64, KV_HEADS, 16, seq_lens)
+    q = _randn(2, KV_HEADS * 3, 64, device=device)
+    both = _decode(q, cache, table, seq_lens, codec)
+    alone = _decode(q[:1], cache, table[:1, :3], seq_lens[:1], codec)
+    assert torch.equal(alone[0], both[0])
+    assert triton_ops.num_splits(table.shape[1] * 16) > triton_ops.num_splits(3 * 16)
 
 
 def test_head_dim_256_block_128_gqa_8(build_cache, device):
