@@ -100,3 +100,17 @@ def test_fidelity_orders_bit_widths():
     m2 = attention_fidelity.layer_metrics(q, k, v, "tq2.5-mse", 0, None)
     assert m4["kl"] < m2["kl"] and m4["logit_rmse"] < m2["logit_rmse"]
     assert m2["out_cos"] < m4["out_cos"] <= 1.0 and 0.0 <= m2["top8"] <= m4["top8"] <= 1.0
+
+
+def test_throughput_budget_bytes_follow_the_config():
+    import bench_throughput
+
+    from tq_vllm.config import get_preset
+    from tq_vllm.tools.models import fetch_model
+
+    model = str(fetch_model("smollm2"))  # 30 layers, 3 KV heads, head_dim 64
+    assert bench_throughput.bytes_per_token(model, "auto") == 30 * 3 * 2 * 2 * 64
+    assert bench_throughput.bytes_per_token(model, "fp8") == 30 * 3 * 2 * 64
+    for name in ("tq4", "tq3.5", "tq2.5-qjl"):
+        slot = get_preset(name).layout(64).slot_bytes
+        assert bench_throughput.bytes_per_token(model, name) == 30 * 3 * slot
