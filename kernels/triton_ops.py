@@ -1,8 +1,8 @@
 """Launchers for the Triton kernels (the CUDA path): validate, prepare tables, launch.
 
 Same signatures and semantics as :mod:`tq_vllm.kernels.cpu_ops` (``decode``,
-``prefill``) and :func:`tq_vllm.reference.tq_store` (``store``). Rotations are
-dense torch GEMMs here, once per call, on either side of the kernels:
+``prefill``) and :func:`tq_vllm.reference.tq_store` (``store``). Rotations happen
+once per call, on either side of the kernels:
 
 * store: ``y = R_h x`` is one batched GEMM over all tokens (cuBLAS, no host sync, so
   the launcher stays CUDA-graph safe) and it is the very op the reference codec uses,
@@ -43,7 +43,6 @@ centroid-table gather per code, query rows padded to 16 for ``tl.dot``, the fixe
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
