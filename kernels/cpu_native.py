@@ -20,10 +20,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 logger = logging.getLogger("tq_vllm")
 
@@ -44,14 +42,6 @@ _I = ctypes.c_int64
 _F = ctypes.c_float
 ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F,
             _P, _P, _P, _P, _P, ctypes.c_int]
-ROTATE_ARGTYPES = [_P, _P, _I, _I, _I, _I, ctypes.c_int, _P, ctypes.c_int]
-
-
-class Native(NamedTuple):
-    """The bound entry points of one build (see ``csrc/tq_decode_cpu.cpp``)."""
-
-    decode: Callable[..., int]  # tq_decode_cpu
-    rotate_rows: Callable[..., int]  # tq_rotate_rows
 
 
 def _cpu_flags() -> set[str]:
@@ -99,9 +89,9 @@ def _build(compiler: str, isa: str) -> Path:
 
 
 @lru_cache(maxsize=1)
-def load() -> Native | None:
-    """The bound entry points of the best build for this CPU, or None (with the reason
-    logged)."""
+def load():
+    """The bound ``tq_decode_cpu`` function of the best build for this CPU, or None
+    (with the reason logged)."""
     if os.environ.get(DISABLE_ENV):
         return None
     isa = best_isa()
@@ -120,7 +110,7 @@ def load() -> Native | None:
         logger.warning("tq-vllm: building the %s kernel failed (%s); using Numba", isa,
                        detail[-2000:])
         return None
-    decode, rotate = lib.tq_decode_cpu, lib.tq_rotate_rows
-    decode.argtypes, rotate.argtypes = ARGTYPES, ROTATE_ARGTYPES
-    decode.restype = rotate.restype = ctypes.c_int
-    return Native(decode, rotate)
+    fn = lib.tq_decode_cpu
+    fn.argtypes = ARGTYPES
+    fn.restype = ctypes.c_int
+    return fn

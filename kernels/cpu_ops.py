@@ -103,36 +103,14 @@ def _per_row(x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _native_rows(x: torch.Tensor, mats: torch.Tensor, num_kv: int,
-                 transpose: bool) -> torch.Tensor | None:
-    """``M_h x`` (or ``M_hᵀ x``) per row by the native kernel's own matvec (the decode
-    kernel's rotation, bit for bit), or None without a native build."""
-    native = cpu_native.load()
-    if native is None:
-        return None
-    xf = x.float().contiguous()
-    out = torch.empty_like(xf)
-    n, hq, d = xf.shape
-    rc = native.rotate_rows(xf.data_ptr(), mats.data_ptr(), n, hq, num_kv, d, int(transpose),
-                            out.data_ptr(), torch.get_num_threads())
-    return out if rc == 0 else None
-
-
 def _rotate_queries(q: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
     """``R_h q`` for ``q`` ``[N, Hq, d]`` → float32 contiguous ``[N, Hq, d]``."""
-    fast = _native_rows(q, tables(codec).rot_k, num_kv, transpose=False)
-    if fast is not None:
-        return fast
     n, hq, d = q.shape
     q4 = q.float().reshape(n, num_kv, hq // num_kv, d)
     return _per_row(q4, codec.key.rot.transpose(-1, -2)).reshape(n, hq, d).contiguous()
 
 
 def _unrotate_values(o_rot: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
-    """``R_hᵀ o`` for rotated-domain outputs ``[N, Hq, d]`` → float32 ``[N, Hq, d]``."""
-    fast = _native_rows(o_rot, tables(codec).rot_v, num_kv, transpose=True)
-    if fast is not None:
-        return fast
     n, hq, d = o_rot.shape
     o4 = o_rot.reshape(n, num_kv, hq // num_kv, d)
     return _per_row(o4, codec.value.rot).reshape(n, hq, d)
@@ -196,7 +174,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         qf = q.float().contiguous()
         res = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(b, hq, d)
         sketch = tab.sketch.data_ptr() if tab.sketch is not None else None
-        rc = native.decode(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), seq.data_ptr(),
+        rc = native(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), seq.data_ptr(),
                     qf.data_ptr(), tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), b, hq,
                     num_kv, d, kv_cache.shape[2], splits, SPLIT_TOKENS, float(scale), tab.qjl_scale,
                     tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.vdesc.ctypes.data,

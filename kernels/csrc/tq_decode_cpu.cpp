@@ -400,22 +400,3 @@ extern "C" int tq_decode_cpu(
   }
   return 0;
 }
-
-// Per-row rotation, the same matvec the decode kernel applies to its queries and outputs:
-//   out[i] = M_h x[i] (transpose = 0) or M_h^T x[i] (transpose = 1), for the rows i of
-//   x [N, Hq, d] float32, h = (i mod Hq) / (Hq / H), mats [H, d, d].
-// Each row is reduced in a fixed order whatever N is (a GEMM's blocking is not), so the
-// prefill's rotations match the decode kernel's bit for bit and do not depend on the batch.
-// Returns 0, or -1 when a shape is outside what the kernel handles.
-extern "C" int tq_rotate_rows(const float* x, const float* mats, int64_t N, int64_t Hq,
-                              int64_t H, int64_t d, int transpose, float* out, int num_threads) {
-  if (d % 16 || d > MAX_D || H <= 0 || Hq % H) return -1;
-  const int64_t G = Hq / H;
-#pragma omp parallel for num_threads(num_threads)
-  for (int64_t i = 0; i < N * Hq; ++i) {
-    const float* m = mats + ((i % Hq) / G) * d * d;
-    if (transpose) matvec_t(m, x + i * d, (int)d, out + i * d);
-    else matvec(m, x + i * d, (int)d, out + i * d);
-  }
-  return 0;
-}

@@ -153,20 +153,3 @@ def test_decode_does_not_depend_on_the_batch(impl):
     cpu_ops.decode(q[:1], cache, table[:1], torch.tensor(seq_lens[:1]), codec, 0.3, alone)
     assert cpu_ops.num_splits(4000) > cpu_ops.num_splits(1500) > 1
     assert torch.equal(alone[0], both[0])
-
-
-@pytest.mark.parametrize("dim,gqa", [(64, 3), (128, 7), (256, 1)])
-def test_prefill_rotations_are_per_row_and_match_the_decode(impl, dim, gqa):
-    """The prefill's query/output rotations: right (vs a float64 product) and the same bits
-    for a row alone or among others (natively: the decode kernel's own matvec)."""
-    codec, cache, table, _, _ = build_cache("tq3.5", dim, 2, 16, [40])
-    x = torch.randn(33, 2 * gqa, dim)
-    rot = cpu_ops._rotate_queries(x, codec, 2)
-    head = torch.arange(2 * gqa) // gqa
-    ref = torch.einsum("nhd,hed->nhe", x.double(), codec.key.rot.double()[head])
-    assert (rot - ref).abs().max().item() < 1e-5
-    assert torch.equal(cpu_ops._rotate_queries(x[5:6], codec, 2)[0], rot[5])
-    back = cpu_ops._unrotate_values(rot, codec, 2)
-    ref_back = torch.einsum("nhe,hed->nhd", rot.double(), codec.value.rot.double()[head])
-    assert (back - ref_back).abs().max().item() < 1e-5
-    assert torch.equal(cpu_ops._unrotate_values(rot[7:8], codec, 2)[0], back[7])
