@@ -191,9 +191,11 @@ ROTATE_ROWS = 32
 the matrix (32 KiB at d = 256) stays in registers at 4 warps."""
 
 
-def _per_row(x: torch.Tensor, mats: torch.Tensor, group: int, scale: float = 1.0) -> torch.Tensor:
-    """``scale · mats[q // group] @ x[n, q]`` for ``x`` ``[N, Hq, d]`` and ``mats`` ``[H, d, d]``
-    (or ``[d, d]`` for all heads) → float32 contiguous ``[N, Hq, d]``."""
+def _per_row(x: torch.Tensor, mats: torch.Tensor, group: int, scale: float = 1.0,
+             transpose: bool = False) -> torch.Tensor:
+    """``scale · mats[q // group] @ x[n, q]`` (``mats[·]ᵀ`` with ``transpose``) for ``x``
+    ``[N, Hq, d]`` and ``mats`` ``[H, d, d]`` (or ``[d, d]`` for all heads) → float32
+    contiguous ``[N, Hq, d]``."""
     n, hq, d = x.shape
     x = x.float().contiguous()
     mats = mats.float().contiguous()
@@ -201,7 +203,7 @@ def _per_row(x: torch.Tensor, mats: torch.Tensor, group: int, scale: float = 1.0
     if n:
         head_stride = 0 if mats.dim() == 2 else mats.stride(0)
         tq_rotate_kernel[(n, hq)](x, mats, out, head_stride, float(scale), G=group, D=d,
-                                  ROWS=min(ROTATE_ROWS, d))
+                                  ROWS=min(ROTATE_ROWS, d), TRANSPOSE=transpose)
     return out
 
 
@@ -217,7 +219,7 @@ def _rotate_queries(q: torch.Tensor, codec: LayerCodec, num_kv: int) -> tuple[to
 
 def _unrotate(o_rot: torch.Tensor, codec: LayerCodec, num_kv: int) -> torch.Tensor:
     """``R_hᵀ o`` for rotated-domain outputs ``[N, Hq, d]`` → float32 ``[N, Hq, d]``."""
-    return _per_row(o_rot, codec.value.rot.transpose(-1, -2), o_rot.shape[1] // num_kv)
+    return _per_row(o_rot, codec.value.rot, o_rot.shape[1] // num_kv, transpose=True)
 
 
 def _kernel_consts(codec: LayerCodec) -> dict[str, object]:
