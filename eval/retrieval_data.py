@@ -28,6 +28,8 @@ PASSKEY_HEAD = ("There is an important piece of information hidden inside a lot 
 PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_TAIL = "\n\nWhat is the pass key? The pass key is"
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+HAYSTACK_STRIDE = 5000
+"""Tokens between the haystack starts of consecutive seeds: other seeds, other essays."""
 
 NAMES = ("alfa bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike "
          "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee "
@@ -48,9 +50,10 @@ def _nearest_break(text: str, depth: float) -> int:
 
 def passkey_records(tokenizer, lengths: list[int], depths=DEPTHS, seed: int = 0) -> list[dict]:
     """One record per (length, depth): prompts of at most ``length`` tokens, and at most
-    a few fewer (tokens merge where the needle meets the text around it)."""
+    a few fewer (tokens merge where the needle meets the text around it). Seed 0 starts
+    the haystack at the first essay; seed s at token ``s · HAYSTACK_STRIDE``."""
     rng = random.Random(seed)
-    hay = _haystack_ids(tokenizer)
+    hay = _haystack_ids(tokenizer)[seed * HAYSTACK_STRIDE:]
     out = []
     for length in lengths:
         for depth in depths:

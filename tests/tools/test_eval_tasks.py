@@ -46,6 +46,39 @@ def test_passkey_prompts_have_the_asked_length_and_hide_the_key_at_its_depth(tok
     assert retrieval_data.passkey_records(tokenizer, lengths) == recs  # deterministic
 
 
+def test_passkey_seeds_draw_other_haystacks_and_keys(tokenizer):
+    a = retrieval_data.passkey_records(tokenizer, [300], seed=0)
+    b = retrieval_data.passkey_records(tokenizer, [300], seed=1)
+    heads = [r["prompt"][len(retrieval_data.PASSKEY_HEAD):][:80] for r in (a[0], b[0])]
+    assert heads[0] != heads[1]
+    assert {r["answer"] for r in a}.isdisjoint({r["answer"] for r in b})
+
+
+class _FixedLogits:
+    """A stand-in model whose next-token logits are one fixed row per position."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __call__(self, ids):
+        return type("Out", (), {"logits": self.rows[: ids.shape[1]][None]})
+
+
+def test_passkey_answer_scores_margin_and_greedy():
+    import passkey_strict
+
+    rows = torch.zeros(4, 5)
+    rows[1, 3] = 2.0  # after the prompt [0, 1]: token 3 leads token 0..2 by 2 nats
+    rows[2, 4], rows[2, 2] = 1.0, 1.5  # then token 2 beats the answer's token 4
+    s = passkey_strict.answer_scores(_FixedLogits(rows), [0, 1], [3, 4])
+    assert s["margin"] == pytest.approx(2.0)
+    assert not s["greedy"]
+    lp = torch.log_softmax(rows, -1)
+    assert s["logp"] == pytest.approx(float(lp[1, 3] + lp[2, 4]))
+    rows[2, 4] = 3.0
+    assert passkey_strict.answer_scores(_FixedLogits(rows), [0, 1], [3, 4])["greedy"]
+
+
 def test_kv_recall_asks_for_a_listed_code():
     recs = retrieval_data.kv_records(5)
     assert recs == retrieval_data.kv_records(5)
