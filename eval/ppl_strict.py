@@ -14,6 +14,9 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
     vmean    value mean removal    vsmooth  value smoothing s² ∝ rms_v / ‖o_proj col‖
     perm     outlier half chosen by calibration RMS
     gauss    Gaussian N(0, 1/d) codebook instead of the exact sphere-coordinate law
+    kchoice  per-token key offset choice: each key is stored as k − μ or as k, whichever
+             decodes closer (a flag bit; the logits of flagged keys get ⟨q, μ⟩ back), so
+             the sink, far from the mean, keeps its own small residual (emulation only)
     kexact / vexact   leave keys / values unquantized (error attribution)
     ends=N   first and last N layers stay exact (counted at 16 bits)
     sink=N   the first N tokens of each document stay exact (attention sinks)
@@ -34,6 +37,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -49,8 +53,8 @@ from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
 from tq_vllm.tools.models import fetch_model  # noqa: E402
 
-OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kexact",
-           "vexact")
+OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kchoice",
+           "kexact", "vexact")
 
 
 def parse_variant(spec: str) -> dict:
@@ -91,6 +95,27 @@ def variant_preset(variant: dict) -> Preset:
     return preset.model_copy(update={"transform": preset.transform.model_copy(update=update)})
 
 
+class OffsetChoiceKeys:
+    """Keys ``[N, H, d]`` already centred (and scaled) by the transform, each decoded from
+    whichever of ``k_c`` and ``k_c + offset`` reconstructs ``k_c`` better (``offset`` =
+    μ/s ``[H, d]``: the same key with its mean left in), the offset taken off again after
+    decoding. In a cache this is one flag per key (the fp16 norm's free sign bit) and a
+    ``flag · ⟨q, offset⟩`` logit term in the kernels; not built there yet."""
+
+    def __init__(self, quantizer, offset: torch.Tensor):
+        self.quantizer, self.offset = quantizer, offset.float()
+
+    def encode(self, k: torch.Tensor) -> torch.Tensor:
+        return k
+
+    def decode(self, k: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        centred = q.decode(q.encode(k))
+        kept = q.decode(q.encode(k + self.offset)) - self.offset
+        flag = (kept - k).pow(2).sum(-1) < (centred - k).pow(2).sum(-1)
+        return torch.where(flag[..., None], kept, centred)
+
+
 def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, calib) -> dict:
     """``{layer: (codec, transform)}`` exactly as the vLLM backend builds them."""
     if variant["preset"] == "auto":
@@ -101,6 +126,11 @@ def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, cal
     for i in range(n, num_layers - n):
         kp, vp, tf = calibrated(preset, calib[i])
         codec = LayerCodec.create(preset, head_dim, num_kv, layer=i, key_perm=kp, value_perm=vp)
+        if "kchoice" in variant["opts"]:
+            if tf.k_mean is None:
+                raise SystemExit("+kchoice needs key mean removal (kmean, or a tq{b} preset)")
+            offset = tf.k_mean if tf.k_scale is None else tf.k_mean / tf.k_scale
+            codec = SimpleNamespace(key=OffsetChoiceKeys(codec.key, offset), value=codec.value)
         layers[i] = (codec, tf)
     return layers
 

@@ -147,3 +147,23 @@ def test_throughput_budget_bytes_follow_the_config():
     for name in ("tq4", "tq3.5", "tq2.5-qjl"):
         slot = get_preset(name).layout(64).slot_bytes
         assert bench_throughput.bytes_per_token(model, name) == 30 * 3 * slot
+
+
+def test_offset_choice_keeps_a_key_far_from_the_mean_close():
+    """``+kchoice`` (eval/ppl_strict.py): a key near the calibration mean's negative (an
+    attention sink far from the mean) decodes from its un-centred form, much closer."""
+    import ppl_strict
+
+    from tq_vllm.codec import LayerCodec
+    from tq_vllm.config import get_preset
+
+    torch.manual_seed(0)
+    codec = LayerCodec.create(get_preset("tq4-mse"), 64, 2)
+    offset = 3 * torch.randn(2, 64)
+    keys = torch.randn(64, 2, 64)
+    keys[0] = -offset + 0.1 * torch.randn(2, 64)  # the original key k_c + offset is small
+    plain = codec.key.decode(codec.key.encode(keys))
+    chosen = ppl_strict.OffsetChoiceKeys(codec.key, offset).decode(keys)
+    err_plain, err_chosen = ((plain - keys) ** 2).sum(-1), ((chosen - keys) ** 2).sum(-1)
+    assert (err_chosen <= err_plain).all()
+    assert (err_chosen[0] < 0.1 * err_plain[0]).all()
