@@ -30,11 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ppl_strict  # noqa: E402
 from retrieval_data import passkey_records  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
-from tq_vllm.tools.models import fetch_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -62,11 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    path = fetch_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok, model, head_dim = ppl_strict.load_model(args.model)
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     lengths = [int(n) for n in args.lengths.split(",")]
     records = [r for seed in range(args.seeds) for r in passkey_records(tok, lengths, seed=seed)]
     with hf_attention.capture(model) as calib:

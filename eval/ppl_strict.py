@@ -144,6 +144,15 @@ def bits_per_coord(variant: dict, num_layers: int, head_dim: int) -> float:
     return ((kb + vb) / 2 * quant + 16.0 * 2 * n) / num_layers
 
 
+def load_model(name: str):
+    """(tokenizer, float32 eval model, head_dim) of a bundled model."""
+    path = fetch_model(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return AutoTokenizer.from_pretrained(path), model, head_dim
+
+
 @torch.no_grad()
 def doc_nll(model, ids: torch.Tensor) -> tuple[float, int]:
     logits = model(ids[None]).logits[0, :-1].float()
@@ -165,11 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
-    path = fetch_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok, model, head_dim = load_model(args.model)
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     nl, nkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     essays = paul_graham_essays()
     docs, last = [], 0
