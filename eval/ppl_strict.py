@@ -15,7 +15,7 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
     perm     outlier half chosen by calibration RMS
     gauss    Gaussian N(0, 1/d) codebook instead of the exact sphere-coordinate law
     kchoice  per-token key offset choice: each key is stored as k − μ or as k, whichever
-             decodes closer (a flag bit; the logits of flagged keys get ⟨q, μ⟩ back), so
+             decodes closer (a flag bit; flagged keys' logits have ⟨q, μ⟩ taken off), so
              the sink, far from the mean, keeps its own small residual (emulation only)
     kexact / vexact   leave keys / values unquantized (error attribution)
     ends=N   first and last N layers stay exact (counted at 16 bits)
