@@ -55,13 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--lengths", default="1024", help="comma-separated prompt lengths (tokens)")
     ap.add_argument("--seeds", type=int, default=1,
-                    help="prompt sets (5 depths each, keys and cuts from seeds 0..N-1)")
+                    help="prompt sets (5 depths each; seed s: its own keys and haystack)")
     ap.add_argument("--calib-chunks", type=int, default=4)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     tok, model, head_dim = ppl_strict.load_model(args.model)
-    cfg = model.config
     lengths = [int(n) for n in args.lengths.split(",")]
     records = [r for seed in range(args.seeds) for r in passkey_records(tok, lengths, seed=seed)]
     with hf_attention.capture(model) as calib:
@@ -70,12 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = ["auto"] + [s for s in args.variants if s != "auto"]
     rows = []
     for spec in specs:
-        var = ppl_strict.parse_variant(spec)
-        layers = ppl_strict.build_layers(var, cfg.num_hidden_layers, head_dim,
-                                         cfg.num_key_value_heads, calib)
-        parts = "".join(p for p in "kv" if f"{p}exact" not in var["opts"])
         t0 = time.time()
-        with hf_attention.quantized(model, layers, parts, var["sink"]):
+        with ppl_strict.run_variant(model, ppl_strict.parse_variant(spec), head_dim, calib):
             for rec in records:
                 s = answer_scores(model, tok(rec["prompt"], add_special_tokens=False).input_ids,
                                   tok(" " + rec["answer"], add_special_tokens=False).input_ids)

@@ -135,6 +135,14 @@ def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, cal
     return layers
 
 
+def run_variant(model, variant: dict, head_dim: int, calib):
+    """Context in which ``model`` attends as ``variant`` says (codec, exact parts, sinks)."""
+    cfg = model.config
+    layers = build_layers(variant, cfg.num_hidden_layers, head_dim, cfg.num_key_value_heads, calib)
+    parts = "".join(p for p in "kv" if f"{p}exact" not in variant["opts"])
+    return hf_attention.quantized(model, layers, parts, variant["sink"])
+
+
 def bits_per_coord(variant: dict, num_layers: int, head_dim: int) -> float:
     if variant["preset"] == "auto":
         return 16.0
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     tok, model, head_dim = load_model(args.model)
     cfg = model.config
-    nl, nkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    nl = cfg.num_hidden_layers
     essays = paul_graham_essays()
     docs, last = [], 0
     for last, text in enumerate(essays.values()):
@@ -203,10 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     for var in variants:
         t0 = time.time()
-        layers = build_layers(var, nl, head_dim, nkv, calib)
         per_doc = []
-        parts = "".join(p for p in "kv" if f"{p}exact" not in var["opts"])
-        with hf_attention.quantized(model, layers, parts, var["sink"]):
+        with run_variant(model, var, head_dim, calib):
             for ids in docs:
                 nll, n = doc_nll(model, ids)
                 per_doc.append(nll / n)
