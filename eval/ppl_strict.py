@@ -3,6 +3,9 @@
 Every listed layer's K and V go through the codec (encode → decode, QJL estimator
 included) before attention, as vLLM's strict mode computes from the packed cache.
 Documents: Paul Graham essays (``eval/textdata.py``), first ``--tokens`` tokens of each.
+Per variant: perplexity and its paired Δ against exact attention, and how far the
+next-token predictions move from exact's: mean KL(exact ‖ variant) per token and the
+share of positions whose top-1 token agrees (no sign to cancel, unlike Δ perplexity).
 Calibration (for the ``+kmean``/``+ksmooth``/``+vmean``/``+perm`` options): Python's own
 ``pydoc_data`` reference text, disjoint from the evaluation essays.
 
@@ -16,7 +19,8 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
     gauss    Gaussian N(0, 1/d) codebook instead of the exact sphere-coordinate law
     kchoice  per-token key offset choice: each key is stored as k − μ or as k, whichever
              decodes closer (a flag bit; flagged keys' logits have ⟨q, μ⟩ taken off), so
-             the sink, far from the mean, keeps its own small residual (emulation only)
+             the sink, far from the mean, keeps its own small residual (on in ``tq{b}``)
+    nokchoice  the offset choice off (A/B against the recommended presets)
     kexact / vexact   leave keys / values unquantized (error attribution)
     ends=N   first and last N layers stay exact (counted at 16 bits)
     sink=N   the first N tokens of each document stay exact (attention sinks)
@@ -37,7 +41,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -46,15 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from textdata import paul_graham_essays  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tq_vllm.calibration import calibrated  # noqa: E402
-from tq_vllm.codec import LayerCodec  # noqa: E402
+from tq_vllm.calibration import calibrated_codec  # noqa: E402
 from tq_vllm.config import Preset, get_preset, mse_codec  # noqa: E402
 from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
 from tq_vllm.tools.models import fetch_model  # noqa: E402
 
 OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kchoice",
-           "kexact", "vexact")
+           "nokchoice", "kexact", "vexact")
 
 
 def parse_variant(spec: str) -> dict:
@@ -78,7 +80,8 @@ def get_variant_preset(name: str) -> Preset:
 
 OPTION_TRANSFORM = {"kmean": {"key_mean": True}, "ksmooth": {"key_scale": "rms"},
                     "kbal": {"key_scale": "balanced"}, "vmean": {"value_mean": True},
-                    "vsmooth": {"value_scale": True}, "perm": {"calibrated_split": True}}
+                    "vsmooth": {"value_scale": True}, "perm": {"calibrated_split": True},
+                    "kchoice": {"key_offset_choice": True}, "nokchoice": {"key_offset_choice": False}}
 
 
 def variant_preset(variant: dict) -> Preset:
@@ -95,28 +98,7 @@ def variant_preset(variant: dict) -> Preset:
     return preset.model_copy(update={"transform": preset.transform.model_copy(update=update)})
 
 
-class OffsetChoiceKeys:
-    """Keys ``[N, H, d]`` already centred (and scaled) by the transform, each decoded from
-    whichever of ``k_c`` and ``k_c + offset`` reconstructs ``k_c`` better (``offset`` =
-    μ/s ``[H, d]``: the same key with its mean left in), the offset taken off again after
-    decoding. In a cache this is one flag per key (the fp16 norm's free sign bit) and a
-    ``flag · ⟨q, offset⟩`` logit term in the kernels; not built there yet."""
-
-    def __init__(self, quantizer, offset: torch.Tensor):
-        self.quantizer, self.offset = quantizer, offset.float()
-
-    def encode(self, k: torch.Tensor) -> torch.Tensor:
-        return k
-
-    def decode(self, k: torch.Tensor) -> torch.Tensor:
-        q = self.quantizer
-        centred = q.decode(q.encode(k))
-        kept = q.decode(q.encode(k + self.offset)) - self.offset
-        flag = (kept - k).pow(2).sum(-1) < (centred - k).pow(2).sum(-1)
-        return torch.where(flag[..., None], kept, centred)
-
-
-def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, calib) -> dict:
+def build_layers(variant: dict, num_layers: int, head_dim: int, calib) -> dict:
     """``{layer: (codec, transform)}`` exactly as the vLLM backend builds them."""
     if variant["preset"] == "auto":
         return {}
@@ -124,21 +106,14 @@ def build_layers(variant: dict, num_layers: int, head_dim: int, num_kv: int, cal
     n = variant["ends"]
     layers = {}
     for i in range(n, num_layers - n):
-        kp, vp, tf = calibrated(preset, calib[i])
-        codec = LayerCodec.create(preset, head_dim, num_kv, layer=i, key_perm=kp, value_perm=vp)
-        if "kchoice" in variant["opts"]:
-            if tf.k_mean is None:
-                raise SystemExit("+kchoice needs key mean removal (kmean, or a tq{b} preset)")
-            offset = tf.k_mean if tf.k_scale is None else tf.k_mean / tf.k_scale
-            codec = SimpleNamespace(key=OffsetChoiceKeys(codec.key, offset), value=codec.value)
-        layers[i] = (codec, tf)
+        layers[i] = calibrated_codec(preset, calib[i], head_dim, layer=i)
     return layers
 
 
 def run_variant(model, variant: dict, head_dim: int, calib):
     """Context in which ``model`` attends as ``variant`` says (codec, exact parts, sinks)."""
     cfg = model.config
-    layers = build_layers(variant, cfg.num_hidden_layers, head_dim, cfg.num_key_value_heads, calib)
+    layers = build_layers(variant, cfg.num_hidden_layers, head_dim, calib)
     parts = "".join(p for p in "kv" if f"{p}exact" not in variant["opts"])
     return hf_attention.quantized(model, layers, parts, variant["sink"])
 
@@ -162,10 +137,23 @@ def load_model(name: str):
 
 
 @torch.no_grad()
-def doc_nll(model, ids: torch.Tensor) -> tuple[float, int]:
-    logits = model(ids[None]).logits[0, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum")
-    return float(nll), ids.numel() - 1
+def doc_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``[n − 1, vocab]`` float32 of a document ``[n]``."""
+    return model(ids[None]).logits[0, :-1].float().log_softmax(-1)
+
+
+def nll(logprobs: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``ids[1:]`` under ``logprobs`` ``[n − 1, vocab]``."""
+    return float(-logprobs.gather(-1, ids[1:, None]).sum())
+
+
+def divergence(logprobs: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
+    """(summed KL(ref ‖ logprobs) in nats, positions whose top-1 token agrees) over the
+    positions of two ``[n, vocab]`` next-token log-probabilities: how far a variant's
+    predictions move from exact attention's, with no sign to cancel (Δ perplexity can be 0
+    while every prediction moved)."""
+    kl = (ref.exp() * (ref - logprobs)).sum()
+    return float(kl), int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,18 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(s) for s in args.variants]
     if not any(v["preset"] == "auto" for v in variants):
         variants.insert(0, parse_variant("auto"))
+    variants.sort(key=lambda v: v["preset"] != "auto")  # exact first: the reference
     results = []
     base = None
+    ref_lps: list[torch.Tensor] = []  # exact attention's, for the divergence columns
     for var in variants:
         t0 = time.time()
-        per_doc = []
+        per_doc, kl, agree, count = [], 0.0, 0, 0
         with run_variant(model, var, head_dim, calib):
-            for ids in docs:
-                nll, n = doc_nll(model, ids)
-                per_doc.append(nll / n)
+            for i, ids in enumerate(docs):
+                lp = doc_logprobs(model, ids)
+                per_doc.append(nll(lp, ids) / (ids.numel() - 1))
+                if var["preset"] == "auto" and len(ref_lps) < len(docs):
+                    ref_lps.append(lp)
+                k, a = divergence(lp, ref_lps[i])
+                kl, agree, count = kl + k, agree + a, count + lp.shape[0]
         ppl = math.exp(sum(per_doc) / len(per_doc))
         row = {"variant": var["spec"], "ppl": ppl, "per_doc_nll": per_doc,
-               "bits_per_coord": bits_per_coord(var, nl, head_dim)}
+               "bits_per_coord": bits_per_coord(var, nl, head_dim),
+               "kl": kl / count, "top1_agree": agree / count}
         if var["preset"] == "auto":
             base = row
         if base is not None:
@@ -230,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         print(f"{var['spec']:<40} bits {row['bits_per_coord']:5.2f}  ppl {ppl:8.3f}  "
               f"Δ {row.get('delta_pct', 0):+7.2f}% ± {row.get('delta_se_pct', 0):.2f}  "
+              f"KL {row['kl']:.4f}  top-1 {100 * row['top1_agree']:5.1f}%  "
               f"({time.time() - t0:.0f} s)", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

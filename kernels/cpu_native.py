@@ -40,8 +40,8 @@ ISA_ENV = "TQ_VLLM_NATIVE_ISA"
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _F = ctypes.c_float
-ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F,
-            _P, _P, _P, _P, _P, ctypes.c_int]
+ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F,
+            _F, _P, _P, _P, _P, _P, ctypes.c_int]
 
 
 def _cpu_flags() -> set[str]:

@@ -9,6 +9,10 @@ kernels by small int arrays (``TensorDesc`` in ``cpu_ops``)::
     desc[2] = QJL sign byte offset (-1: none)
     desc[3 + 3g : 6 + 3g] = (code byte offset, bits, channels) of group g
 
+Keys with the offset choice (``tq_vllm.codec``): the first norm's sign bit (bit 7 of
+byte ``desc[0] + 1``) flags a key stored with its offset; norms are read as magnitudes
+and a flagged key's logit gets ``⟨q, o⟩`` (per query head, from the launcher) taken off.
+
 Decode works token by token inside one (sequence, KV head, split) task: the
 token's key is decoded once into a ``d``-float register tile (rotated domain,
 norms applied), scored against all ``G`` query heads of the KV head (so each
@@ -46,7 +50,7 @@ def _decode_tensor(cache, base, desc, lut, out):
     j0 = 0
     for g in range(ngroups):
         nb = base + desc[0] + 2 * g
-        norm = _half(cache[nb], cache[nb + 1])
+        norm = abs(_half(cache[nb], cache[nb + 1]))  # sign bit: the key offset flag
         off = base + desc[3 + 3 * g]
         bits = desc[4 + 3 * g]
         dim = desc[5 + 3 * g]
@@ -73,12 +77,13 @@ def _sign_dot(cache, off, q, d):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_sk, scale,
-                      kdesc, lut_k, qjl_scale, vdesc, lut_v, num_kv_heads, block_size, n_splits,
-                      split_tokens, acc_out, m_out, l_out):
+def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_sk, q_off,
+                  has_off, scale, kdesc, lut_k, qjl_scale, vdesc, lut_v, num_kv_heads, block_size,
+                  n_splits, split_tokens, acc_out, m_out, l_out):
     """Split-KV decode, all query heads of a KV head together.
 
     q_rot, q_sk: float32 [B, Hq, d] (rotated / sketched-rotated queries).
+    q_off: float32 [B, Hq] ``⟨q, o⟩``, taken off flagged keys' logits when ``has_off``.
     acc_out: float32 [B, Hq, n_splits, d]; m_out, l_out: float32 [B, Hq, n_splits].
     """
     nseq, hq, d = q_rot.shape
@@ -104,6 +109,7 @@ def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_s
             if has_qjl:
                 gb = base + kdesc[0] + 2 * (kdesc[1])
                 gamma = _half(cache[gb], cache[gb + 1]) * qjl_scale
+            flagged = has_off and (cache[base + kdesc[0] + 1] & 0x80) != 0
             for g in range(g_per):
                 qh = h * g_per + g
                 acc_s = 0.0
@@ -111,6 +117,8 @@ def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_s
                     acc_s += q_rot[b, qh, j] * kt[j]
                 if has_qjl:
                     acc_s += gamma * _sign_dot(cache, base + kdesc[2], q_sk[b, qh], d)
+                if flagged:
+                    acc_s -= q_off[b, qh]
                 s[g] = acc_s * scale
             _decode_tensor(cache, base, vdesc, lut_v, vt)
             for g in range(g_per):
@@ -130,14 +138,19 @@ def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_s
 
 
 @njit(parallel=True, cache=True)
-def dequantize_kernel(cache, s_blk, s_head, s_tok, block_row, seq_len, desc, lut, num_kv_heads,
-                      block_size, out):
-    """Rotated-domain decode of positions 0..seq_len-1 of one sequence: out [H, S, d]."""
+def dequantize_kernel(cache, s_blk, s_head, s_tok, block_row, seq_len, desc, lut, off_rot,
+                      has_off, num_kv_heads, block_size, out):
+    """Rotated-domain decode of positions 0..seq_len-1 of one sequence: out [H, S, d];
+    with ``has_off``, flagged keys have their offset ``off_rot`` [H, d] taken off."""
+    d = out.shape[2]
     for task in prange(num_kv_heads * seq_len):
         h = task // seq_len
         t = task % seq_len
         base = block_row[t // block_size] * s_blk + h * s_head + (t % block_size) * s_tok
         _decode_tensor(cache, base, desc, lut, out[h, t])
+        if has_off and (cache[base + desc[0] + 1] & 0x80) != 0:
+            for j in range(d):
+                out[h, t, j] -= off_rot[h, j]
 
 
 @njit(parallel=True, cache=True)
@@ -181,11 +194,14 @@ def _put_half(cache, off, v):
 
 
 @njit(inline="always", cache=True)
-def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, work):
-    """Quantize one rotated vector ``y`` [d] into the slot at byte ``slot``.
+def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, work, resid):
+    """Quantize one rotated vector ``y`` [d] into the (zeroed) slot at byte ``slot``.
 
-    Returns the number of norms saturated to the fp16 maximum. ``work`` is a [d]
-    float32 scratch row (the reconstruction, then the residual)."""
+    Returns (norms saturated to the fp16 maximum, float32 residual norm ``‖y − ŷ‖`` —
+    computed for QJL or when ``resid`` — else 0). ``work`` is a [d] float32 scratch row
+    (the reconstruction, then the residual)."""
+    want_r = resid or desc[2] >= 0
+    d = y.shape[0]
     ngroups = desc[1]
     saturated = 0
     j0 = 0
@@ -220,38 +236,43 @@ def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, w
             n = np.float32(65504.0)
             saturated += 1
         _put_half(cache, slot + desc[0] + 2 * g, n)
-        if desc[2] >= 0:  # reconstruction with the stored (fp16) norm, for the residual
+        if want_r:  # reconstruction with the stored (fp16) norm, for the residual
             nh = _half(cache[slot + desc[0] + 2 * g], cache[slot + desc[0] + 2 * g + 1])
             for k in range(dim):
                 work[j0 + k] = np.float32(nh) * work[j0 + k]
         j0 += dim
-    if desc[2] >= 0:
-        d = y.shape[0]
+    gamma = np.float32(0.0)
+    if want_r:
         rr = 0.0
         for j in range(d):
             work[j] = y[j] - work[j]
             rr += np.float64(work[j]) * np.float64(work[j])
+        gamma = np.float32(math.sqrt(rr))
+    if desc[2] >= 0:
         for i in range(d):
             acc = 0.0
             for j in range(d):
                 acc += sketch[i, j] * np.float64(work[j])
             if acc >= 0.0:
                 cache[slot + desc[2] + (i >> 3)] |= 1 << (i & 7)
-        gamma = np.float32(math.sqrt(rr))
-        if gamma > np.float32(65504.0):
-            gamma = np.float32(65504.0)
+        g16 = gamma
+        if g16 > np.float32(65504.0):
+            g16 = np.float32(65504.0)
             saturated += 1
-        _put_half(cache, slot + desc[0] + 2 * ngroups, gamma)
-    return saturated
+        _put_half(cache, slot + desc[0] + 2 * ngroups, g16)
+    return saturated, gamma
 
 
 @njit(parallel=True, cache=True)
-def store_kernel(yk, yv, slots, cache, s_blk, s_head, s_tok, block_size, slot_bytes,
-                 kdesc, k_bounds, k_lut, k_nc, sketch, vdesc, v_bounds, v_lut, v_nc, saturated):
+def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, s_tok,
+                 block_size, slot_bytes, kdesc, k_bounds, k_lut, k_nc, sketch, vdesc, v_bounds,
+                 v_lut, v_nc, saturated):
     """Quantize rotated K/V ``[N, H, d]`` and write slots ``slots[N]`` (all valid).
 
-    The slot is zeroed first, so padding stays zero; ``saturated[i]`` counts the
-    norms of token i clamped to the fp16 range."""
+    With ``has_off`` each key is also encoded from ``yk_alt`` (``y + R_h o``) and that
+    encoding, flagged, replaces the first (the slot's leading ``k_bytes``) when its
+    residual is strictly smaller. The slot is zeroed first, so padding stays zero;
+    ``saturated[i]`` counts the kept norms of token i clamped to the fp16 range."""
     n, h, d = yk.shape
     for task in prange(n * h):
         t = task // h
@@ -261,6 +282,17 @@ def store_kernel(yk, yv, slots, cache, s_blk, s_head, s_tok, block_size, slot_by
         for i in range(slot_bytes):
             cache[base + i] = 0
         work = np.empty(d, dtype=np.float32)
-        sat = _encode_tensor(yk[t, hh], base, cache, kdesc, k_bounds, k_lut, k_nc, sketch, work)
-        sat += _encode_tensor(yv[t, hh], base, cache, vdesc, v_bounds, v_lut, v_nc, sketch, work)
-        saturated[task] = sat
+        sat, gamma = _encode_tensor(yk[t, hh], base, cache, kdesc, k_bounds, k_lut, k_nc,
+                                    sketch, work, has_off)
+        if has_off:
+            alt = np.zeros(k_bytes, dtype=np.uint8)
+            sat_alt, gamma_alt = _encode_tensor(yk_alt[t, hh], 0, alt, kdesc, k_bounds, k_lut,
+                                                k_nc, sketch, work, True)
+            if gamma_alt < gamma:
+                for i in range(k_bytes):
+                    cache[base + i] = alt[i]
+                cache[base + kdesc[0] + 1] |= 0x80
+                sat = sat_alt
+        sat_v, _ = _encode_tensor(yv[t, hh], base, cache, vdesc, v_bounds, v_lut, v_nc, sketch,
+                                  work, False)
+        saturated[task] = sat + sat_v

@@ -65,6 +65,9 @@ class _Tables:
         self.sketch64 = (sk.double().contiguous() if sk is not None else torch.zeros(1, 1, dtype=torch.float64)).numpy()
         self.k_bounds = _bounds(codec.key.bounds).numpy()
         self.v_bounds = _bounds(codec.value.bounds).numpy()
+        off = codec.key.offset_rot
+        self.has_off = off is not None
+        self.off_rot = (off if self.has_off else torch.zeros(1, 1)).float().contiguous().numpy()
 
 
 def tables(codec: LayerCodec) -> _Tables:
@@ -138,6 +141,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     if sm.numel() == 0:
         return
     tab = tables(codec)
+    lay = tab.layout
     ys = []
     for q, x in ((codec.key, key), (codec.value, value)):
         x = x.float()
@@ -146,11 +150,12 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
             q.stats["nonfinite_vectors"] += int((~finite).sum())
             x = torch.where(finite[..., None], x, torch.zeros_like(x))
         ys.append(q.rotate(x).contiguous())
+    yk_alt = (ys[0] + codec.key.offset_rot).contiguous() if tab.has_off else torch.zeros(1, 1, 1)
     flat, (sb, sh, st) = _flat(kv_cache)
     saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)
     cpu_numba.store_kernel(
-        ys[0].numpy(), ys[1].numpy(), sm.contiguous().numpy(), flat, sb, sh, st, block_size,
-        slot_bytes, tab.kdesc, tab.k_bounds, codec.key.lut.numpy(), codec.key.codec.norm_correction,
+        ys[0].numpy(), yk_alt.numpy(), tab.has_off, lay.key.nbytes, ys[1].numpy(),
+        sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc, tab.k_bounds, codec.key.lut.numpy(), codec.key.codec.norm_correction,
         tab.sketch64, tab.vdesc, tab.v_bounds, codec.value.lut.numpy(),
         codec.value.codec.norm_correction, saturated.numpy())
     n_sat = int(saturated.sum())
@@ -169,13 +174,15 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     seq = seq_lens.to(torch.int64).contiguous()
     table = block_table.to(torch.int64).contiguous()
     splits = num_splits(int(seq.max()))
+    q_off = codec.key.query_offsets(q)
     native = cpu_native.load()
     if native is not None and hq // num_kv <= 16 and kv_cache.shape[2] % 16 == 0:
         qf = q.float().contiguous()
         res = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(b, hq, d)
         sketch = tab.sketch.data_ptr() if tab.sketch is not None else None
+        q_off_p = q_off.data_ptr() if q_off is not None else None
         rc = native(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), seq.data_ptr(),
-                    qf.data_ptr(), tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), b, hq,
+                    qf.data_ptr(), q_off_p, tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), b, hq,
                     num_kv, d, kv_cache.shape[2], splits, SPLIT_TOKENS, float(scale), tab.qjl_scale,
                     tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.vdesc.ctypes.data,
                     tab.v_books.data_ptr(), res.data_ptr(), torch.get_num_threads())
@@ -190,8 +197,10 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     acc = torch.empty(b, hq, splits, d)
     m = torch.empty(b, hq, splits)
     l = torch.empty(b, hq, splits)
+    q_off = q_off if q_off is not None else torch.zeros(1, 1)
     cpu_numba.decode_kernel(
-        flat, sb, sh, st, table.numpy(), seq.numpy(), q_rot.numpy(), q_sk.numpy(), float(scale),
+        flat, sb, sh, st, table.numpy(), seq.numpy(), q_rot.numpy(), q_sk.numpy(), q_off.numpy(),
+        tab.has_off, float(scale),
         tab.kdesc, codec.key.lut.numpy(), tab.qjl_scale, tab.vdesc, codec.value.lut.numpy(),
         num_kv, kv_cache.shape[2], splits, SPLIT_TOKENS, acc.numpy(), m.numpy(), l.numpy())
     w = torch.exp(m - m.amax(-1, keepdim=True))  # empty splits have m = -inf → weight 0
@@ -205,15 +214,17 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
 
 def dequantize(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int,
                codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated-domain K and V ``[H, S, d]`` of one sequence (MSE part only)."""
+    """Rotated-domain K and V ``[H, S, d]`` of one sequence (MSE part only, key offsets
+    taken off flagged keys)."""
     h, d = kv_cache.shape[1], codec.key.head_dim
     flat, (sb, sh, st) = _flat(kv_cache)
     tab = tables(codec)
     row = block_row.to(torch.int64).contiguous().numpy()
     k, v = torch.empty(h, seq_len, d), torch.empty(h, seq_len, d)
-    for desc, lut, dst in ((tab.kdesc, codec.key.lut, k), (tab.vdesc, codec.value.lut, v)):
-        cpu_numba.dequantize_kernel(flat, sb, sh, st, row, seq_len, desc, lut.numpy(), h,
-                                    kv_cache.shape[2], dst.numpy())
+    for desc, lut, dst, has_off in ((tab.kdesc, codec.key.lut, k, tab.has_off),
+                                    (tab.vdesc, codec.value.lut, v, False)):
+        cpu_numba.dequantize_kernel(flat, sb, sh, st, row, seq_len, desc, lut.numpy(),
+                                    tab.off_rot, has_off, h, kv_cache.shape[2], dst.numpy())
     return k, v
 
 

@@ -16,6 +16,10 @@ Slot fields follow :mod:`tq_vllm.layout`; a K/V tensor is described by constexpr
 ``NG`` groups of ``D // NG`` channels with ``B0``/``B1`` code bits, byte offsets of
 its fp16 norms (``NORM``: group norms then the QJL residual norm), of each group's
 LSB-first code stream (``C0``/``C1``) and of the QJL sign bits (``SIGN``).
+
+Keys with the offset choice (``K_OFF``): norms are read as magnitudes; the first key
+norm's sign bit flags a key stored with its offset ``o``, whose logit then loses
+``⟨q, o⟩`` (one float per query head, ``qo_ptr``, from the launcher).
 """
 
 import triton
@@ -70,7 +74,15 @@ def decode_half(base, mask, s_byte, lut_ptr, HALF: tl.constexpr, N: tl.constexpr
         nrm = load_half(base + NORM * s_byte, mask)
     j = HALF * DH + tl.arange(0, DH)
     cent = tl.load(lut_ptr + j[None, :] * W + codes)
-    return nrm[:, None] * cent
+    return tl.abs(nrm)[:, None] * cent  # a key norm's sign bit is the offset flag
+
+
+@triton.jit
+def offset_flag(base, mask, s_byte, NORM: tl.constexpr):
+    """Key offset flags ``[N]`` float32 (1 = stored with its offset): the sign bit of the
+    first norm, bit 7 of its high byte."""
+    hi = tl.load(base + (NORM + 1) * s_byte, mask=mask, other=0)
+    return ((hi >> 7) & 1).to(tl.float32)
 
 
 @triton.jit
@@ -85,6 +97,7 @@ def qjl_half(base, mask, s_byte, HALF: tl.constexpr, N: tl.constexpr, D: tl.cons
 @triton.jit
 def tq_decode_kernel(
     q_ptr, qsk_ptr,  # float32 [B, Hq, D] contiguous: R_h q and qjl_scale · S R_h q
+    qo_ptr,  # float32 [B, Hq]: ⟨q, o⟩ (read only with K_OFF)
     cache_ptr, s_blk, s_head, s_tok, s_byte,  # uint8 cache, element strides
     bt_ptr, bt_stride, seq_ptr, block_size, split_tokens,
     lutk_ptr, lutv_ptr, scale,
@@ -93,7 +106,7 @@ def tq_decode_kernel(
     D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_W: tl.constexpr,
     K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr, K_SIGN: tl.constexpr,
-    K_QJL: tl.constexpr,
+    K_QJL: tl.constexpr, K_OFF: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
     V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -117,6 +130,8 @@ def tq_decode_kernel(
     if K_QJL:
         qs0 = tl.load(qsk_ptr + qrow[:, None] + j[None, :], mask=gmask[:, None], other=0.0)
         qs1 = tl.load(qsk_ptr + qrow[:, None] + DH + j[None, :], mask=gmask[:, None], other=0.0)
+    if K_OFF:
+        qo = tl.load(qo_ptr + b.to(tl.int64) * num_q_heads + h * G + g, mask=gmask, other=0.0)
 
     m = tl.full((G_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((G_PAD,), tl.float32)
@@ -141,6 +156,8 @@ def tq_decode_kernel(
             pm1 = qjl_half(base, valid, s_byte, 1, BLOCK_N, D, K_SIGN)
             sq += tl.dot(qs1, tl.trans(pm1), input_precision=DOT_PREC)
             s += sq * load_half(base + (K_NORM + 2 * K_NG) * s_byte, valid)[None, :]
+        if K_OFF:
+            s -= qo[:, None] * offset_flag(base, valid, s_byte, K_NORM)[None, :]
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)

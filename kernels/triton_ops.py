@@ -229,6 +229,7 @@ def _kernel_consts(codec: LayerCodec) -> dict[str, object]:
               **_tensor_consts("V", lay.value, codec.value)}
     consts["K_SIGN"] = lay.key.signs.offset if lay.key.signs is not None else 0
     consts["K_QJL"] = lay.key.signs is not None
+    consts["K_OFF"] = codec.key.offset is not None
     return consts
 
 
@@ -276,6 +277,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
     lay = codec.preset.layout(d)
     yk = _rotate_for_store(key, codec.key)
+    yka = (yk + codec.key.offset_rot).contiguous() if codec.key.offset_rot is not None else yk
     yv = _rotate_for_store(value, codec.value)
     lutk, bndk, sketch = _tables(codec.key)
     lutv, bndv, _ = _tables(codec.value)
@@ -286,7 +288,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     s0, s1, s2, s3 = _cache_strides(kv_cache)
     grid = (triton.cdiv(t, STORE_BLOCK_T), h)
     tq_store_kernel[grid](
-        yk, yv, slot_mapping.to(torch.int64).contiguous(),
+        yk, yka, yv, slot_mapping.to(torch.int64).contiguous(),
         kv_cache, s0, s1, s2, s3,
         t, h, block_size, num_blocks * block_size,
         lutk, bndk, sketch if sketch is not None else lutk, lutv, bndv,
@@ -332,6 +334,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     split_tokens = DECODE_SPLIT_TOKENS
 
     q_rot, q_sk = _rotate_queries(q, codec, num_kv)
+    q_off = codec.key.query_offsets(q)
     lutk, _, _ = _tables(codec.key)
     lutv, _, _ = _tables(codec.value)
     acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
@@ -339,7 +342,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
     s0, s1, s2, s3 = _cache_strides(kv_cache)
     tq_decode_kernel[(b, num_kv, splits)](
-        q_rot, q_sk, kv_cache, s0, s1, s2, s3,
+        q_rot, q_sk, q_off if q_off is not None else q_rot, kv_cache, s0, s1, s2, s3,
         block_table, block_table.stride(0), seq_lens.contiguous(), block_size, split_tokens,
         lutk, lutv, float(scale), acc, m, l, hq, splits,
         G=g, G_PAD=_pad_pow2(g, MIN_G_PAD), BLOCK_N=block_n, **_kernel_consts(codec),
@@ -420,6 +423,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
 
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     q_rot, q_sk = _rotate_queries(q[lo:hi], codec, num_kv)
+    q_off = codec.key.query_offsets(q[lo:hi])
     o_rot = torch.empty(hi - lo, hq, d, dtype=torch.float32, device=device)
     items = torch.tensor([(i, t0 - lo, q0 - lo, q1 - lo, s) for i, t0, q0, q1, s in work],
                          dtype=torch.int32).to(device)
@@ -427,7 +431,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
     lutv, _, _ = _tables(codec.value)
     s0, s1, s2, s3 = _cache_strides(kv_cache)
     tq_prefill_kernel[(len(work), num_kv)](
-        q_rot, q_sk, o_rot, items, kv_cache, s0, s1, s2, s3,
+        q_rot, q_sk, q_off if q_off is not None else q_rot, o_rot, items, kv_cache, s0, s1, s2, s3,
         block_table, block_table.stride(0), block_size, lutk, lutv, float(scale), hq,
         G=g, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N[d], **_kernel_consts(codec),
     )

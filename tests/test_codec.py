@@ -173,3 +173,49 @@ def test_encoding_deterministic_across_processes():
             "print(e.codes.sum().item(), e.norms.float().sum().item(), e.signs.sum().item())")
     outs = {subprocess.check_output([sys.executable, "-c", code], text=True) for _ in range(2)}
     assert len(outs) == 1
+
+
+def test_key_offset_choice_keeps_keys_far_from_the_mean_close():
+    """A key near ``−o`` (an attention sink far from the mean) is stored with its offset,
+    flagged, and decodes much closer; keys near the mean keep the plain codes."""
+    torch.manual_seed(0)
+    preset = PRESETS["tq4"]
+    offset = 3 * torch.randn(2, 64)
+    plain = LayerCodec.create(preset, 64, 2).key
+    chosen = LayerCodec.create(preset, 64, 2, key_offset=offset).key
+    keys = torch.randn(64, 2, 64)
+    keys[0] = -offset + 0.1 * torch.randn(2, 64)
+    enc = chosen.encode(keys)
+    flags = chosen.offset_flags(enc.norms)
+    assert flags[0].all() and not flags[1:].any()
+    assert (chosen.group_norms(enc.norms) >= 0).all()
+    plain_enc = plain.encode(keys)
+    assert torch.equal(enc.codes[1:], plain_enc.codes[1:])
+    assert torch.equal(enc.norms[1:], plain_enc.norms[1:])
+    err_plain = ((plain.decode(plain_enc) - keys) ** 2).sum(-1)
+    err_chosen = ((chosen.decode(enc) - keys) ** 2).sum(-1)
+    assert (err_chosen[0] < 0.1 * err_plain[0]).all()
+
+
+def test_key_offset_choice_scores_equal_the_decoded_keys():
+    """The estimator from codes takes ``⟨q, o⟩`` off flagged keys: it equals the inner
+    product with the decoded (offset-removed) keys."""
+    torch.manual_seed(1)
+    offset = torch.randn(2, 64)
+    c = LayerCodec.create(PRESETS["tq3"], 64, 2, key_offset=offset).key
+    keys = torch.randn(40, 2, 64)
+    keys[::3] = -offset + 0.2 * torch.randn(14, 2, 64)
+    enc = c.encode(keys)
+    assert c.offset_flags(enc.norms).any()
+    q = torch.randn(5, 6, 64)
+    head_of = torch.arange(6) // 3
+    s = c.scores(c.rotate(q, head_of), enc, head_of)
+    ref = torch.einsum("lhd,thd->lht", q, c.decode(enc)[:, head_of])
+    assert torch.allclose(s, ref, atol=1e-4)
+
+
+def test_key_offset_needs_a_preset_with_the_choice():
+    with pytest.raises(ValueError, match="no key offset choice"):
+        LayerCodec.create(PRESETS["tq4-mse"], 64, 2, key_offset=torch.zeros(2, 64))
+    with pytest.raises(ValueError, match=r"\[2, 64\]"):
+        LayerCodec.create(PRESETS["tq4"], 64, 2, key_offset=torch.zeros(3, 64))

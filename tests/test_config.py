@@ -91,3 +91,12 @@ def test_frozen_and_validated():
     with pytest.raises(ValidationError, match="keys only"):
         Preset(name="tqx", family="mse", budget="4", key=PRESETS["tq4"].key,
                value=TensorCodec(bits_hi=3, bits_lo=3, split=False, qjl=True))
+
+
+def test_key_offset_choice_needs_key_mean_removal():
+    from tq_vllm.config import KVTransform
+
+    with pytest.raises(ValueError, match="needs key_mean"):
+        KVTransform(key_offset_choice=True)
+    assert all(p.transform.key_offset_choice == (p.family == "recommended")
+               for p in PRESETS.values())

@@ -8,9 +8,24 @@ from tq_vllm.config import PRESETS
 from tq_vllm.reference import dequantize_sequence, exact_attention, tq_paged_attention, tq_store
 
 
+def key_offset(preset, kv_heads, dim):
+    """A random key offset ``[H, d]`` for presets with the key offset choice, else None."""
+    return 0.5 * torch.randn(kv_heads, dim) if preset.transform.key_offset_choice else None
+
+
+def random_keys(s, kv_heads, dim, offset):
+    """Keys ``[s, H, d]``; with an offset every 5th lies near ``−offset`` (a sink far from
+    the mean), which the offset choice stores flagged, so both kinds are exercised."""
+    k = torch.randn(s, kv_heads, dim)
+    if offset is not None:
+        k[::5] = -offset + 0.3 * torch.randn_like(k[::5])
+    return k
+
+
 def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32, num_blocks=None):
     """Random K/V for ragged sequences stored through scattered blocks."""
-    codec = LayerCodec.create(PRESETS[name], dim, kv_heads, layer=3)
+    offset = key_offset(PRESETS[name], kv_heads, dim)
+    codec = LayerCodec.create(PRESETS[name], dim, kv_heads, layer=3, key_offset=offset)
     slot = PRESETS[name].layout(dim).slot_bytes
     per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = num_blocks or sum(per_seq) + 3
@@ -23,14 +38,14 @@ def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32, 
         used += n
     kv = []
     for b, s in enumerate(seq_lens):
-        k, v = (torch.randn(s, kv_heads, dim).to(dtype) for _ in range(2))
+        k, v = random_keys(s, kv_heads, dim, offset).to(dtype), torch.randn(s, kv_heads, dim).to(dtype)
         pos = torch.arange(s)
         tq_store(k, v, cache, table[b, pos // block_size].long() * block_size + pos % block_size, codec)
         kv.append((k, v))
     return codec, cache, table, kv, order[used:]
 
 
-@pytest.mark.parametrize("name", ["tq4-mse", "tq3.5-qjl", "tq2.5-mse", "tq3-qjl"])
+@pytest.mark.parametrize("name", ["tq4-mse", "tq3.5-qjl", "tq2.5-mse", "tq3-qjl", "tq3.5"])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("gqa", [1, 3, 7])
 @pytest.mark.parametrize("block_size", [16, 32])

@@ -3,7 +3,9 @@
 Usage: ``python tests/vllm_runner.py SPEC.json OUT.json``. SPEC holds ``model`` and
 a list of ``runs`` ({kv_cache_dtype, llm (extra LLM kwargs), prompts, max_tokens,
 ignore_eos, batches (optional: list of prompt-index lists submitted one generate call each),
-env (optional: environment variables set before the engine starts)}).
+env (optional: environment variables set before the engine starts), scored_text (optional: a
+text scored teacher-forced, its per-position top-1 token and log p of the actual token
+recorded)}).
 Runs share the process one after another. Writes, per run, the greedy texts and
 token ids and the KV capacity vLLM allocated. vLLM on CPU spawns workers, hence
 the ``__main__`` guard.
@@ -36,9 +38,24 @@ def run_one(model: str, run: dict) -> dict:
     cache = llm.llm_engine.vllm_config.cache_config
     result = {"texts": texts, "token_ids": ids, "num_blocks": cache.num_gpu_blocks,
               "block_size": cache.block_size}
+    if run.get("scored_text"):
+        result.update(score_text(llm, run["scored_text"]))
     del llm
     gc.collect()
     return result
+
+
+def score_text(llm, text: str) -> dict:
+    """Teacher-forced top-1 token ids and log p of each actual token of ``text`` (from
+    position 1 on), from vLLM's prompt logprobs."""
+    from vllm import SamplingParams
+
+    out = llm.generate([text], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    top1, logp = [], []
+    for tok, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+        top1.append(next(t for t, lp in entry.items() if lp.rank == 1))
+        logp.append(entry[tok].logprob)
+    return {"scored_top1": top1, "scored_logp": logp}
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tq_vllm.calibration import KVStats, LayerTransform, calibrated
+from tq_vllm.calibration import KVStats, LayerTransform, calibrated_codec
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import SlotLayout, get_preset
 from tq_vllm.layout import pack_slots, unpack_slots
@@ -113,9 +113,8 @@ class KVCompressor:
         vLLM backend uses the model's cached calibration instead."""
         if len(self):
             raise RuntimeError("calibrate before the first append: stored codes depend on it")
-        kp, vp, self.transform = calibrated(self.preset, stats)
-        self.codec = LayerCodec.create(self.preset, self.layout.head_dim, self.num_kv_heads,
-                                       self.layer, key_perm=kp, value_perm=vp)
+        self.codec, self.transform = calibrated_codec(self.preset, stats, self.layout.head_dim,
+                                                      self.layer)
         self._calibrated = True
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from tq_vllm.calibration import LayerTransform, calibrated
+from tq_vllm.calibration import LayerTransform, calibrated_codec
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import PRESETS, SUPPORTED_HEAD_DIMS, Preset, backend_class_path, backend_enum_name
 from tq_vllm.kernels import ops
@@ -199,13 +199,14 @@ class TQAttentionImpl(AttentionImpl):
         """This layer's seeded codec and calibrated transform (built once, on first use)."""
         if self._codec is None:
             idx = extract_layer_index(getattr(layer, "layer_name", "layers.0"))
-            kp = vp = None
             if self.model_path is not None:
-                kp, vp, self._transform = _calibrated(self.preset, self.model_path, idx,
-                                                      self.num_kv_heads)
-                self._transform = self._transform.to(device)
-            self._codec = LayerCodec.create(self.preset, self.head_size, self.num_kv_heads,
-                                            layer=idx, key_perm=kp, value_perm=vp).to(device)
+                codec, tf = _calibrated(self.preset, self.model_path, idx, self.head_size,
+                                        self.num_kv_heads)
+                self._transform = tf.to(device)
+            else:
+                codec = LayerCodec.create(self.preset, self.head_size, self.num_kv_heads,
+                                          layer=idx)
+            self._codec = codec.to(device)
         return self._codec
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
@@ -268,14 +269,14 @@ def _model_stats(model_path: str) -> dict:
     return model_calibration(model_path)
 
 
-def _calibrated(preset: Preset, model_path: str, layer: int, num_kv_heads: int):
-    """(key perm, value perm, transform) of ``layer`` for this rank's ``num_kv_heads`` KV
-    heads, from the model's cached calibration (which covers all of the model's heads)."""
+def _calibrated(preset: Preset, model_path: str, layer: int, head_size: int, num_kv_heads: int):
+    """(codec, transform) of ``layer`` for this rank's ``num_kv_heads`` KV heads, from the
+    model's cached calibration (which covers all of the model's heads)."""
     stats = _model_stats(model_path)
     if layer not in stats:
         raise RuntimeError(f"tq-vllm calibration of {model_path} has no layer {layer}")
     heads = local_kv_heads(int(stats[layer].k_mean.shape[0]), num_kv_heads)
-    return calibrated(preset, stats[layer].heads(heads))
+    return calibrated_codec(preset, stats[layer].heads(heads), head_size, layer)
 
 
 def local_kv_heads(total: int, local: int) -> torch.Tensor:

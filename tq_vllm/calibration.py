@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tq_vllm.codec import permutation_from_rms
+from tq_vllm.codec import LayerCodec, permutation_from_rms
 from tq_vllm.config import Preset
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +174,13 @@ class LayerTransform:
         """Inverse of :meth:`keys`: stored-domain ``[N, H, d]`` keys back to the model's."""
         return _uncentre_scale(k, self.k_mean, self.k_scale)
 
+    def stored_key_mean(self) -> torch.Tensor | None:
+        """The key mean in the stored domain, ``μ_k / s_k`` ``[H, d]`` (None without key
+        mean removal): what a key keeps when the codec's offset choice stores it as is."""
+        if self.k_mean is None:
+            return None
+        return self.k_mean if self.k_scale is None else self.k_mean / self.k_scale
+
     def key_offset(self, q: torch.Tensor) -> torch.Tensor:
         """``⟨q, μ_k⟩`` ``[N, Hq]``: the per-query logit shift mean removal takes out."""
         if self.k_mean is None:
@@ -217,3 +224,15 @@ def calibrated(preset: Preset, stats: KVStats) -> tuple[torch.Tensor | None, tor
     if t.calibrated_split and preset.value.split:
         vp = permutation_from_rms(stats.value_rms(centred=t.value_mean))
     return kp, vp, tf
+
+
+def calibrated_codec(preset: Preset, stats: KVStats, head_dim: int,
+                     layer: int) -> tuple[LayerCodec, LayerTransform]:
+    """(codec, transform) of ``preset`` for one layer's ``stats`` (``H`` KV heads): the
+    calibrated outlier halves and, with ``key_offset_choice``, the stored-domain key mean
+    as the codec's key offset."""
+    kp, vp, tf = calibrated(preset, stats)
+    offset = tf.stored_key_mean() if preset.transform.key_offset_choice else None
+    codec = LayerCodec.create(preset, head_dim, int(stats.k_mean.shape[0]), layer=layer,
+                              key_perm=kp, value_perm=vp, key_offset=offset)
+    return codec, tf

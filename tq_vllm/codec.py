@@ -14,6 +14,15 @@ Encoding ``x`` (``[N, H, d]``):
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
    from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16.
 
+Key offset choice (keys of presets with ``key_offset_choice``, after the calibrated
+transform took the mean ``o`` = μ/s off every key): each key is encoded twice, as ``y``
+and as ``y + R_h o`` (the key with its mean left in), and the encoding whose residual
+``‖r‖`` (as in step 3, float32) is strictly smaller is kept. The choice is stored in the
+sign bit of the first group norm (norms are never negative, so the bit is free);
+decoding takes ``R_h o`` off flagged keys again, and the estimator of a flagged key is
+``⟨q̃, ŷ⟩ − ⟨q̃, R_h o⟩``. Keys far from the mean — the attention sink, whose logit
+error moves every other token's weight — then keep their own small residual.
+
 Norms and ``S r`` are accumulated in float64 (then rounded once), which pins the
 stored bits independently of summation order: kernels reproduce them exactly.
 
@@ -54,7 +63,8 @@ class Encoded:
     """Unpacked codes of ``[N, H, d]`` vectors (before byte packing).
 
     codes: uint8 ``[N, H, d]`` centroid indices in rotated-domain order.
-    norms: float16 ``[N, H, num_norms]``: group norms, then the QJL residual norm.
+    norms: float16 ``[N, H, num_norms]``: group norms, then the QJL residual norm; the
+    first one's sign bit is the key offset flag (see the module docstring).
     signs: bool ``[N, H, d]`` QJL sign bits (True = +1), or None.
     """
 
@@ -104,6 +114,8 @@ class TensorQuantizer:
     group_id: torch.Tensor  # long [d]: group of each rotated coordinate
     sketch: torch.Tensor | None  # [d, d] QJL rows, or None
     qjl_scale: float
+    offset: torch.Tensor | None = None  # [H, d] key offset o (offset choice), or None
+    offset_rot: torch.Tensor | None = None  # [H, d] R_h o
     stats: dict[str, int] = field(default_factory=lambda: {"nonfinite_vectors": 0,
                                                            "saturated_norms": 0})
 
@@ -147,6 +159,20 @@ class TensorQuantizer:
         self.bounds = [b.to(device) for b in self.bounds]
         if self.sketch is not None:
             self.sketch = self.sketch.to(device)
+        if self.offset is not None:
+            self.offset, self.offset_rot = self.offset.to(device), self.offset_rot.to(device)
+        return self
+
+    def set_offset(self, offset: torch.Tensor) -> "TensorQuantizer":
+        """Turn on the offset choice with offset ``o`` ``[H, d]`` (stored domain); returns self."""
+        h, d = self.rot.shape[0], self.head_dim
+        if offset.shape != (h, d) or not offset.is_floating_point():
+            raise ValueError(f"key offset must be a float [{h}, {d}] tensor, got "
+                             f"{offset.dtype} {tuple(offset.shape)}")
+        if not bool(torch.isfinite(offset).all()):
+            raise ValueError("key offset has non-finite entries: recalibrate the model")
+        self.offset = offset.float().to(self.rot.device).contiguous()
+        self.offset_rot = self.rotate(self.offset[None])[0].contiguous()
         return self
 
     def rotate(self, x: torch.Tensor, head_of: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,8 +199,22 @@ class TensorQuantizer:
         return torch.gather(lut, -1, codes.long().unsqueeze(-1)).squeeze(-1)
 
     def group_norms(self, norms: torch.Tensor) -> torch.Tensor:
-        """Per-coordinate stored norms ``[N, H, d]`` from fp16 norms ``[N, H, num_norms]``."""
-        return norms.float()[..., self.group_id]
+        """Per-coordinate stored norms ``[N, H, d]`` from fp16 norms ``[N, H, num_norms]``
+        (the offset flag, a sign bit, dropped)."""
+        return norms.float().abs()[..., self.group_id]
+
+    def query_offsets(self, q: torch.Tensor) -> torch.Tensor | None:
+        """``⟨q, o_h⟩`` float32 contiguous ``[N, Hq]`` for queries ``q`` ``[N, Hq, d]`` (GQA:
+        heads grouped by KV head), what a flagged key's logit loses; None without offset."""
+        if self.offset is None:
+            return None
+        o = self.offset.repeat_interleave(q.shape[1] // self.offset.shape[0], 0)
+        return (q.float() * o).sum(-1).contiguous()
+
+    @staticmethod
+    def offset_flags(norms: torch.Tensor) -> torch.Tensor:
+        """Key offset flags, bool ``[N, H]``, from fp16 norms ``[N, H, num_norms]``."""
+        return norms[..., 0].view(torch.int16) < 0
 
     def encode(self, x: torch.Tensor) -> Encoded:
         """Quantize ``x`` ``[N, H, d]`` (any float dtype) to unpacked codes."""
@@ -184,6 +224,24 @@ class TensorQuantizer:
         self.stats["nonfinite_vectors"] += int((~finite).sum())
         x = torch.where(finite[..., None], x, torch.zeros_like(x))
         y = self.rotate(x)
+        codes, norms, signs, resid = self._encode_rotated(y)
+        flag = None
+        if self.offset_rot is not None:
+            alt = self._encode_rotated(y + self.offset_rot)
+            flag = alt[3] < resid
+            pick = (lambda a, b: None if a is None else
+                    torch.where(flag.reshape(*flag.shape, *[1] * (a.dim() - 2)), b, a))
+            codes, norms, signs = (pick(a, b) for a, b in zip((codes, norms, signs), alt))
+        norms16 = self._to_fp16(norms)
+        if flag is not None:
+            bits = norms16.view(torch.int16)
+            bits[..., 0] |= flag.to(torch.int16) * -32768  # the first norm's sign bit
+        return Encoded(codes=codes, norms=norms16, signs=signs)
+
+    def _encode_rotated(self, y: torch.Tensor):
+        """(codes, float32 norms ``[N, H, num_norms]``, signs or None, residual norm
+        ``‖y − ŷ‖`` float32 ``[N, H]`` or None) of rotated vectors ``y`` ``[N, H, d]``; the
+        residual is computed for QJL keys and for the offset choice."""
         codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
         norms = []
         start = 0
@@ -197,15 +255,15 @@ class TensorQuantizer:
                 n = torch.where(c_norm > 0, n / c_norm.clamp_min(_TINY), n)
             norms.append(n)
             start += dg
+        signs = resid = None
+        if self.codec.qjl or self.offset_rot is not None:
+            partial = torch.stack(norms, -1).clamp(max=FP16_MAX).to(torch.float16)  # counted later
+            r = y - self.group_norms(partial) * self.unit_values(codes)
+            resid = _norm(r)
         if self.codec.qjl:
-            partial = torch.stack(norms, -1).clamp(max=FP16_MAX).to(torch.float16)  # counted below
-            y_hat = self.group_norms(partial) * self.unit_values(codes)
-            r = y - y_hat
             signs = (r.double() @ self.sketch.double().T) >= 0
-            norms.append(_norm(r))
-        else:
-            signs = None
-        return Encoded(codes=codes, norms=self._to_fp16(torch.stack(norms, -1)), signs=signs)
+            norms.append(resid)
+        return codes, torch.stack(norms, -1), signs, resid
 
     def _to_fp16(self, n: torch.Tensor) -> torch.Tensor:
         over = n > FP16_MAX
@@ -215,11 +273,18 @@ class TensorQuantizer:
     def decode_rotated(self, enc: Encoded) -> torch.Tensor:
         """Rotated-domain vectors ``[N, H, d]`` float32 whose inner products with ``R_h q``
         equal the estimator (MSE part, plus the QJL term for TurboQuant_prod)."""
-        y_hat = self.group_norms(enc.norms) * self.unit_values(enc.codes)
+        y_hat = self._mse_rotated(enc)
         if self.codec.qjl:
             pm = enc.signs.float() * 2 - 1
             gamma = enc.norms[..., -1:].float()
             y_hat = y_hat + self.qjl_scale * gamma * (pm @ self.sketch)
+        return y_hat
+
+    def _mse_rotated(self, enc: Encoded) -> torch.Tensor:
+        """Rotated-domain MSE reconstruction ``[N, H, d]``, offset taken off flagged keys."""
+        y_hat = self.group_norms(enc.norms) * self.unit_values(enc.codes)
+        if self.offset_rot is not None:
+            y_hat = y_hat - self.offset_flags(enc.norms)[..., None].float() * self.offset_rot
         return y_hat
 
     def decode(self, enc: Encoded) -> torch.Tensor:
@@ -228,7 +293,7 @@ class TensorQuantizer:
 
     def decode_mse(self, enc: Encoded) -> torch.Tensor:
         """Original-domain MSE reconstruction only (QJL term dropped), ``[N, H, d]``."""
-        return self.unrotate(self.group_norms(enc.norms) * self.unit_values(enc.codes))
+        return self.unrotate(self._mse_rotated(enc))
 
     def scores(self, q_rot: torch.Tensor, enc: Encoded, head_of: torch.Tensor) -> torch.Tensor:
         """Inner-product estimates from codes, without decoding keys to the original domain.
@@ -245,6 +310,10 @@ class TensorQuantizer:
             pm = enc.signs[:, head_of].float() * 2 - 1
             gamma = enc.norms[:, head_of, -1].float()  # [T, Hq]
             s = s + self.qjl_scale * gamma.T[None] * torch.einsum("lhd,thd->lht", q_sk, pm)
+        if self.offset_rot is not None:
+            q_off = (q_rot * self.offset_rot[head_of]).sum(-1)  # [L, Hq]: ⟨R q, R o⟩
+            flag = self.offset_flags(enc.norms)[:, head_of].float()  # [T, Hq]
+            s = s - q_off[..., None] * flag.T[None]
         return s
 
 
@@ -258,18 +327,25 @@ class LayerCodec:
 
     @classmethod
     def create(cls, preset: Preset, head_dim: int, num_kv_heads: int, layer: int = 0,
-               key_perm: torch.Tensor | None = None,
-               value_perm: torch.Tensor | None = None) -> "LayerCodec":
-        """Build the seeded codec of ``layer``; same inputs give bit-identical tables."""
+               key_perm: torch.Tensor | None = None, value_perm: torch.Tensor | None = None,
+               key_offset: torch.Tensor | None = None) -> "LayerCodec":
+        """Build the seeded codec of ``layer``; same inputs give bit-identical tables.
+
+        key_offset: ``[H, d]`` stored-domain key mean for presets with the key offset
+        choice (:meth:`tq_vllm.calibration.LayerTransform.stored_key_mean`); without it
+        such a preset stores every key as given (no flags)."""
+        if key_offset is not None and not preset.transform.key_offset_choice:
+            raise ValueError(f"preset {preset.name} has no key offset choice; pass no key_offset")
         lay = preset.layout(head_dim)
         seed = derive_seed(preset.seed, "layer", layer)
         common = dict(num_heads=num_kv_heads, seed=seed, codebook_kind=preset.codebook,
                       sketch_kind=preset.sketch)
-        return cls(
-            preset=preset,
-            key=TensorQuantizer.create(preset.key, lay.key, tag="k", perm=key_perm, **common),
-            value=TensorQuantizer.create(preset.value, lay.value, tag="v", perm=value_perm, **common),
-        )
+        key = TensorQuantizer.create(preset.key, lay.key, tag="k", perm=key_perm, **common)
+        if key_offset is not None:
+            key.set_offset(key_offset)
+        return cls(preset=preset, key=key,
+                   value=TensorQuantizer.create(preset.value, lay.value, tag="v", perm=value_perm,
+                                                **common))
 
     def to(self, device: torch.device | str) -> "LayerCodec":
         self.key.to(device)

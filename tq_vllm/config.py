@@ -114,6 +114,16 @@ class KVTransform(BaseModel):
     value_scale: bool = Field(default=False, description="per-channel value smoothing")
     calibrated_split: bool = Field(
         default=False, description="outlier half of split codecs chosen by calibration RMS")
+    key_offset_choice: bool = Field(
+        default=False, description="per token, store the key with or without its mean, "
+                                   "whichever decodes closer (flag: the first norm's sign bit)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "KVTransform":
+        if self.key_offset_choice and not self.key_mean:
+            raise ValueError("key_offset_choice needs key_mean: the offset it may keep is the "
+                             "key mean")
+        return self
 
     @property
     def needs_calibration(self) -> bool:
@@ -254,10 +264,12 @@ def _qjl_key(budget: str) -> TensorCodec:
     return TensorCodec(bits_hi=hi, bits_lo=lo, split=hi != lo, qjl=True)
 
 
-RECOMMENDED_TRANSFORM = KVTransform(key_mean=True, key_scale="rms", calibrated_split=True)
+RECOMMENDED_TRANSFORM = KVTransform(key_mean=True, key_scale="rms", calibrated_split=True,
+                                    key_offset_choice=True)
 """What the plain ``tq{b}`` presets add to TurboQuant_mse codes (with norm correction),
 each kept by a strict-mode perplexity A/B (``eval/ppl_strict.py``, docs/quality.md):
-key mean removal, key channel smoothing, and the outlier half chosen by calibration.
+key mean removal, key channel smoothing, the outlier half chosen by calibration, and the
+per-token key offset choice (keys far from the mean — the attention sink — keep it).
 The paper's QJL keys lose to MSE-only codes at equal bits (π/2 variance factor, see
 tests/test_codec.py), so the recommended presets carry no QJL bits."""
 

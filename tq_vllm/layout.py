@@ -8,7 +8,8 @@ Offsets come from :meth:`tq_vllm.config.Preset.layout`; this module only moves b
 Byte map of one slot (little-endian; ``G`` = channel groups, 1 or 2)::
 
     offset                      bytes            content
-    0                           2·(G + qjl)      K norms, fp16: group norms, then ‖residual‖ (QJL)
+    0                           2·(G + qjl)      K norms, fp16: group norms, then ‖residual‖ (QJL);
+                                                 sign bit of the first = key offset flag
     k.norms.end                 d_g·b_g/8 each   K codes, one LSB-first bitstream per group
     after K codes               d/8 (QJL only)   K QJL signs, bit j of the stream = sign(S r)_j ≥ 0
     k.end                       2·G              V norms, fp16

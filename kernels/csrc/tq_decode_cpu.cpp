@@ -10,6 +10,9 @@
 // head, the QJL bias comes from the sign bits as a masked sum of the sketched query,
 // then one online-softmax update per tile, and the values are decoded chunk by chunk
 // straight into the accumulators. Nothing dequantized leaves L1.
+// Keys with the offset choice: the first key norm's sign bit flags a key stored with
+// its offset o; norms are read as magnitudes and a flagged key's logit loses <q, o>
+// (q_off, per query head, from the launcher).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -200,7 +203,7 @@ Codebooks make_codebooks(const Desc& d, const float* books) {
 inline void decode_vec(const uint8_t* slot, const Desc& d, const Codebooks& c, float* out) {
   int j = 0;
   for (int g = 0; g < d.ngroups; ++g) {
-    const V n = set1(half_at(slot + d.norm_off + 2 * g));
+    const V n = set1(std::fabs(half_at(slot + d.norm_off + 2 * g)));  // sign: offset flag
     const uint8_t* seg = slot + d.seg_off[g];
     const int dim = (int)d.dim[g];
     switch (d.bits[g]) {
@@ -257,13 +260,15 @@ inline void matvec_t(const float* m, const float* x, int d, float* y) {  // y = 
 }  // namespace
 
 // Decode attention for B sequences, one query token each.
-//   q [B, Hq, d] float32 (original domain); rot_k, rot_v [H, d, d]; sketch [d, d] or null
+//   q [B, Hq, d] float32 (original domain); q_off [B, Hq] <q, o> or null (no key offset)
+//   rot_k, rot_v [H, d, d]; sketch [d, d] or null
 //   out [B, Hq, d] float32 (original domain)
 // Returns 0, or -1 when a shape is outside what the kernel handles.
 extern "C" int tq_decode_cpu(
     const uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok,
     const int64_t* block_table, int64_t bt_stride, const int64_t* seq_lens,
-    const float* q, const float* rot_k, const float* sketch, const float* rot_v,
+    const float* q, const float* q_off, const float* rot_k, const float* sketch,
+    const float* rot_v,
     int64_t B, int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t n_splits,
     int64_t split_tokens,
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
@@ -322,9 +327,11 @@ extern "C" int tq_decode_cpu(
       for (int i = 0; i < n; ++i) {
         decode_vec(slots[i], kd, kc, kt);
         const float gamma = qjl ? qjl_scale * half_at(slots[i] + kd.norm_off + 2 * kd.ngroups) : 0.f;
+        const bool flagged = q_off != nullptr && (slots[i][kd.norm_off + 1] & 0x80);
         for (int g = 0; g < G; ++g) {
           float sc = dot(qb + g * d, kt, (int)d);
           if (qjl) sc += gamma * sign_dot(slots[i] + kd.sign_off, qs + g * d, qs_sum[g], (int)d);
+          if (flagged) sc -= q_off[b * Hq + h * G + g];
           s[g][i] = sc * scale;
         }
       }

@@ -14,9 +14,15 @@ GPU and runs the same tests there (reference included)."""
 if DEVICE.type == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before any test module imports triton
 
+import sys
+from pathlib import Path
+
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import PRESETS
 from tq_vllm.reference import tq_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_reference import key_offset, random_keys  # noqa: E402
 
 
 def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: list[int],
@@ -32,8 +38,9 @@ def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: li
     perms = [torch.stack([torch.randperm(dim) for _ in range(kv_heads)])
              if preset.transform.calibrated_split and c.split else None
              for c in (preset.key, preset.value)]  # calibrated outlier halves: any order
+    offset = key_offset(preset, kv_heads, dim)
     codec = LayerCodec.create(preset, dim, kv_heads, layer=layer, key_perm=perms[0],
-                              value_perm=perms[1])
+                              value_perm=perms[1], key_offset=offset)
     slot = preset.layout(dim).slot_bytes
     per_seq = [max(1, -(-s // block_size)) for s in seq_lens]
     num_blocks = sum(per_seq) + spare_blocks
@@ -46,7 +53,7 @@ def make_cache(name: str, dim: int, kv_heads: int, block_size: int, seq_lens: li
         used += n
     kv = []
     for b, s in enumerate(seq_lens):
-        k, v = (torch.randn(s, kv_heads, dim).to(dtype) for _ in range(2))
+        k, v = random_keys(s, kv_heads, dim, offset).to(dtype), torch.randn(s, kv_heads, dim).to(dtype)
         pos = torch.arange(s)
         tq_store(k, v, cache, table[b, pos // block_size].long() * block_size + pos % block_size,
                  codec)

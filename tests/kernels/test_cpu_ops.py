@@ -16,7 +16,7 @@ from tq_vllm.kernels import cpu_native, cpu_ops
 from tq_vllm.reference import tq_paged_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_reference import build_cache  # noqa: E402
+from test_reference import build_cache, key_offset  # noqa: E402
 
 ATOL = 2e-5  # float32 reduction-order noise on O(1) outputs, ~20× observed max
 
@@ -111,11 +111,14 @@ def test_store_bit_exact_with_reference(name, dim, dtype):
     from tq_vllm.config import PRESETS
     from tq_vllm.reference import tq_store
 
-    codec = LayerCodec.create(PRESETS[name], dim, 3)
+    offset = key_offset(PRESETS[name], 3, dim)
+    codec = LayerCodec.create(PRESETS[name], dim, 3, key_offset=offset)
     slot = PRESETS[name].layout(dim).slot_bytes
     ref = torch.randint(0, 256, (40, 3, 16, slot), dtype=torch.uint8)
     ours = ref.clone()
     k, v = (torch.randn(200, 3, dim) * 3).to(dtype), torch.randn(200, 3, dim).to(dtype)
+    if offset is not None:  # keys near −offset: stored flagged
+        k[::5] = (-offset + 0.3 * torch.randn(40, 3, dim)).to(dtype)
     k[7, 2, 5] = float("nan")
     v[9, 0, 1] = float("inf")
     k[11, 1] *= 1e4  # beyond fp16 for a norm only in float32/bf16
@@ -128,6 +131,27 @@ def test_store_bit_exact_with_reference(name, dim, dtype):
     cpu_ops.store(k, v, ours, sm, codec)
     assert torch.equal(ours, ref)
     assert codec.key.stats == ref_stats
+
+
+def test_store_bit_exact_with_offset_choice_on_qjl_keys():
+    """The offset choice on TurboQuant_prod keys: QJL signs and γ of the kept encoding."""
+    from tq_vllm.codec import LayerCodec
+    from tq_vllm.config import PRESETS
+    from tq_vllm.reference import tq_store
+
+    base = PRESETS["tq3.5-qjl"]
+    tf = base.transform.model_copy(update={"key_mean": True, "key_offset_choice": True})
+    preset = base.model_copy(update={"transform": tf})
+    offset = 0.5 * torch.randn(2, 64)
+    codec = LayerCodec.create(preset, 64, 2, key_offset=offset)
+    ref = torch.randint(0, 256, (8, 2, 16, preset.layout(64).slot_bytes), dtype=torch.uint8)
+    ours = ref.clone()
+    k, v = torch.randn(60, 2, 64), torch.randn(60, 2, 64)
+    k[::3] = -offset + 0.3 * torch.randn(20, 2, 64)
+    sm = torch.randperm(128)[:60]
+    tq_store(k, v, ref, sm, codec)
+    cpu_ops.store(k, v, ours, sm, codec)
+    assert torch.equal(ours, ref)
 
 
 def test_store_rejects_out_of_range_slots_before_writing():

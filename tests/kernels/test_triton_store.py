@@ -73,6 +73,35 @@ def test_store_bit_exact_with_reference(name, dim, device):
     assert torch.all(kz.norms[1].float() == 0)
 
 
+def _offset_choice(preset):
+    """``preset`` with key mean removal and the key offset choice (e.g. for QJL keys)."""
+    tf = preset.transform.model_copy(update={"key_mean": True, "key_offset_choice": True})
+    return preset.model_copy(update={"transform": tf})
+
+
+@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5", "tq3.5-qjl"])
+def test_store_bit_exact_with_key_offset_choice(name, device):
+    """Keys near ``−o`` are stored with their offset (flag in the first norm's sign bit),
+    the rest as given: both encodings, the choice and the flag match the reference."""
+    heads, dim, t = 2, 64, 40
+    preset = PRESETS[name] if PRESETS[name].transform.key_offset_choice else _offset_choice(
+        PRESETS[name])
+    offset = 0.5 * torch.randn(heads, dim)
+    codec = LayerCodec.create(preset, dim, heads, layer=1, key_offset=offset).to(device)
+    cache = _cache(preset, dim, heads, blocks=4)
+    k, v = _inputs(t, heads, dim)
+    k[::4] = -offset + 0.3 * torch.randn(10, heads, dim)
+    sm = torch.randperm(cache.shape[0] * cache.shape[2])[:t]
+    cache, k, v, sm = _on(device, cache, k, v, sm)
+    want, got = cache.clone(), cache.clone()
+    tq_store(k, v, want, sm, codec)
+    triton_ops.store(k, v, got, sm, codec)
+    assert torch.equal(got, want)
+    kk, _ = unpack_slots(preset.layout(dim), _by_slot(got)[sm])
+    flags = codec.key.offset_flags(kk.norms)
+    assert flags[::4].all() and not flags.all()
+
+
 @pytest.mark.parametrize("name,dim", [("tq3.5-qjl", 256), ("tq4-mse", 256)])
 def test_store_bit_exact_head_dim_256(name, dim, device):
     codec = LayerCodec.create(PRESETS[name], dim, 1, layer=0).to(device)

@@ -1,5 +1,6 @@
 """The quality harness's generation tasks and report: data builders, metric, table."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -149,21 +150,16 @@ def test_throughput_budget_bytes_follow_the_config():
         assert bench_throughput.bytes_per_token(model, name) == 30 * 3 * slot
 
 
-def test_offset_choice_keeps_a_key_far_from_the_mean_close():
-    """``+kchoice`` (eval/ppl_strict.py): a key near the calibration mean's negative (an
-    attention sink far from the mean) decodes from its un-centred form, much closer."""
+def test_divergence_counts_kl_and_top1_agreement():
+    """``ppl_strict.divergence``: zero KL and full agreement against itself; a moved
+    prediction shows in both columns even where the likelihood of the data does not."""
     import ppl_strict
 
-    from tq_vllm.codec import LayerCodec
-    from tq_vllm.config import get_preset
-
-    torch.manual_seed(0)
-    codec = LayerCodec.create(get_preset("tq4-mse"), 64, 2)
-    offset = 3 * torch.randn(2, 64)
-    keys = torch.randn(64, 2, 64)
-    keys[0] = -offset + 0.1 * torch.randn(2, 64)  # the original key k_c + offset is small
-    plain = codec.key.decode(codec.key.encode(keys))
-    chosen = ppl_strict.OffsetChoiceKeys(codec.key, offset).decode(keys)
-    err_plain, err_chosen = ((plain - keys) ** 2).sum(-1), ((chosen - keys) ** 2).sum(-1)
-    assert (err_chosen <= err_plain).all()
-    assert (err_chosen[0] < 0.1 * err_plain[0]).all()
+    ref = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]).log()
+    assert ppl_strict.divergence(ref, ref) == (0.0, 2)
+    moved = torch.tensor([[0.2, 0.7, 0.1], [0.1, 0.6, 0.3]]).log()
+    kl, agree = ppl_strict.divergence(moved, ref)
+    assert agree == 1
+    assert kl == pytest.approx(0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.7))
+    ids = torch.tensor([5, 2, 1])  # the data's tokens: equally likely under both
+    assert ppl_strict.nll(moved, ids) == pytest.approx(ppl_strict.nll(ref, ids))
