@@ -49,6 +49,17 @@ def _by_slot(cache):
     return cache.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
 
 
+def _store_matches_reference(codec, cache, k, v, sm, device):
+    """Store ``k``/``v`` at ``sm`` with the reference and with the kernel into copies of
+    ``cache`` on ``device``; assert equal bytes; return (kernel's cache, slots on device)."""
+    cache, k, v, sm = _on(device, cache, k, v, sm)
+    want, got = cache.clone(), cache.clone()
+    tq_store(k, v, want, sm, codec)
+    triton_ops.store(k, v, got, sm, codec)
+    assert torch.equal(got, want)
+    return got, sm
+
+
 def _with_norm_correction(preset):
     on = {"norm_correction": True}
     return preset.model_copy(update={"key": preset.key.model_copy(update=on),
@@ -63,11 +74,7 @@ def test_store_bit_exact_with_reference(name, dim, device):
     cache = _cache(PRESETS[name], dim, heads, blocks=4)
     k, v = _inputs(t, heads, dim, torch.bfloat16 if dim == 128 else torch.float32)
     sm = torch.randperm(cache.shape[0] * cache.shape[2])[:t]
-    cache, k, v, sm = _on(device, cache, k, v, sm)
-    want, got = cache.clone(), cache.clone()
-    tq_store(k, v, want, sm, codec)
-    triton_ops.store(k, v, got, sm, codec)
-    assert torch.equal(got, want)
+    got, sm = _store_matches_reference(codec, cache, k, v, sm, device)
     # the NaN key vector really is a zero vector (all norms 0)
     kz, _ = unpack_slots(PRESETS[name].layout(dim), _by_slot(got)[sm[3]])
     assert torch.all(kz.norms[1].float() == 0)
@@ -92,11 +99,7 @@ def test_store_bit_exact_with_key_offset_choice(name, device):
     k, v = _inputs(t, heads, dim)
     k[::4] = -offset + 0.3 * torch.randn(10, heads, dim)
     sm = torch.randperm(cache.shape[0] * cache.shape[2])[:t]
-    cache, k, v, sm = _on(device, cache, k, v, sm)
-    want, got = cache.clone(), cache.clone()
-    tq_store(k, v, want, sm, codec)
-    triton_ops.store(k, v, got, sm, codec)
-    assert torch.equal(got, want)
+    got, sm = _store_matches_reference(codec, cache, k, v, sm, device)
     kk, _ = unpack_slots(preset.layout(dim), _by_slot(got)[sm])
     flags = codec.key.offset_flags(kk.norms)
     assert flags[::4].all() and not flags.all()
@@ -108,11 +111,7 @@ def test_store_bit_exact_head_dim_256(name, dim, device):
     cache = _cache(PRESETS[name], dim, 1, blocks=3, block_size=32)
     k, v = torch.randn(24, 1, dim), torch.randn(24, 1, dim)
     sm = torch.randperm(96)[:24]
-    cache, k, v, sm = _on(device, cache, k, v, sm)
-    want, got = cache.clone(), cache.clone()
-    tq_store(k, v, want, sm, codec)
-    triton_ops.store(k, v, got, sm, codec)
-    assert torch.equal(got, want)
+    got, sm = _store_matches_reference(codec, cache, k, v, sm, device)
 
 
 @pytest.mark.parametrize("name", ["tq3.5-qjl", "tq3-mse"])
@@ -123,11 +122,7 @@ def test_store_bit_exact_with_norm_correction(name, device):
     cache = _cache(preset, 64, 2, blocks=3)
     k, v = _inputs(32, 2, 64)
     sm = torch.randperm(48)[:32]
-    cache, k, v, sm = _on(device, cache, k, v, sm)
-    want, got = cache.clone(), cache.clone()
-    tq_store(k, v, want, sm, codec)
-    triton_ops.store(k, v, got, sm, codec)
-    assert torch.equal(got, want)
+    got, sm = _store_matches_reference(codec, cache, k, v, sm, device)
 
 
 @pytest.mark.parametrize("name", ["tq3.5-qjl", "tq2.5-mse"])
