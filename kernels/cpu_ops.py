@@ -155,7 +155,8 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)
     cpu_numba.store_kernel(
         ys[0].numpy(), yk_alt.numpy(), tab.has_off, lay.key.nbytes, ys[1].numpy(),
-        sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc, tab.k_bounds, codec.key.lut.numpy(), codec.key.codec.norm_correction,
+        sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc,
+        tab.k_bounds, codec.key.lut.numpy(), codec.key.codec.norm_correction,
         tab.sketch64, tab.vdesc, tab.v_bounds, codec.value.lut.numpy(),
         codec.value.codec.norm_correction, saturated.numpy())
     n_sat = int(saturated.sum())

@@ -36,7 +36,7 @@ def run_engines(runs, tmp_path, timeout=1500):
     return json.loads(out.read_text())
 
 
-SCORED = ("auto", "tq4", "tq3.5")
+SCORED = ("auto", "tq4")
 """Presets whose teacher-forced predictions on :func:`held_out_text` are recorded."""
 
 
@@ -97,12 +97,13 @@ def test_tq4_greedy_tracks_exact(all_presets):
     assert sum(prefix) / len(prefix) >= 6, prefix
 
 
-@pytest.mark.parametrize("name,floor", [("tq4", 0.88), ("tq3.5", 0.86)])
+@pytest.mark.parametrize("name,floor", [("tq4", 0.88)])
 def test_teacher_forced_predictions_track_exact(all_presets, name, floor):
     """Teacher-forced over 719 held-out tokens, the preset's top-1 next token is the exact
     cache's at ≥ ``floor`` of positions, and its perplexity is within 5% of exact.
     Measured (bf16, 2026-11-23): top-1 agreement tq4 91.8%, tq3.5 89.9%, tq3 82.9%, tq2.5
-    75.4%; perplexity +3.5% (tq4), +3.6% (tq3.5). A broken kernel scores far lower."""
+    75.4%; perplexity +3.5% (tq4), +3.6% (tq3.5). A broken kernel scores far lower. Only
+    tq4 is scored here: each scored preset costs a bf16 prefill of the text (CI time)."""
     ref, got = all_presets["auto"], all_presets[name]
     n = len(ref["scored_top1"])
     assert n == len(got["scored_top1"]) > 500
