@@ -1,10 +1,13 @@
 """Decode-attention kernel benchmark: tq-vllm CPU kernels vs vLLM-CPU's exact attention.
 
 Per decode step (one query token per sequence, one layer), side by side in one run:
-our Numba kernel for each preset, vLLM-CPU's ``cpu_attention_with_kv_cache`` on a
-bf16 cache (what ``--kv-cache-dtype auto`` runs), and the PyTorch reference.
-Prints time, ratio vs bf16 and effective GB/s of cache bytes read; writes JSON and
-a plot.
+our native SIMD kernel (AVX-512 or AVX2) and the Numba fallback for each preset,
+vLLM-CPU's ``cpu_attention_with_kv_cache`` on a bf16 cache (what ``--kv-cache-dtype
+auto`` runs), and the PyTorch reference. The implementations of one case are timed in
+interleaved rounds and each ratio is the median of per-round ratios (these hosts are
+noisy). Prints time, ratio vs bf16 and effective GB/s of cache bytes read; writes JSON
+and a plot. Presets with the key offset choice get a random offset (every key's flag
+is read, as in serving).
 
     python eval/bench_decode.py                     # the full grid (minutes)
     python eval/bench_decode.py --quick             # batch 8, context 4k, d 64, GQA 3
@@ -29,16 +32,21 @@ from tq_vllm.reference import tq_paged_attention
 BLOCK_SIZE = 128  # vLLM-CPU's default block size
 
 
-def _time(fn, min_time: float = 0.5, max_iters: int = 50) -> float:
-    fn()  # warm-up (and jit compile)
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+def _time_side_by_side(fns, min_time: float = 1.0, max_rounds: int = 30):
+    """Per callable: (median seconds, median ratio to the first callable). Rounds call
+    every callable once in turn, so a slow spell of a noisy host hits all of them alike;
+    a ratio is taken within each round, then the median over rounds."""
+    for fn in fns:
+        fn()  # warm-up (and jit compile)
+    times = [[] for _ in fns]
+    t_end = time.perf_counter() + min_time * len(fns)
+    while len(times[0]) < 5 or (time.perf_counter() < t_end and len(times[0]) < max_rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    med = (lambda xs: sorted(xs)[len(xs) // 2])
+    return [(med(ts), med([t / t0 for t, t0 in zip(ts, times[0])])) for ts in times]
 
 
 def _bf16_case(batch, ctx, d, kv_heads, gqa):
@@ -81,7 +89,8 @@ def _reference_decode(q, cache, table, seq, codec, scale, out):
 
 
 def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl):
-    codec = LayerCodec.create(PRESETS[preset], d, kv_heads)
+    offset = torch.randn(kv_heads, d) if PRESETS[preset].transform.key_offset_choice else None
+    codec = LayerCodec.create(PRESETS[preset], d, kv_heads, key_offset=offset)
     slot = PRESETS[preset].layout(d).slot_bytes
     nb = batch * math.ceil(ctx / BLOCK_SIZE)
     # random bytes are valid codes; norms must be finite fp16: write small ones
@@ -109,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--gqa", default="3,7")
+    ap.add_argument("--impls", default="native,numba,reference",
+                    help="our implementations to time beside vLLM's bf16 attention")
     ap.add_argument("--reference-max-ctx", type=int, default=4096, help="skip the slow reference beyond")
     ap.add_argument("--out", default="eval/results/bench_decode")
     args = ap.parse_args(argv)
@@ -126,18 +137,16 @@ def main(argv=None) -> int:
     for b, c, d, g in grid_iter:
         if b * c > 32 * 16384:  # keep memory and time bounded on a 24 GiB machine
             continue
-        run, nbytes = _bf16_case(b, c, d, kv_heads, g)
-        t_bf16 = _time(run)
-        rows.append(dict(impl="vllm-cpu bf16", preset="auto", batch=b, ctx=c, head_dim=d, gqa=g,
-                         ms=t_bf16 * 1e3, gbps=nbytes / t_bf16 / 1e9, vs_bf16=1.0))
+        cases = [("vllm-cpu bf16", "auto", *_bf16_case(b, c, d, kv_heads, g))]
         for p in args.presets.split(","):
-            for impl in ("native", "numba", "reference"):
+            for impl in args.impls.split(","):
                 if impl == "reference" and c > args.reference_max_ctx:
                     continue
-                run, nbytes = _tq_case(p, b, c, d, kv_heads, g, impl)
-                t = _time(run)
-                rows.append(dict(impl=f"tq {impl}", preset=p, batch=b, ctx=c, head_dim=d, gqa=g,
-                                 ms=t * 1e3, gbps=nbytes / t / 1e9, vs_bf16=t / t_bf16))
+                cases.append((f"tq {impl}", p, *_tq_case(p, b, c, d, kv_heads, g, impl)))
+        timed = _time_side_by_side([run for _, _, run, _ in cases])
+        for (impl, p, _, nbytes), (t, ratio) in zip(cases, timed):
+            rows.append(dict(impl=impl, preset=p, batch=b, ctx=c, head_dim=d, gqa=g,
+                             ms=t * 1e3, gbps=nbytes / t / 1e9, vs_bf16=ratio))
     print(f"{'impl':<14}{'preset':<9}{'B':>4}{'ctx':>7}{'d':>5}{'gqa':>4}{'ms':>10}{'GB/s':>8}{'t/t_bf16':>10}")
     for r in rows:
         print(f"{r['impl']:<14}{r['preset']:<9}{r['batch']:>4}{r['ctx']:>7}{r['head_dim']:>5}{r['gqa']:>4}"

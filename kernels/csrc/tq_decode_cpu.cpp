@@ -5,11 +5,12 @@
 // Built twice by kernels/cpu_native.py: with AVX-512 (W = 16 lanes) or with AVX2 +
 // FMA + F16C (W = 8 lanes); only the primitives in the `simd` section differ.
 // One task = (sequence, KV head, KV split). Inside a task, tokens are taken in
-// tiles of TILE: each token's key is decoded once (W codes -> one permute from a
-// 16-entry codebook held in registers), scored against the G query heads of its KV
-// head, the QJL bias comes from the sign bits as a masked sum of the sketched query,
-// then one online-softmax update per tile, and the values are decoded chunk by chunk
-// straight into the accumulators. Nothing dequantized leaves L1.
+// tiles of TILE: each token's key is decoded chunk by chunk (W codes -> a permute from
+// a 16-entry codebook held in registers) and dotted with the G query heads of its KV
+// head in registers, the group norm applied to the sums; the QJL bias comes from the
+// sign bits as a masked sum of the sketched query; then one online-softmax update per
+// tile, and the values are decoded chunk by chunk straight into the accumulators.
+// Nothing dequantized is ever stored.
 // Keys with the offset choice: the first key norm's sign bit flags a key stored with
 // its offset o; norms are read as magnitudes and a flagged key's logit loses <q, o>
 // (q_off, per query head, from the launcher).
@@ -87,12 +88,13 @@ inline VI lane_shifts(int bits) {
 }
 inline Book make_book(const float* c) { return {_mm512_loadu_ps(c)}; }
 // W consecutive codes at byte p: lanes 0-7 from the first B bytes, 8-15 from the next B.
+// Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
 template <int B>
 inline VI codes(const uint8_t* p, VI shifts) {
   const uint32_t w0 = load_le<B>(p), w1 = load_le<B>(p + B);
   __m512i w = _mm512_inserti32x8(_mm512_castsi256_si512(_mm256_set1_epi32((int)w0)),
                                  _mm256_set1_epi32((int)w1), 1);
-  return _mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32((1 << B) - 1));
+  return _mm512_srlv_epi32(w, shifts);
 }
 template <int B>
 inline V lookup(const Book& b, VI idx) { return _mm512_permutexvar_ps(idx, b.cb); }
@@ -103,6 +105,10 @@ inline V select_set(const uint8_t* signs, V v) {
   return _mm512_maskz_mov_ps((__mmask16)m, v);
 }
 inline V exp2i(V n) { return _mm512_scalef_ps(set1(1.0f), n); }
+// sums[i] = horizontal sum of v[i], i < 8
+inline void reduce8(const V* v, float* sums) {
+  for (int i = 0; i < 8; ++i) sums[i] = _mm512_reduce_add_ps(v[i]);
+}
 inline V round_near(V t) { return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr int W = 8;
@@ -133,11 +139,20 @@ inline float reduce_max(V v) {
 inline VI lane_shifts(int bits) {
   return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(bits));
 }
+// sums[i] = horizontal sum of v[i], i < 8: one transposed add tree (9 ops, not 8 x 5)
+inline void reduce8(const V* v, float* sums) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per-lane half sums
+  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                       _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
 inline Book make_book(const float* c) { return {_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8)}; }
+// Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
 template <int B>
 inline VI codes(const uint8_t* p, VI shifts) {
   const __m256i w = _mm256_set1_epi32((int)load_le<B>(p));
-  return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << B) - 1));
+  return _mm256_srlv_epi32(w, shifts);
 }
 // Codes of up to 3 bits: one 8-lane permute. 4 bits: two, and code bit 3 (moved to the
 // sign bit) picks one.
@@ -178,12 +193,14 @@ inline V vexp(V x) {
 }
 
 // ----------------------------------------------------------------------- kernel body
+//
+// The task body is compiled once per GQA group size G = 1..8 (GT; 0 = any G up to
+// MAX_G, read at run time) so that the G per-query-head accumulators are registers, not
+// stack arrays reloaded and stored around every FMA. With G <= PAIR_MAX_G two chunks run
+// side by side (two accumulator sets): twice the independent FMA chains to hide their
+// latency, and each broadcast of a softmax weight feeds two FMAs.
 
-template <int B>
-inline void decode_group(const uint8_t* seg, int dim, const Book& cb, VI shifts, V n, float* out) {
-  for (int k = 0; k < dim; k += W)
-    storeu(out + k, mul(lookup<B>(cb, codes<B>(seg + B * (k / 8), shifts)), n));
-}
+constexpr int PAIR_MAX_G = 4;  // 2 x G accumulators + codebook + temporaries fit 16 ymm
 
 struct Codebooks {
   Book cb[2];
@@ -193,33 +210,43 @@ struct Codebooks {
 Codebooks make_codebooks(const Desc& d, const float* books) {
   Codebooks c{};
   for (int g = 0; g < d.ngroups; ++g) {
-    c.cb[g] = make_book(books + 16 * g);
+    // the codebook repeated with period 2^bits: lookups read only the index's low bits
+    // (3 per permute on AVX2, 4 on AVX-512) and codes are not masked, so the bits above
+    // a code (its neighbours') must not change the entry
+    alignas(64) float rep[16];
+    for (int i = 0; i < 16; ++i) rep[i] = books[16 * g + i % (1 << d.bits[g])];
+    c.cb[g] = make_book(rep);
     c.shifts[g] = lane_shifts((int)d.bits[g]);
   }
   return c;
 }
 
-// Rotated-domain reconstruction (norms applied) of one K or V slot into out[d].
-inline void decode_vec(const uint8_t* slot, const Desc& d, const Codebooks& c, float* out) {
-  int j = 0;
-  for (int g = 0; g < d.ngroups; ++g) {
-    const V n = set1(std::fabs(half_at(slot + d.norm_off + 2 * g)));  // sign: offset flag
-    const uint8_t* seg = slot + d.seg_off[g];
-    const int dim = (int)d.dim[g];
-    switch (d.bits[g]) {
-      case 1: decode_group<1>(seg, dim, c.cb[g], c.shifts[g], n, out + j); break;
-      case 2: decode_group<2>(seg, dim, c.cb[g], c.shifts[g], n, out + j); break;
-      case 3: decode_group<3>(seg, dim, c.cb[g], c.shifts[g], n, out + j); break;
-      default: decode_group<4>(seg, dim, c.cb[g], c.shifts[g], n, out + j); break;
-    }
-    j += dim;
-  }
+// W centroids (unit scale) of the chunk at coordinate k of a B-bit group
+template <int B>
+inline V centroids(const uint8_t* seg, int k, const Book& cb, VI shifts) {
+  return lookup<B>(cb, codes<B>(seg + B * (k / 8), shifts));
 }
 
-inline float dot(const float* a, const float* b, int d) {
-  V acc = zero();
-  for (int k = 0; k < d; k += W) acc = fmadd(loadu(a + k), loadu(b + k), acc);
-  return reduce_add(acc);
+// a[g] (+ b[g]) += q[g][j + k ..] * centroid chunk, over one B-bit key group of `dim`
+// coordinates starting at rotated coordinate j: the key is decoded once for all G query
+// heads and never leaves registers; the caller applies the group norm to the sums.
+template <int B, int GA, bool PAIR>
+inline void score_group(const uint8_t* seg, int dim, int j, const Book& cb, VI shifts,
+                        const float* q, int64_t d, int G, V* a, V* b) {
+  int k = 0;
+  if constexpr (PAIR) {
+    for (; k + 2 * W <= dim; k += 2 * W) {
+      const V c0 = centroids<B>(seg, k, cb, shifts), c1 = centroids<B>(seg, k + W, cb, shifts);
+      for (int g = 0; g < G; ++g) {
+        a[g] = fmadd(loadu(q + g * d + j + k), c0, a[g]);
+        b[g] = fmadd(loadu(q + g * d + j + k + W), c1, b[g]);
+      }
+    }
+  }
+  for (; k < dim; k += W) {
+    const V c = centroids<B>(seg, k, cb, shifts);
+    for (int g = 0; g < G; ++g) a[g] = fmadd(loadu(q + g * d + j + k), c, a[g]);
+  }
 }
 
 // sum_j q[j] * (bit_j ? +1 : -1) = 2 * (sum over set bits) - q_sum, q_sum = sum_j q[j]
@@ -229,20 +256,53 @@ inline float sign_dot(const uint8_t* signs, const float* q, float q_sum, int d) 
   return 2.0f * reduce_add(pos) - q_sum;
 }
 
-// acc[g][k .. k+W) += sum_i pn[g][i] * c[code_i] over the n tokens of a tile, for one
-// chunk of W coordinates of a B-bit group at byte `off` of each slot; pn already holds
-// p * (the token's group norm). Chunk-outer order keeps the G accumulators in
-// registers across the tile instead of loading and storing them per token.
-template <int B>
-inline void accumulate_chunk(const uint8_t* const* slots, int n, int64_t off, const Book& cb,
-                             VI shifts, const float (*pn)[TILE], int G, float (*acc)[MAX_D], int k) {
-  V a[MAX_G];
-  for (int g = 0; g < G; ++g) a[g] = loadu(acc[g] + k);
-  for (int i = 0; i < n; ++i) {
-    const V c = lookup<B>(cb, codes<B>(slots[i] + off, shifts));
-    for (int g = 0; g < G; ++g) a[g] = fmadd(set1(pn[g][i]), c, a[g]);
+// acc[g][k ..] += sum_i pn[g][i] * c[code_i] over the n tokens of a tile, for the chunk at
+// byte `off` of each slot (and, PAIR, the next chunk too); pn already holds p * (the
+// token's group norm). Chunk-outer order keeps the accumulators in registers across the
+// tile.
+template <int B, int GA, bool PAIR>
+inline void accumulate(const uint8_t* const* slots, int n, int64_t off, const Book& cb,
+                       VI shifts, const float (*pn)[TILE], int G, float (*acc)[MAX_D], int k) {
+  V a[GA], b[GA];
+  for (int g = 0; g < G; ++g) {
+    a[g] = loadu(acc[g] + k);
+    if constexpr (PAIR) b[g] = loadu(acc[g] + k + W);
   }
-  for (int g = 0; g < G; ++g) storeu(acc[g] + k, a[g]);
+  for (int i = 0; i < n; ++i) {
+    const V c0 = lookup<B>(cb, codes<B>(slots[i] + off, shifts));
+    if constexpr (PAIR) {
+      const V c1 = lookup<B>(cb, codes<B>(slots[i] + off + B * W / 8, shifts));
+      for (int g = 0; g < G; ++g) {
+        const V p = set1(pn[g][i]);
+        a[g] = fmadd(p, c0, a[g]);
+        b[g] = fmadd(p, c1, b[g]);
+      }
+    } else {
+      for (int g = 0; g < G; ++g) a[g] = fmadd(set1(pn[g][i]), c0, a[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    storeu(acc[g] + k, a[g]);
+    if constexpr (PAIR) storeu(acc[g] + k + W, b[g]);
+  }
+}
+
+template <int B, int GA, bool PAIR>
+inline void accumulate_group(const uint8_t* const* slots, int n, int64_t seg_off, int dim,
+                             const Book& cb, VI shifts, const float (*pn)[TILE], int G,
+                             float (*acc)[MAX_D], int j) {
+  int k = 0;
+  if constexpr (PAIR)
+    for (; k + 2 * W <= dim; k += 2 * W)
+      accumulate<B, GA, true>(slots, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
+  for (; k < dim; k += W)
+    accumulate<B, GA, false>(slots, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
+}
+
+inline float dot(const float* a, const float* b, int d) {
+  V acc = zero();
+  for (int k = 0; k < d; k += W) acc = fmadd(loadu(a + k), loadu(b + k), acc);
+  return reduce_add(acc);
 }
 
 inline void matvec(const float* m, const float* x, int d, float* y) {  // y = M x, M [d, d]
@@ -254,6 +314,162 @@ inline void matvec_t(const float* m, const float* x, int d, float* y) {  // y = 
   for (int e = 0; e < d; ++e) {
     const V xe = set1(x[e]);
     for (int k = 0; k < d; k += W) storeu(y + k, fmadd(xe, loadu(m + (int64_t)e * d + k), loadu(y + k)));
+  }
+}
+
+// Everything one (sequence, KV head, split) task reads and writes.
+struct Step {
+  const uint8_t* cache;
+  int64_t s_blk, s_head, s_tok;
+  const int64_t* block_table;
+  int64_t bt_stride;
+  const int64_t* seq_lens;
+  const float *q_rot, *q_sk, *q_off;  // q_sk null without QJL; q_off null without offsets
+  const float* qs_sum;                // [B * Hq] sum of each sketched query
+  int64_t Hq, H, G, d, block_size, n_splits, split_tokens;
+  float scale, qjl_scale;
+  Desc kd, vd;
+  Codebooks kc, vc;
+  float *acc_out, *m_out, *l_out;
+};
+
+template <int B, int GA, bool PAIR>
+inline void score_key_group(const Step& P, const uint8_t* slot, int kg, int j, const float* qb,
+                            int G, V* a, V* b) {
+  score_group<B, GA, PAIR>(slot + P.kd.seg_off[kg], (int)P.kd.dim[kg], j, P.kc.cb[kg],
+                           P.kc.shifts[kg], qb, P.d, G, a, b);
+}
+
+// One task; GT = the GQA group size it was compiled for (0: any, read from P.G).
+template <int GT>
+void attend(const Step& P, int64_t task) {
+  constexpr int GA = GT > 0 ? GT : MAX_G;           // accumulator array extent
+  constexpr bool PAIR = GT > 0 && GT <= PAIR_MAX_G;
+  const int G = GT > 0 ? GT : (int)P.G;
+  const int64_t d = P.d, Hq = P.Hq, H = P.H, n_splits = P.n_splits;
+  const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
+  const int64_t seq = P.seq_lens[b];
+  const bool qjl = P.q_sk != nullptr;
+  // fixed runs of split_tokens (a multiple of TILE): how a sequence is split does not
+  // depend on the batch. Splits start on TILE boundaries; with block_size % TILE == 0 a
+  // tile never crosses a block, so one block-table lookup serves the whole tile
+  const int64_t t0 = sp * P.split_tokens, t1 = std::min(seq, t0 + P.split_tokens);
+  alignas(64) float acc[MAX_G][MAX_D];
+  alignas(64) float s[MAX_G][TILE];
+  alignas(64) V part[MAX_G][TILE];
+  float m[MAX_G], l[MAX_G];
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+    std::fill(acc[g], acc[g] + d, 0.f);
+  }
+  const int64_t q0 = b * Hq + h * G;  // first query head of this KV head
+  const float* qb = P.q_rot + q0 * d;
+  const float* qs = qjl ? P.q_sk + q0 * d : nullptr;
+  const int64_t* row = P.block_table + b * P.bt_stride;
+  for (int64_t tt = t0; tt < t1; tt += TILE) {
+    const int n = (int)std::min<int64_t>(TILE, t1 - tt);
+    const uint8_t* tile = P.cache + row[tt / P.block_size] * P.s_blk + h * P.s_head +
+                          (tt % P.block_size) * P.s_tok;
+    const uint8_t* slots[TILE];
+    for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
+    // scores: each key decoded once, dotted with the G queries in registers
+    for (int i = 0; i < n; ++i) {
+      V tot[GA];
+      int j = 0;
+      for (int kg = 0; kg < P.kd.ngroups; ++kg) {
+        V a[GA], c[GA];
+        for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
+        switch (P.kd.bits[kg]) {
+          case 1: score_key_group<1, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
+          case 2: score_key_group<2, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
+          case 3: score_key_group<3, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
+          default: score_key_group<4, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
+        }
+        j += (int)P.kd.dim[kg];
+        const V nk = set1(std::fabs(half_at(slots[i] + P.kd.norm_off + 2 * kg)));  // sign: offset flag
+        for (int g = 0; g < G; ++g) {
+          const V sum = PAIR ? add(a[g], c[g]) : a[g];
+          tot[g] = kg == 0 ? mul(sum, nk) : fmadd(sum, nk, tot[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) part[g][i] = tot[g];
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int i = n; i < TILE; ++i) part[g][i] = zero();
+      for (int i = 0; i < TILE; i += 8) reduce8(part[g] + i, s[g] + i);
+    }
+    for (int i = 0; i < n; ++i) {
+      const float gamma = qjl ? P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * P.kd.ngroups) : 0.f;
+      const bool flagged = P.q_off != nullptr && (slots[i][P.kd.norm_off + 1] & 0x80);
+      for (int g = 0; g < G; ++g) {
+        float sc = s[g][i];
+        if (qjl) sc += gamma * sign_dot(slots[i] + P.kd.sign_off, qs + g * d, P.qs_sum[q0 + g], (int)d);
+        if (flagged) sc -= P.q_off[q0 + g];
+        s[g][i] = sc * P.scale;
+      }
+    }
+    // one online-softmax update per tile and query head
+    alignas(64) float p[MAX_G][TILE];
+    for (int g = 0; g < G; ++g) {
+      for (int i = n; i < TILE; ++i) s[g][i] = -INFINITY;
+      V mv = loadu(s[g]);
+      for (int i = W; i < TILE; i += W) mv = vmax(mv, loadu(s[g] + i));
+      const float m_new = std::max(m[g], reduce_max(mv));
+      const float corr = std::exp(m[g] - m_new);
+      V lsum = zero();
+      for (int i = 0; i < TILE; i += W) storeu(p[g] + i, vexp(sub(loadu(s[g] + i), set1(m_new))));
+      for (int i = n; i < TILE; ++i) p[g][i] = 0.f;  // vexp clamps: exp(-inf) is not 0
+      for (int i = 0; i < TILE; i += W) lsum = add(lsum, loadu(p[g] + i));
+      l[g] = l[g] * corr + reduce_add(lsum);
+      m[g] = m_new;
+      if (corr != 1.f) {
+        const V cv = set1(corr);
+        for (int k = 0; k < d; k += W) storeu(acc[g] + k, mul(loadu(acc[g] + k), cv));
+      }
+    }
+    // values decoded chunk by chunk straight into the accumulators
+    int j = 0;
+    for (int vg = 0; vg < P.vd.ngroups; ++vg) {
+      alignas(64) float pn[MAX_G][TILE];
+      for (int i = 0; i < n; ++i) {
+        const float nv = half_at(slots[i] + P.vd.norm_off + 2 * vg);
+        for (int g = 0; g < G; ++g) pn[g][i] = p[g][i] * nv;
+      }
+      const int64_t off = P.vd.seg_off[vg];
+      const int dim = (int)P.vd.dim[vg];
+      const Book& cb = P.vc.cb[vg];
+      const VI sh = P.vc.shifts[vg];
+      switch (P.vd.bits[vg]) {
+        case 1: accumulate_group<1, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
+        case 2: accumulate_group<2, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
+        case 3: accumulate_group<3, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
+        default: accumulate_group<4, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
+      }
+      j += dim;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t o = (q0 + g) * n_splits + sp;
+    P.m_out[o] = m[g];
+    P.l_out[o] = l[g];
+    std::memcpy(P.acc_out + o * d, acc[g], d * sizeof(float));
+  }
+}
+
+using AttendFn = void (*)(const Step&, int64_t);
+
+AttendFn attend_for(int64_t G) {
+  switch (G) {
+    case 1: return attend<1>;
+    case 2: return attend<2>;
+    case 3: return attend<3>;
+    case 4: return attend<4>;
+    case 5: return attend<5>;
+    case 6: return attend<6>;
+    case 7: return attend<7>;
+    case 8: return attend<8>;
+    default: return attend<0>;
   }
 }
 
@@ -279,9 +495,8 @@ extern "C" int tq_decode_cpu(
     for (int64_t g = 0; g < desc[1]; ++g)
       if (desc[5 + 3 * g] % W) return -1;  // a group must be whole vectors
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
-  const Codebooks kc = make_codebooks(kd, k_books), vc = make_codebooks(vd, v_books);
   const bool qjl = kd.sign_off >= 0 && sketch != nullptr;
-  std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0);
+  std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0), qs_sum(B * Hq, 0.f);
   std::vector<float> acc_out(B * Hq * n_splits * d), m_out(B * Hq * n_splits), l_out(B * Hq * n_splits);
 
   // 1. rotate (and sketch) each query once per step
@@ -289,99 +504,24 @@ extern "C" int tq_decode_cpu(
   for (int64_t i = 0; i < B * Hq; ++i) {
     const int64_t h = (i % Hq) / G;
     matvec(rot_k + h * d * d, q + i * d, (int)d, q_rot.data() + i * d);
-    if (qjl) matvec(sketch, q_rot.data() + i * d, (int)d, q_sk.data() + i * d);
+    if (qjl) {
+      float* qs = q_sk.data() + i * d;
+      matvec(sketch, q_rot.data() + i * d, (int)d, qs);
+      V t = zero();
+      for (int k = 0; k < d; k += W) t = add(t, loadu(qs + k));
+      qs_sum[i] = reduce_add(t);
+    }
   }
   // 2. split-KV attention: one task per (sequence, KV head, split)
+  const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens,
+                  q_rot.data(), qjl ? q_sk.data() : nullptr, q_off, qs_sum.data(),
+                  Hq, H, G, d, block_size, n_splits, split_tokens, scale, qjl_scale,
+                  kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
+                  acc_out.data(), m_out.data(), l_out.data()};
+  const AttendFn fn = attend_for(G);
   const int64_t ntasks = B * H * n_splits;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t task = 0; task < ntasks; ++task) {
-    const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
-    const int64_t seq = seq_lens[b];
-    // fixed runs of split_tokens (a multiple of TILE): how a sequence is split does not
-    // depend on the batch. Splits start on TILE boundaries; with block_size % TILE == 0 a
-    // tile never crosses a block, so one block-table lookup serves the whole tile
-    const int64_t t0 = sp * split_tokens, t1 = std::min(seq, t0 + split_tokens);
-    alignas(64) float kt[MAX_D];
-    alignas(64) float acc[MAX_G][MAX_D];
-    alignas(64) float s[MAX_G][TILE];
-    float m[MAX_G], l[MAX_G];
-    for (int g = 0; g < G; ++g) {
-      m[g] = -INFINITY;
-      l[g] = 0.f;
-      std::fill(acc[g], acc[g] + d, 0.f);
-    }
-    const float* qb = q_rot.data() + (b * Hq + h * G) * d;
-    const float* qs = qjl ? q_sk.data() + (b * Hq + h * G) * d : nullptr;
-    float qs_sum[MAX_G];
-    for (int g = 0; g < G && qjl; ++g) {
-      V t = zero();
-      for (int k = 0; k < d; k += W) t = add(t, loadu(qs + g * d + k));
-      qs_sum[g] = reduce_add(t);
-    }
-    const int64_t* row = block_table + b * bt_stride;
-    for (int64_t tt = t0; tt < t1; tt += TILE) {
-      const int n = (int)std::min<int64_t>(TILE, t1 - tt);
-      const uint8_t* tile = cache + row[tt / block_size] * s_blk + h * s_head + (tt % block_size) * s_tok;
-      const uint8_t* slots[TILE];
-      for (int i = 0; i < n; ++i) slots[i] = tile + i * s_tok;
-      for (int i = 0; i < n; ++i) {
-        decode_vec(slots[i], kd, kc, kt);
-        const float gamma = qjl ? qjl_scale * half_at(slots[i] + kd.norm_off + 2 * kd.ngroups) : 0.f;
-        const bool flagged = q_off != nullptr && (slots[i][kd.norm_off + 1] & 0x80);
-        for (int g = 0; g < G; ++g) {
-          float sc = dot(qb + g * d, kt, (int)d);
-          if (qjl) sc += gamma * sign_dot(slots[i] + kd.sign_off, qs + g * d, qs_sum[g], (int)d);
-          if (flagged) sc -= q_off[b * Hq + h * G + g];
-          s[g][i] = sc * scale;
-        }
-      }
-      alignas(64) float p[MAX_G][TILE];
-      for (int g = 0; g < G; ++g) {
-        for (int i = n; i < TILE; ++i) s[g][i] = -INFINITY;
-        V mv = loadu(s[g]);
-        for (int i = W; i < TILE; i += W) mv = vmax(mv, loadu(s[g] + i));
-        const float m_new = std::max(m[g], reduce_max(mv));
-        const float corr = std::exp(m[g] - m_new);
-        V lsum = zero();
-        for (int i = 0; i < TILE; i += W) {
-          const V pv = vexp(sub(loadu(s[g] + i), set1(m_new)));
-          storeu(p[g] + i, pv);
-        }
-        for (int i = n; i < TILE; ++i) p[g][i] = 0.f;  // vexp clamps: exp(-inf) is not 0
-        for (int i = 0; i < TILE; i += W) lsum = add(lsum, loadu(p[g] + i));
-        l[g] = l[g] * corr + reduce_add(lsum);
-        m[g] = m_new;
-        if (corr != 1.f) {
-          const V cv = set1(corr);
-          for (int k = 0; k < d; k += W) storeu(acc[g] + k, mul(loadu(acc[g] + k), cv));
-        }
-      }
-      int j = 0;
-      for (int vg = 0; vg < vd.ngroups; ++vg) {
-        alignas(64) float pn[MAX_G][TILE];
-        for (int i = 0; i < n; ++i) {
-          const float nv = half_at(slots[i] + vd.norm_off + 2 * vg);
-          for (int g = 0; g < G; ++g) pn[g][i] = p[g][i] * nv;
-        }
-        for (int k = 0; k < vd.dim[vg]; k += W) {
-          const int64_t off = vd.seg_off[vg] + vd.bits[vg] * (k / 8);
-          switch (vd.bits[vg]) {
-            case 1: accumulate_chunk<1>(slots, n, off, vc.cb[vg], vc.shifts[vg], pn, (int)G, acc, j + k); break;
-            case 2: accumulate_chunk<2>(slots, n, off, vc.cb[vg], vc.shifts[vg], pn, (int)G, acc, j + k); break;
-            case 3: accumulate_chunk<3>(slots, n, off, vc.cb[vg], vc.shifts[vg], pn, (int)G, acc, j + k); break;
-            default: accumulate_chunk<4>(slots, n, off, vc.cb[vg], vc.shifts[vg], pn, (int)G, acc, j + k); break;
-          }
-        }
-        j += (int)vd.dim[vg];
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      const int64_t o = (b * Hq + h * G + g) * n_splits + sp;
-      m_out[o] = m[g];
-      l_out[o] = l[g];
-      std::memcpy(acc_out.data() + o * d, acc[g], d * sizeof(float));
-    }
-  }
+  for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
 
   // 3. log-sum-exp combine of the splits, then rotate back once: out = R_v^T o
 #pragma omp parallel for num_threads(num_threads)

@@ -52,6 +52,21 @@ def test_decode_matches_reference(impl, name, dim, gqa, block_size, dtype):
     assert (out.float() - ref).abs().max().item() <= tol
 
 
+@pytest.mark.parametrize("gqa", [4, 5, 6, 9, 16])
+@pytest.mark.parametrize("name", ["tq3", "tq2.5-qjl"])
+def test_decode_every_gqa_width(impl, name, gqa):
+    """The native kernel is compiled per GQA group size 1-8 (accumulators in registers)
+    plus one body for any size up to 16; the sizes the grid above misses, with split
+    groups of 1 to 4 bits."""
+    seq_lens = [45, 17]
+    codec, cache, table, _, _ = build_cache(name, 64, 2, 16, seq_lens)
+    q = torch.randn(len(seq_lens), 2 * gqa, 64)
+    out = torch.empty_like(q)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out)
+    ref, _ = _reference(q, cache, table, seq_lens, [1] * len(seq_lens), codec, torch.float32)
+    assert (out - ref).abs().max().item() <= ATOL
+
+
 def test_decode_long_context_uses_splits_and_stays_exact(impl):
     codec, cache, table, _, _ = build_cache("tq3.5", 64, 1, 16, [2100])
     assert cpu_ops.num_splits(2100) > 1
