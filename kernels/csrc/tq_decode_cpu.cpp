@@ -257,12 +257,13 @@ inline float sign_dot(const uint8_t* signs, const float* q, float q_sum, int d) 
 }
 
 // acc[g][k ..] += sum_i pn[g][i] * c[code_i] over the n tokens of a tile, for the chunk at
-// byte `off` of each slot (and, PAIR, the next chunk too); pn already holds p * (the
+// byte `off` of each slot (and, PAIR, the next chunk too); pn, broadcast to W lanes once
+// per tile (an FMA then reads it as its memory operand), already holds p * (the
 // token's group norm). Chunk-outer order keeps the accumulators in registers across the
 // tile.
 template <int B, int GA, bool PAIR>
 inline void accumulate(const uint8_t* const* slots, int n, int64_t off, const Book& cb,
-                       VI shifts, const float (*pn)[TILE], int G, float (*acc)[MAX_D], int k) {
+                       VI shifts, const V (*pn)[TILE], int G, float (*acc)[MAX_D], int k) {
   V a[GA], b[GA];
   for (int g = 0; g < G; ++g) {
     a[g] = loadu(acc[g] + k);
@@ -273,12 +274,12 @@ inline void accumulate(const uint8_t* const* slots, int n, int64_t off, const Bo
     if constexpr (PAIR) {
       const V c1 = lookup<B>(cb, codes<B>(slots[i] + off + B * W / 8, shifts));
       for (int g = 0; g < G; ++g) {
-        const V p = set1(pn[g][i]);
+        const V p = pn[g][i];
         a[g] = fmadd(p, c0, a[g]);
         b[g] = fmadd(p, c1, b[g]);
       }
     } else {
-      for (int g = 0; g < G; ++g) a[g] = fmadd(set1(pn[g][i]), c0, a[g]);
+      for (int g = 0; g < G; ++g) a[g] = fmadd(pn[g][i], c0, a[g]);
     }
   }
   for (int g = 0; g < G; ++g) {
@@ -289,7 +290,7 @@ inline void accumulate(const uint8_t* const* slots, int n, int64_t off, const Bo
 
 template <int B, int GA, bool PAIR>
 inline void accumulate_group(const uint8_t* const* slots, int n, int64_t seg_off, int dim,
-                             const Book& cb, VI shifts, const float (*pn)[TILE], int G,
+                             const Book& cb, VI shifts, const V (*pn)[TILE], int G,
                              float (*acc)[MAX_D], int j) {
   int k = 0;
   if constexpr (PAIR)
@@ -431,10 +432,10 @@ void attend(const Step& P, int64_t task) {
     // values decoded chunk by chunk straight into the accumulators
     int j = 0;
     for (int vg = 0; vg < P.vd.ngroups; ++vg) {
-      alignas(64) float pn[MAX_G][TILE];
+      alignas(64) V pn[MAX_G][TILE];
       for (int i = 0; i < n; ++i) {
         const float nv = half_at(slots[i] + P.vd.norm_off + 2 * vg);
-        for (int g = 0; g < G; ++g) pn[g][i] = p[g][i] * nv;
+        for (int g = 0; g < G; ++g) pn[g][i] = set1(p[g][i] * nv);
       }
       const int64_t off = P.vd.seg_off[vg];
       const int dim = (int)P.vd.dim[vg];
