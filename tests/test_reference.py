@@ -22,13 +22,26 @@ def random_keys(s, kv_heads, dim, offset):
     return k
 
 
-def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32, num_blocks=None):
-    """Random K/V for ragged sequences stored through scattered blocks."""
-    offset = key_offset(PRESETS[name], kv_heads, dim)
-    codec = LayerCodec.create(PRESETS[name], dim, kv_heads, layer=3, key_offset=offset)
-    slot = PRESETS[name].layout(dim).slot_bytes
-    per_seq = [-(-s // block_size) for s in seq_lens]
-    num_blocks = num_blocks or sum(per_seq) + 3
+def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32,
+                spare_blocks=3, device=torch.device("cpu")):
+    """Random K/V of ragged sequences stored by :func:`reference.tq_store` through
+    scattered blocks of a cache pre-filled with random bytes. Presets with a calibrated
+    split get random outlier halves, presets with the key offset choice a random offset
+    (and keys near it, :func:`random_keys`). Drawn on the CPU (same bits on every
+    device), then moved to ``device``.
+
+    Returns (codec, cache, block_table int32 [B, M], [(k, v)] per sequence, unused blocks).
+    """
+    preset = PRESETS[name]
+    perms = [torch.stack([torch.randperm(dim) for _ in range(kv_heads)])
+             if preset.transform.calibrated_split and c.split else None
+             for c in (preset.key, preset.value)]  # calibrated outlier halves: any order
+    offset = key_offset(preset, kv_heads, dim)
+    codec = LayerCodec.create(preset, dim, kv_heads, layer=3, key_perm=perms[0],
+                              value_perm=perms[1], key_offset=offset)
+    slot = preset.layout(dim).slot_bytes
+    per_seq = [max(1, -(-s // block_size)) for s in seq_lens]
+    num_blocks = sum(per_seq) + spare_blocks
     cache = torch.randint(0, 256, (num_blocks, kv_heads, block_size, slot), dtype=torch.uint8)
     order = torch.randperm(num_blocks)
     table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
@@ -42,6 +55,9 @@ def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32, 
         pos = torch.arange(s)
         tq_store(k, v, cache, table[b, pos // block_size].long() * block_size + pos % block_size, codec)
         kv.append((k, v))
+    if device.type != "cpu":
+        codec, cache, table = codec.to(device), cache.to(device), table.to(device)
+        kv = [(k.to(device), v.to(device)) for k, v in kv]
     return codec, cache, table, kv, order[used:]
 
 
