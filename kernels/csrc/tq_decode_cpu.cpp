@@ -377,6 +377,7 @@ void attend(const Step& P, int64_t task) {
     // scores: each key decoded once, dotted with the G queries in registers
     for (int i = 0; i < n; ++i) {
       V tot[GA];
+      for (int g = 0; g < G; ++g) tot[g] = zero();  // the first group overwrites these
       int j = 0;
       for (int kg = 0; kg < P.kd.ngroups; ++kg) {
         V a[GA], c[GA];
