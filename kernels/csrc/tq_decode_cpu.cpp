@@ -272,9 +272,9 @@ inline void accumulate(const uint8_t* const* slots, int n, int64_t off, const Bo
     if constexpr (PAIR) b[g] = loadu(acc[g] + k + W);
   }
   for (int i = 0; i < n; ++i) {
-    const V c0 = lookup<B>(cb, codes<B>(slots[i] + off, shifts));
+    const V c0 = centroids<B>(slots[i] + off, 0, cb, shifts);
     if constexpr (PAIR) {
-      const V c1 = lookup<B>(cb, codes<B>(slots[i] + off + B * W / 8, shifts));
+      const V c1 = centroids<B>(slots[i] + off, W, cb, shifts);
       for (int g = 0; g < G; ++g) {
         const V p = pn[g][i];
         a[g] = fmadd(p, c0, a[g]);
@@ -336,13 +336,6 @@ struct Step {
   float *acc_out, *m_out, *l_out;
 };
 
-template <int B, int GA, bool PAIR>
-inline void score_key_group(const Step& P, const uint8_t* slot, int kg, int j, const float* qb,
-                            int G, V* a, V* b) {
-  score_group<B, GA, PAIR>(slot + P.kd.seg_off[kg], (int)P.kd.dim[kg], j, P.kc.cb[kg],
-                           P.kc.shifts[kg], qb, P.d, G, a, b);
-}
-
 // One task; GT = the GQA group size it was compiled for (0: any, read from P.G).
 template <int GT>
 void attend(const Step& P, int64_t task) {
@@ -379,23 +372,24 @@ void attend(const Step& P, int64_t task) {
     // scores: each key decoded once, dotted with the G queries in registers
     for (int i = 0; i < n; ++i) {
       V tot[GA];
-      for (int g = 0; g < G; ++g) tot[g] = zero();  // the first group overwrites these
+      for (int g = 0; g < G; ++g) tot[g] = zero();
       int j = 0;
       for (int kg = 0; kg < P.kd.ngroups; ++kg) {
         V a[GA], c[GA];
         for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
+        const uint8_t* seg = slots[i] + P.kd.seg_off[kg];
+        const int dim = (int)P.kd.dim[kg];
+        const Book& cb = P.kc.cb[kg];
+        const VI sh = P.kc.shifts[kg];
         switch (P.kd.bits[kg]) {
-          case 1: score_key_group<1, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
-          case 2: score_key_group<2, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
-          case 3: score_key_group<3, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
-          default: score_key_group<4, GA, PAIR>(P, slots[i], kg, j, qb, G, a, c); break;
+          case 1: score_group<1, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
+          case 2: score_group<2, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
+          case 3: score_group<3, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
+          default: score_group<4, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
         }
-        j += (int)P.kd.dim[kg];
+        j += dim;
         const V nk = set1(std::fabs(half_at(slots[i] + P.kd.norm_off + 2 * kg)));  // sign: offset flag
-        for (int g = 0; g < G; ++g) {
-          const V sum = PAIR ? add(a[g], c[g]) : a[g];
-          tot[g] = kg == 0 ? mul(sum, nk) : fmadd(sum, nk, tot[g]);
-        }
+        for (int g = 0; g < G; ++g) tot[g] = fmadd(PAIR ? add(a[g], c[g]) : a[g], nk, tot[g]);
       }
       for (int g = 0; g < G; ++g) part[g][i] = tot[g];
     }
