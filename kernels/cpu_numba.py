@@ -137,39 +137,6 @@ def decode_kernel(cache, s_blk, s_head, s_tok, block_table, seq_lens, q_rot, q_s
                 acc_out[b, qh, sp, j] = acc[g, j]
 
 
-@njit(parallel=True, cache=True)
-def dequantize_kernel(cache, s_blk, s_head, s_tok, block_row, seq_len, desc, lut, off_rot,
-                      has_off, num_kv_heads, block_size, out):
-    """Rotated-domain decode of positions 0..seq_len-1 of one sequence: out [H, S, d];
-    with ``has_off``, flagged keys have their offset ``off_rot`` [H, d] taken off."""
-    d = out.shape[2]
-    for task in prange(num_kv_heads * seq_len):
-        h = task // seq_len
-        t = task % seq_len
-        base = block_row[t // block_size] * s_blk + h * s_head + (t % block_size) * s_tok
-        _decode_tensor(cache, base, desc, lut, out[h, t])
-        if has_off and (cache[base + desc[0] + 1] & 0x80) != 0:
-            for j in range(d):
-                out[h, t, j] -= off_rot[h, j]
-
-
-@njit(parallel=True, cache=True)
-def qjl_signs_kernel(cache, s_blk, s_head, s_tok, block_row, seq_len, kdesc, num_kv_heads,
-                     block_size, out):
-    """``γ·(±1)`` of the QJL key signs of positions 0..seq_len-1: out [H, S, d]."""
-    d = out.shape[2]
-    for task in prange(num_kv_heads * seq_len):
-        h = task // seq_len
-        t = task % seq_len
-        base = block_row[t // block_size] * s_blk + h * s_head + (t % block_size) * s_tok
-        gb = base + kdesc[0] + 2 * kdesc[1]
-        gamma = _half(cache[gb], cache[gb + 1])
-        so = base + kdesc[2]
-        for j in range(d):
-            bit = (cache[so + (j >> 3)] >> (j & 7)) & 1
-            out[h, t, j] = gamma if bit else -gamma
-
-
 @njit(inline="always", cache=True)
 def _half_bits(v):
     """float32 value ``v`` in [0, 65504] → IEEE fp16 bits, round half to even

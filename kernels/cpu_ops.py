@@ -213,48 +213,21 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     out.copy_(_unrotate_values(o_rot, codec, num_kv))
 
 
-def dequantize(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int,
-               codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated-domain K and V ``[H, S, d]`` of one sequence (MSE part only, key offsets
-    taken off flagged keys)."""
-    h, d = kv_cache.shape[1], codec.key.head_dim
-    flat, (sb, sh, st) = _flat(kv_cache)
-    tab = tables(codec)
-    row = block_row.to(torch.int64).contiguous().numpy()
-    k, v = torch.empty(h, seq_len, d), torch.empty(h, seq_len, d)
-    for desc, lut, dst, has_off in ((tab.kdesc, codec.key.lut, k, tab.has_off),
-                                    (tab.vdesc, codec.value.lut, v, False)):
-        cpu_numba.dequantize_kernel(flat, sb, sh, st, row, seq_len, desc, lut.numpy(),
-                                    tab.off_rot, has_off, h, kv_cache.shape[2], dst.numpy())
-    return k, v
-
-
-def qjl_signs(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int,
-              codec: LayerCodec) -> torch.Tensor:
-    """``γ · (±1)`` ``[H, S, d]`` of one sequence's QJL key signs."""
-    h, d = kv_cache.shape[1], codec.key.head_dim
-    flat, (sb, sh, st) = _flat(kv_cache)
-    out = torch.empty(h, seq_len, d)
-    cpu_numba.qjl_signs_kernel(flat, sb, sh, st, block_row.to(torch.int64).contiguous().numpy(),
-                               seq_len, tables(codec).kdesc, h, kv_cache.shape[2],
-                               out.numpy())
-    return out
-
-
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
             block_table: torch.Tensor, seq_lens_cpu: torch.Tensor,
             query_start_loc_cpu: torch.Tensor, first: int, codec: LayerCodec, scale: float,
             out: torch.Tensor, fresh_exact: bool) -> None:
     """Causal attention of query chunks (sequences ``first..``) over the packed cache.
 
-    Attention runs in the rotated domain (``⟨R q, R k⟩ = ⟨q, k⟩``); for QJL keys the
-    query is augmented with its sketch ``c·S R q`` and the key with ``γ·signs`` so the
-    logits equal the estimator exactly. A chunk without cached context uses the fresh
-    exact K/V when ``fresh_exact``.
+    Query token ``j`` of a chunk at positions ``s - n .. s - 1`` is one row of
+    :func:`decode` over its sequence's first ``s - n + j + 1`` tokens: all chunks of the
+    step go through one decode call, and each token's attention has exactly the bits the
+    decode step would have given it (decode is batch invariant), so a prompt gives the
+    same result whole, chunked, from the prefix cache, or recomputed after preemption.
+    A chunk without cached context uses the fresh exact K/V when ``fresh_exact``.
     """
-    num_kv = kv_cache.shape[1]
     qsl, sl = query_start_loc_cpu.tolist(), seq_lens_cpu.tolist()
-    qjl = codec.key.sketch is not None
+    rows, seqs, lens = [], [], []
     for i in range(first, len(sl)):
         q0, q1, s = qsl[i], qsl[i + 1], int(sl[i])
         n = q1 - q0
@@ -267,12 +240,15 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
                 enable_gqa=True)
             out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
             continue
-        q_rot = _rotate_queries(q[q0:q1], codec, num_kv)  # [n, Hq, d]
-        kk, vv = dequantize(kv_cache, block_table[i], s, codec)
-        if qjl:
-            q_rot = torch.cat([q_rot, codec.key.qjl_scale * q_rot @ codec.key.sketch.T], -1)
-            kk = torch.cat([kk, qjl_signs(kv_cache, block_table[i], s, codec)], -1)
-        mask = torch.arange(s)[None, :] <= torch.arange(s - n, s)[:, None]
-        o_rot = F.scaled_dot_product_attention(q_rot.transpose(0, 1)[None], kk[None], vv[None],
-                                               attn_mask=mask, scale=scale, enable_gqa=True)
-        out[q0:q1] = _unrotate_values(o_rot[0].transpose(0, 1), codec, num_kv).to(out.dtype)
+        rows.append(torch.arange(q0, q1))
+        seqs.append(torch.full((n,), i, dtype=torch.int64))
+        lens.append(torch.arange(s - n + 1, s + 1))
+    if not rows:
+        return
+    r = torch.cat(rows)
+    contiguous = r.numel() == int(r[-1] - r[0]) + 1
+    qr = q[int(r[0]):int(r[-1]) + 1] if contiguous else q[r]
+    o = out[int(r[0]):int(r[-1]) + 1] if contiguous else torch.empty_like(qr, dtype=out.dtype)
+    decode(qr, kv_cache, block_table[torch.cat(seqs)], torch.cat(lens), codec, scale, o)
+    if not contiguous:
+        out[r] = o

@@ -88,7 +88,7 @@ def test_decode_is_deterministic(impl):
 
 @pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq2.5-mse"])
 @pytest.mark.parametrize("dim,gqa,block_size", [(64, 3, 16), (128, 7, 32)])
-def test_prefill_matches_reference(name, dim, gqa, block_size):
+def test_prefill_matches_reference(impl, name, dim, gqa, block_size):
     seq_lens = [37, 50, 129]
     q_lens = [5, 50, 1]  # continuation chunk, whole prompt from the cache, one token
     codec, cache, table, _, _ = build_cache(name, dim, 2, block_size, seq_lens)
@@ -98,6 +98,29 @@ def test_prefill_matches_reference(name, dim, gqa, block_size):
     cpu_ops.prefill(q, None, None, cache, table, torch.tensor(seq_lens), qsl, 0, codec, 0.3, out,
                     fresh_exact=False)
     assert (out - ref).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("name", ["tq3.5", "tq4-qjl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rows_equal_decode_steps_bit_for_bit(impl, name, dtype):
+    """A prompt recomputed after preemption, chunked, or read from the prefix cache must
+    give the bits its decode steps gave: every prefill row is that decode step."""
+    s, n = 700, 600  # 100 cached tokens, then a 600-token chunk crossing a KV split
+    codec, cache, table, _, _ = build_cache(name, 64, 2, 16, [s])
+    q = torch.randn(n, 6, 64).to(dtype)
+    whole = torch.empty_like(q)
+    cpu_ops.prefill(q, None, None, cache, table, torch.tensor([s]), torch.tensor([0, n]), 0,
+                    codec, 0.3, whole, fresh_exact=False)
+    chunks = torch.empty_like(q)
+    for a, b in ((0, 250), (250, 251), (251, n)):
+        cpu_ops.prefill(q[a:b], None, None, cache, table, torch.tensor([s - n + b]),
+                        torch.tensor([0, b - a]), 0, codec, 0.3, chunks[a:b], fresh_exact=False)
+    assert torch.equal(chunks, whole)
+    steps = torch.empty_like(q)
+    for j in (0, 1, 411, n - 1):
+        cpu_ops.decode(q[j:j + 1], cache, table, torch.tensor([s - n + j + 1]), codec, 0.3,
+                       steps[j:j + 1])
+        assert torch.equal(steps[j], whole[j])
 
 
 def test_prefill_fresh_exact_path_uses_fresh_kv():
