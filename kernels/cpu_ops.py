@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tq_vllm.codec import LayerCodec
+from tq_vllm.codec import LayerCodec, TensorQuantizer
 from tq_vllm.config import TensorLayout
 from tq_vllm.kernels import cpu_native, cpu_numba
 
@@ -124,6 +125,21 @@ def num_splits(max_len: int) -> int:
     return max(1, -(-max_len // SPLIT_TOKENS))
 
 
+def _rotated(q: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """``R_h x`` float32 contiguous ``[T, H, d]`` under the codec's non-finite policy
+    (vectors with a NaN/Inf stored as zeros, counted). A non-finite input coordinate makes
+    its whole rotated row non-finite (Hadamard entries are never zero), so one sum over
+    the result tells whether the policy has anything to do."""
+    x = x.float()
+    y = q.rotate(x)
+    if not math.isfinite(float(y.sum())):  # rare: find and zero the bad vectors
+        finite = torch.isfinite(x).all(-1)
+        if not bool(finite.all()):
+            q.stats["nonfinite_vectors"] += int((~finite).sum())
+            y = q.rotate(torch.where(finite[..., None], x, torch.zeros_like(x)))
+    return y.contiguous()
+
+
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
           slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
     """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped).
@@ -133,28 +149,24 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     """
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
     sm = slot_mapping.to(torch.int64)
-    valid = sm >= 0
-    if bool((sm[valid] >= num_blocks * block_size).any()):
-        raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
-    if not bool(valid.all()):
-        key, value, sm = key[valid], value[valid], sm[valid]
     if sm.numel() == 0:
         return
+    lo, hi = (int(v) for v in torch.aminmax(sm))
+    if hi >= num_blocks * block_size:
+        raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
+    if lo < 0:
+        valid = sm >= 0
+        key, value, sm = key[valid], value[valid], sm[valid]
+        if sm.numel() == 0:
+            return
     tab = tables(codec)
     lay = tab.layout
-    ys = []
-    for q, x in ((codec.key, key), (codec.value, value)):
-        x = x.float()
-        finite = torch.isfinite(x).all(-1)
-        if not bool(finite.all()):
-            q.stats["nonfinite_vectors"] += int((~finite).sum())
-            x = torch.where(finite[..., None], x, torch.zeros_like(x))
-        ys.append(q.rotate(x).contiguous())
-    yk_alt = (ys[0] + codec.key.offset_rot).contiguous() if tab.has_off else torch.zeros(1, 1, 1)
+    yk, yv = _rotated(codec.key, key), _rotated(codec.value, value)
+    yk_alt = (yk + codec.key.offset_rot).contiguous() if tab.has_off else torch.zeros(1, 1, 1)
     flat, (sb, sh, st) = _flat(kv_cache)
     saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)
     cpu_numba.store_kernel(
-        ys[0].numpy(), yk_alt.numpy(), tab.has_off, lay.key.nbytes, ys[1].numpy(),
+        yk.numpy(), yk_alt.numpy(), tab.has_off, lay.key.nbytes, yv.numpy(),
         sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc,
         tab.k_bounds, codec.key.lut.numpy(), codec.key.codec.norm_correction,
         tab.sketch64, tab.vdesc, tab.v_bounds, codec.value.lut.numpy(),

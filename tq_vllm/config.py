@@ -22,6 +22,7 @@ instance with its own rotation and norm, as in the paper's 2.5/3.5-bit setups.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -244,6 +245,7 @@ def _tensor_layout(codec: TensorCodec, head_dim: int, offset: int) -> tuple[Tens
     return lay, pos
 
 
+@lru_cache(maxsize=256)
 def _layout(preset: Preset, head_dim: int) -> SlotLayout:
     key, pos = _tensor_layout(preset.key, head_dim, 0)
     value, pos = _tensor_layout(preset.value, head_dim, pos)
