@@ -144,6 +144,7 @@ def test_throughput_budget_bytes_follow_the_config():
 
     model = str(fetch_model("smollm2"))  # 30 layers, 3 KV heads, head_dim 64
     assert bench_throughput.bytes_per_token(model, "auto") == 30 * 3 * 2 * 2 * 64
+    assert bench_throughput.bytes_per_token(model, "auto", "float32") == 30 * 3 * 2 * 4 * 64
     assert bench_throughput.bytes_per_token(model, "fp8") == 30 * 3 * 2 * 64
     for name in ("tq4", "tq3.5", "tq2.5-qjl"):
         slot = get_preset(name).layout(64).slot_bytes
@@ -163,3 +164,28 @@ def test_divergence_counts_kl_and_top1_agreement():
     assert kl == pytest.approx(0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.7))
     ids = torch.tensor([5, 2, 1])  # the data's tokens: equally likely under both
     assert ppl_strict.nll(moved, ids) == pytest.approx(ppl_strict.nll(ref, ids))
+
+
+def test_throughput_table_and_plot_name_modes_and_reruns(tmp_path):
+    """Rows of both attention modes with a cached rerun: the table keeps them apart and
+    takes both ratios from ``auto``'s row; the plot is written."""
+    import argparse
+
+    import bench_throughput
+
+    def row(dtype, att, tps, rerun_tps):
+        return {"kv_cache_dtype": dtype, "compiled": True, "attention": att,
+                "tokens_per_s": tps, "requests_per_s": 0.1, "ttft_s": 1.0, "tpot_s": 0.2,
+                "preemptions": 0, "kv_tokens": 1000,
+                "cached_rerun": {"tokens_per_s": rerun_tps, "tpot_s": 0.1}}
+
+    rows = [row("auto", "strict", 4.0, 20.0), row("tq4", "strict", 3.0, 22.0),
+            row("tq4", "fast-prefill", 5.0, 30.0)]
+    args = argparse.Namespace(kv_budget_mib=None, prompts=8, prompt_words=3000,
+                              new_tokens=128, model_dtype="float32")
+    md = bench_throughput.table(rows, args).splitlines()
+    assert "model in float32" in md[0] and "rerun" in md[0]
+    assert "| tq4 | 3.0 | 0.75 |" in md[5] and md[5].endswith("22.0 | 1.10 | 100 |")
+    assert "| tq4 (fast-prefill) | 5.0 | 1.25 |" in md[6] and "30.0 | 1.50 |" in md[6]
+    bench_throughput.plot(rows, md[0], tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
