@@ -66,9 +66,7 @@ class _Tables:
         self.sketch64 = (sk.double().contiguous() if sk is not None else torch.zeros(1, 1, dtype=torch.float64)).numpy()
         self.k_bounds = _bounds(codec.key.bounds).numpy()
         self.v_bounds = _bounds(codec.value.bounds).numpy()
-        off = codec.key.offset_rot
-        self.has_off = off is not None
-        self.off_rot = (off if self.has_off else torch.zeros(1, 1)).float().contiguous().numpy()
+        self.has_off = codec.key.offset_rot is not None
 
 
 def tables(codec: LayerCodec) -> _Tables:
