@@ -129,19 +129,7 @@ def test_preset_generates_varied_text(all_presets, name):
         assert len(set(ids)) >= min(4, len(ids)), ids
 
 
-ANSWER_GAPS = {
-    "tq2.5": "known gap (issue 7): at 2.75 bits in bfloat16, tq2.5 answers ' the capital of "
-             "the 20th largest city in France' since the key offset choice (2026-11-23); the "
-             "fp32 emulation answers ' Paris' with a margin of 1.19 nats (0.90 without the "
-             "choice), and over 6 essays the choice lowers tq2.5's KL to exact by 15%",
-}
-"""Presets measured to miss this one prompt's answer, and why (not strict: the native
-kernel's float order differs between AVX2 and AVX-512 machines)."""
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=ANSWER_GAPS[n])) if n in ANSWER_GAPS else n
-    for n in COHERENT])
+@pytest.mark.parametrize("name", COHERENT)
 def test_preset_answers_correctly(all_presets, name):
     texts = all_presets[name]["texts"]
     assert "Paris" in texts[0], texts[0]

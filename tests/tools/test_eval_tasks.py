@@ -189,3 +189,12 @@ def test_throughput_table_and_plot_name_modes_and_reruns(tmp_path):
     assert "| tq4 (fast-prefill) | 5.0 | 1.25 |" in md[6] and "30.0 | 1.50 |" in md[6]
     bench_throughput.plot(rows, md[0], tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_tp_equality_compare_finds_the_first_differing_token():
+    import tp_equality
+
+    r = tp_equality.compare([[1, 2, 3], [4, 5, 6], [7, 8]], [[1, 2, 3], [4, 9, 6], [7, 8, 9]])
+    assert r == {"prompts": 3, "identical": 1, "first_difference": [1, 2]}
+    with pytest.raises(ValueError, match="prompts"):
+        tp_equality.compare([[1]], [])
