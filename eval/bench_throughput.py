@@ -113,6 +113,20 @@ def run(model: str, dtype: str, compiled: bool, n: int, words: int, new_tokens: 
     return res
 
 
+def _auto_row(rows: list[dict], r: dict) -> dict | None:
+    """``auto``'s row in the same mode as ``r`` (the ratios' denominator)."""
+    return next((a for a in rows
+                 if a["kv_cache_dtype"] == "auto" and a["compiled"] == r["compiled"]), None)
+
+
+def _dtype_label(r: dict) -> str:
+    """The dtype, with the attention mode where it is not the default."""
+    name = r["kv_cache_dtype"]
+    if name != "auto" and r.get("attention", "strict") != "strict":
+        name += f" ({r['attention']})"
+    return name
+
+
 def table(rows: list[dict], args) -> str:
     """Markdown, ratios to ``auto`` in the same mode."""
     budget = f", KV budget {args.kv_budget_mib:g} MiB" if args.kv_budget_mib else ""
@@ -126,13 +140,11 @@ def table(rows: list[dict], args) -> str:
         head += " rerun tok/s | rerun vs auto | rerun TPOT ms |"
     lines = [title, "", head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
-        auto = next((a for a in rows
-                     if a["kv_cache_dtype"] == "auto" and a["compiled"] == r["compiled"]), None)
+        auto = _auto_row(rows, r)
         ratio = f"{r['tokens_per_s'] / auto['tokens_per_s']:.2f}" if auto else "n/a"
         ttft = f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "?"
         tpot = f"{1e3 * r['tpot_s']:.0f}" if r["tpot_s"] is not None else "?"
-        name = _label(r).removesuffix(" eager")
-        line = (f"| {'compiled' if r['compiled'] else 'eager'} | {name} | "
+        line = (f"| {'compiled' if r['compiled'] else 'eager'} | {_dtype_label(r)} | "
                 f"{r['tokens_per_s']:.1f} | {ratio} | {r['requests_per_s']:.3f} | {ttft} | "
                 f"{tpot} | {r['preemptions']} | {r['kv_tokens']:,} |")
         if rerun:
@@ -147,11 +159,6 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def _label(r: dict) -> str:
-    name = r["kv_cache_dtype"]
-    if name != "auto" and r.get("attention", "strict") != "strict":
-        name += f" ({r['attention']})"
-    return name if r["compiled"] else name + " eager"
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -171,8 +178,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     for k, (name, get) in enumerate(series.items()):
         xs, ys = [], []
         for i, r in enumerate(rows):
-            auto = next((a for a in rows if a["kv_cache_dtype"] == "auto"
-                         and a["compiled"] == r["compiled"]), None)
+            auto = _auto_row(rows, r)
             if auto and get(r) is not None and get(auto):
                 xs.append(i + (k - 1) * width)
                 ys.append(get(r) / get(auto))
@@ -180,7 +186,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
             bars = ax.bar(xs, ys, width, label=f"{name} / auto")
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(rows)), [_label(r) for r in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [_dtype_label(r) + ("" if r["compiled"] else " eager")
+                                     for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

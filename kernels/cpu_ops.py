@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tq_vllm.codec import LayerCodec, TensorQuantizer
+from tq_vllm.codec import LayerCodec
 from tq_vllm.config import TensorLayout
 from tq_vllm.kernels import cpu_native, cpu_numba
 
@@ -123,27 +122,13 @@ def num_splits(max_len: int) -> int:
     return max(1, -(-max_len // SPLIT_TOKENS))
 
 
-def _rotated(q: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
-    """``R_h x`` float32 contiguous ``[T, H, d]`` under the codec's non-finite policy
-    (vectors with a NaN/Inf stored as zeros, counted). A non-finite input coordinate makes
-    its whole rotated row non-finite (Hadamard entries are never zero), so one sum over
-    the result tells whether the policy has anything to do."""
-    x = x.float()
-    y = q.rotate(x)
-    if not math.isfinite(float(y.sum())):  # rare: find and zero the bad vectors
-        finite = torch.isfinite(x).all(-1)
-        if not bool(finite.all()):
-            q.stats["nonfinite_vectors"] += int((~finite).sum())
-            y = q.rotate(torch.where(finite[..., None], x, torch.zeros_like(x)))
-    return y.contiguous()
-
-
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
           slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
     """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped).
 
     Same bits as :func:`tq_vllm.reference.tq_store`: the rotation and the
-    non-finite policy use the codec's own PyTorch ops, the rest is one Numba pass.
+    non-finite policy are the codec's own (:meth:`tq_vllm.codec.TensorQuantizer.rotate_finite`), the
+    rest is one Numba pass.
     """
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
     sm = slot_mapping.to(torch.int64)
@@ -159,7 +144,8 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
             return
     tab = tables(codec)
     lay = tab.layout
-    yk, yv = _rotated(codec.key, key), _rotated(codec.value, value)
+    yk = codec.key.rotate_finite(key).contiguous()
+    yv = codec.value.rotate_finite(value).contiguous()
     yk_alt = (yk + codec.key.offset_rot).contiguous() if tab.has_off else torch.zeros(1, 1, 1)
     flat, (sb, sh, st) = _flat(kv_cache)
     saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)

@@ -40,6 +40,7 @@ touches any other vector.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +181,20 @@ class TensorQuantizer:
         rot = self.rot if head_of is None else self.rot[head_of]
         return torch.einsum("nhd,hed->nhe", x, rot)
 
+    def rotate_finite(self, x: torch.Tensor) -> torch.Tensor:
+        """``R_h x`` float32 ``[N, H, d]`` for ``x`` ``[N, H, d]`` (any float dtype) under the
+        non-finite policy: a vector with a NaN/Inf coordinate is rotated as zeros and
+        counted. A non-finite coordinate makes its whole rotated row non-finite (Hadamard
+        entries are never zero), so one sum over the result says whether there is any."""
+        x = x.float()
+        y = self.rotate(x)
+        if not math.isfinite(float(y.sum())):  # rare: find and zero the bad vectors
+            finite = torch.isfinite(x).all(-1)
+            if not bool(finite.all()):
+                self.stats["nonfinite_vectors"] += int((~finite).sum())
+                y = self.rotate(torch.where(finite[..., None], x, torch.zeros_like(x)))
+        return y
+
     def unrotate(self, y: torch.Tensor, head_of: torch.Tensor | None = None) -> torch.Tensor:
         """Inverse of :meth:`rotate`: ``x = R_hᵀ y``."""
         rot = self.rot if head_of is None else self.rot[head_of]
@@ -219,11 +234,7 @@ class TensorQuantizer:
     def encode(self, x: torch.Tensor) -> Encoded:
         """Quantize ``x`` ``[N, H, d]`` (any float dtype) to unpacked codes."""
         self._check(x)
-        x = x.float()
-        finite = torch.isfinite(x).all(-1)
-        self.stats["nonfinite_vectors"] += int((~finite).sum())
-        x = torch.where(finite[..., None], x, torch.zeros_like(x))
-        y = self.rotate(x)
+        y = self.rotate_finite(x)
         codes, norms, signs, resid = self._encode_rotated(y)
         flag = None
         if self.offset_rot is not None:
