@@ -1,4 +1,5 @@
-"""Build and bind the SIMD C++ decode kernel (``csrc/tq_decode_cpu.cpp``).
+"""Build and bind the SIMD C++ attention kernels (``csrc/tq_decode_cpu.cpp``): decode
+(``tq_decode_cpu``) and prefill over the packed cache (``tq_prefill_cpu``).
 
 The source is compiled on first use with the system C++ compiler into a cache
 folder (``$TQ_VLLM_CACHE`` or ``~/.cache/tq_vllm``), keyed by a hash of the
@@ -7,7 +8,8 @@ for AVX-512 where the CPU has it, else for AVX2 + FMA + F16C (e.g. AMD EPYC
 before Zen 4). It is a plain shared library called through ``ctypes`` (no
 PyTorch headers, so it builds in about a second); OpenMP resolves to the
 ``libgomp`` PyTorch has already loaded. :func:`load` returns None where neither
-instruction set or no compiler is there; callers then fall back to the Numba kernel.
+instruction set or no compiler is there (:func:`load_prefill` likewise); callers
+then fall back to the Numba kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ _I = ctypes.c_int64
 _F = ctypes.c_float
 ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F,
             _F, _P, _P, _P, _P, _P, ctypes.c_int]
+PREFILL_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I,
+                    _F, _F, _P, _P, _P, _P, _P, ctypes.c_int, _I]
 
 
 def _cpu_flags() -> set[str]:
@@ -89,11 +93,8 @@ def _build(compiler: str, isa: str) -> Path:
 
 
 @lru_cache(maxsize=1)
-def load():
-    """The bound ``tq_decode_cpu`` function of the best build for this CPU, or None
-    (with the reason logged)."""
-    if os.environ.get(DISABLE_ENV):
-        return None
+def _library():
+    """The built shared library for this CPU, or None (with the reason logged)."""
     isa = best_isa()
     if isa is None:
         logger.info("tq-vllm: CPU has neither AVX-512 nor AVX2+FMA+F16C; using the Numba "
@@ -110,7 +111,23 @@ def load():
         logger.warning("tq-vllm: building the %s kernel failed (%s); using Numba", isa,
                        detail[-2000:])
         return None
-    fn = lib.tq_decode_cpu
-    fn.argtypes = ARGTYPES
-    fn.restype = ctypes.c_int
-    return fn
+    for name, argtypes in (("tq_decode_cpu", ARGTYPES), ("tq_prefill_cpu", PREFILL_ARGTYPES)):
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+@lru_cache(maxsize=1)
+def load():
+    """The bound ``tq_decode_cpu`` function of the best build for this CPU, or None
+    (``$TQ_VLLM_DISABLE_NATIVE`` set, or no build: reason logged)."""
+    if os.environ.get(DISABLE_ENV):
+        return None
+    lib = _library()
+    return lib.tq_decode_cpu if lib is not None else None
+
+
+def load_prefill():
+    """The bound ``tq_prefill_cpu`` function, or None where :func:`load` gives None."""
+    return None if load() is None else _library().tq_prefill_cpu

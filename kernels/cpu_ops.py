@@ -87,6 +87,12 @@ def _flat(kv_cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
     return flat, (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
 
 
+PREFILL_GROUP_ROWS = 16
+"""Prefill rows (consecutive tokens of one prompt) that share one pass over the cache in
+the native kernel: each 16-token tile is decoded once for all of them instead of once per
+row. 16 rows × up to 16 query heads × d floats of softmax state stay within L2, and a
+4k-token chunk still makes hundreds of tasks for the threads."""
+
 _ROWS = 32
 """Tokens per :func:`_per_row` step: bounds its ``[rows, h, g, e, d]`` temporary
 (32 × 14 query heads × 128² floats = 29 MiB)."""
@@ -160,34 +166,53 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         codec.key.stats["saturated_norms"] += n_sat
 
 
+def _native_ok(hq: int, kv_cache: torch.Tensor) -> bool:
+    """Whether the native kernels take this shape (else the Numba kernel runs)."""
+    return hq // kv_cache.shape[1] <= 16 and kv_cache.shape[2] % 16 == 0
+
+
+def _native_call(fn, name: str, q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
+                 row_args: tuple, codec: LayerCodec, scale: float, out: torch.Tensor,
+                 splits: tuple, tail: tuple = ()) -> None:
+    """Calls a native kernel with the arguments decode and prefill share; theirs are
+    ``row_args`` (the row descriptors after the block table), ``splits`` (after the
+    block size) and ``tail`` (after the thread count)."""
+    rows, hq, d = q.shape
+    flat, (sb, sh, st) = _flat(kv_cache)
+    tab = tables(codec)
+    q_off = codec.key.query_offsets(q)
+    qf = q.float().contiguous()
+    res = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(rows, hq, d)
+    sketch = tab.sketch.data_ptr() if tab.sketch is not None else None
+    q_off_p = q_off.data_ptr() if q_off is not None else None
+    rc = fn(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), *row_args,
+            qf.data_ptr(), q_off_p, tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), rows, hq,
+            kv_cache.shape[1], d, kv_cache.shape[2], *splits, float(scale), tab.qjl_scale,
+            tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.vdesc.ctypes.data,
+            tab.v_books.data_ptr(), res.data_ptr(), torch.get_num_threads(), *tail)
+    if rc != 0:
+        raise RuntimeError(f"native {name} kernel rejected its arguments (code {rc})")
+    if res is not out:
+        out.copy_(res)
+
+
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
            seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor) -> None:
     """Decode attention, q/out ``[B, Hq, d]``: the native SIMD kernel (AVX-512 or AVX2)
     where the CPU has one, else the Numba kernel (same algorithm)."""
     b, hq, d = q.shape
     num_kv = kv_cache.shape[1]
-    flat, (sb, sh, st) = _flat(kv_cache)
-    tab = tables(codec)
     seq = seq_lens.to(torch.int64).contiguous()
     table = block_table.to(torch.int64).contiguous()
     splits = num_splits(int(seq.max()))
-    q_off = codec.key.query_offsets(q)
     native = cpu_native.load()
-    if native is not None and hq // num_kv <= 16 and kv_cache.shape[2] % 16 == 0:
-        qf = q.float().contiguous()
-        res = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(b, hq, d)
-        sketch = tab.sketch.data_ptr() if tab.sketch is not None else None
-        q_off_p = q_off.data_ptr() if q_off is not None else None
-        rc = native(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), seq.data_ptr(),
-                    qf.data_ptr(), q_off_p, tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), b, hq,
-                    num_kv, d, kv_cache.shape[2], splits, SPLIT_TOKENS, float(scale), tab.qjl_scale,
-                    tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.vdesc.ctypes.data,
-                    tab.v_books.data_ptr(), res.data_ptr(), torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"native decode kernel rejected its arguments (code {rc})")
-        if res is not out:
-            out.copy_(res)
+    if native is not None and _native_ok(hq, kv_cache):
+        _native_call(native, "decode", q, kv_cache, table, (seq.data_ptr(),), codec, scale, out,
+                     (splits, SPLIT_TOKENS))
         return
+    flat, (sb, sh, st) = _flat(kv_cache)
+    tab = tables(codec)
+    q_off = codec.key.query_offsets(q)
     q_rot = _rotate_queries(q, codec, num_kv)
     q_sk = (_per_row(q_rot[:, :, None, :], tab.sketch.T.expand(hq, d, d))[:, :, 0].contiguous()
             if tab.sketch is not None else q_rot)
@@ -215,11 +240,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
             out: torch.Tensor, fresh_exact: bool) -> None:
     """Causal attention of query chunks (sequences ``first..``) over the packed cache.
 
-    Query token ``j`` of a chunk at positions ``s - n .. s - 1`` is one row of
-    :func:`decode` over its sequence's first ``s - n + j + 1`` tokens: all chunks of the
-    step go through one decode call, and each token's attention has exactly the bits the
-    decode step would have given it (decode is batch invariant), so a prompt gives the
-    same result whole, chunked, from the prefix cache, or recomputed after preemption.
+    Query token ``j`` of a chunk at positions ``s - n .. s - 1`` is one row of decode
+    attention over its sequence's first ``s - n + j + 1`` tokens: each token's attention
+    has exactly the bits the decode step would have given it (decode is batch invariant),
+    so a prompt gives the same result whole, chunked, from the prefix cache, or
+    recomputed after preemption. The native prefill kernel runs decode's per-row
+    arithmetic on tiles decoded once per :data:`PREFILL_GROUP_ROWS` rows; the Numba
+    fallback runs all rows as one decode call.
     A chunk without cached context uses the fresh exact K/V when ``fresh_exact``.
     """
     qsl, sl = query_start_loc_cpu.tolist(), seq_lens_cpu.tolist()
@@ -245,6 +272,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
     contiguous = r.numel() == int(r[-1] - r[0]) + 1
     qr = q[int(r[0]):int(r[-1]) + 1] if contiguous else q[r]
     o = out[int(r[0]):int(r[-1]) + 1] if contiguous else torch.empty_like(qr, dtype=out.dtype)
-    decode(qr, kv_cache, block_table[torch.cat(seqs)], torch.cat(lens), codec, scale, o)
+    row_seq, row_len = torch.cat(seqs), torch.cat(lens)
+    native = cpu_native.load_prefill()
+    if native is not None and _native_ok(q.shape[1], kv_cache):
+        table = block_table.to(torch.int64).contiguous()
+        _native_call(native, "prefill", qr, kv_cache, table, (row_seq.data_ptr(), row_len.data_ptr()),
+                     codec, scale, o, (SPLIT_TOKENS,), (PREFILL_GROUP_ROWS,))
+    else:
+        decode(qr, kv_cache, block_table[row_seq], row_len, codec, scale, o)
     if not contiguous:
         out[r] = o

@@ -229,16 +229,26 @@ inline V centroids(const uint8_t* seg, int k, const Book& cb, VI shifts) {
   return lookup<B>(cb, codes<B>(seg + B * (k / 8), shifts));
 }
 
+// The W centroids (unit scale) of a chunk: decoded from the codes in registers, or
+// (SCR, prefill) read back from a tile already decoded into `scr` — the same floats, so
+// the arithmetic that follows is the same either way.
+template <int B, bool SCR>
+inline V chunk(const uint8_t* seg, const float* scr, int k, const Book& cb, VI shifts) {
+  if constexpr (SCR) return loadu(scr + k);
+  else return centroids<B>(seg, k, cb, shifts);
+}
+
 // a[g] (+ b[g]) += q[g][j + k ..] * centroid chunk, over one B-bit key group of `dim`
-// coordinates starting at rotated coordinate j: the key is decoded once for all G query
-// heads and never leaves registers; the caller applies the group norm to the sums.
-template <int B, int GA, bool PAIR>
-inline void score_group(const uint8_t* seg, int dim, int j, const Book& cb, VI shifts,
-                        const float* q, int64_t d, int G, V* a, V* b) {
+// coordinates starting at rotated coordinate j (scr: that group's decoded coordinates):
+// the key is decoded once for all G query heads and never leaves registers; the caller
+// applies the group norm to the sums.
+template <int B, int GA, bool PAIR, bool SCR>
+inline void score_group(const uint8_t* seg, const float* scr, int dim, int j, const Book& cb,
+                        VI shifts, const float* q, int64_t d, int G, V* a, V* b) {
   int k = 0;
   if constexpr (PAIR) {
     for (; k + 2 * W <= dim; k += 2 * W) {
-      const V c0 = centroids<B>(seg, k, cb, shifts), c1 = centroids<B>(seg, k + W, cb, shifts);
+      const V c0 = chunk<B, SCR>(seg, scr, k, cb, shifts), c1 = chunk<B, SCR>(seg, scr, k + W, cb, shifts);
       for (int g = 0; g < G; ++g) {
         a[g] = fmadd(loadu(q + g * d + j + k), c0, a[g]);
         b[g] = fmadd(loadu(q + g * d + j + k + W), c1, b[g]);
@@ -246,7 +256,7 @@ inline void score_group(const uint8_t* seg, int dim, int j, const Book& cb, VI s
     }
   }
   for (; k < dim; k += W) {
-    const V c = centroids<B>(seg, k, cb, shifts);
+    const V c = chunk<B, SCR>(seg, scr, k, cb, shifts);
     for (int g = 0; g < G; ++g) a[g] = fmadd(loadu(q + g * d + j + k), c, a[g]);
   }
 }
@@ -262,19 +272,23 @@ inline float sign_dot(const uint8_t* signs, const float* q, float q_sum, int d) 
 // byte `off` of each slot (and, PAIR, the next chunk too); pn, broadcast to W lanes once
 // per tile (an FMA then reads it as its memory operand), already holds p * (the
 // token's group norm). Chunk-outer order keeps the accumulators in registers across the
-// tile.
-template <int B, int GA, bool PAIR>
-inline void accumulate(const uint8_t* const* slots, int n, int64_t off, const Book& cb,
-                       VI shifts, const V (*pn)[TILE], int G, float (*acc)[MAX_D], int k) {
+// tile. SCR: the tile's values are already decoded, token i at scr + i * d (k: the
+// rotated coordinate, as in acc).
+template <int B, int GA, bool PAIR, bool SCR>
+inline void accumulate(const uint8_t* const* slots, const float* scr, int64_t d, int n,
+                       int64_t off, const Book& cb, VI shifts, const V (*pn)[TILE], int G,
+                       float (*acc)[MAX_D], int k) {
   V a[GA], b[GA];
   for (int g = 0; g < G; ++g) {
     a[g] = loadu(acc[g] + k);
     if constexpr (PAIR) b[g] = loadu(acc[g] + k + W);
   }
   for (int i = 0; i < n; ++i) {
-    const V c0 = centroids<B>(slots[i] + off, 0, cb, shifts);
+    const uint8_t* seg = SCR ? nullptr : slots[i] + off;
+    const float* row = SCR ? scr + i * d + k : nullptr;
+    const V c0 = chunk<B, SCR>(seg, row, 0, cb, shifts);
     if constexpr (PAIR) {
-      const V c1 = centroids<B>(slots[i] + off, W, cb, shifts);
+      const V c1 = chunk<B, SCR>(seg, row, W, cb, shifts);
       for (int g = 0; g < G; ++g) {
         const V p = pn[g][i];
         a[g] = fmadd(p, c0, a[g]);
@@ -290,16 +304,37 @@ inline void accumulate(const uint8_t* const* slots, int n, int64_t off, const Bo
   }
 }
 
-template <int B, int GA, bool PAIR>
-inline void accumulate_group(const uint8_t* const* slots, int n, int64_t seg_off, int dim,
-                             const Book& cb, VI shifts, const V (*pn)[TILE], int G,
-                             float (*acc)[MAX_D], int j) {
+template <int B, int GA, bool PAIR, bool SCR>
+inline void accumulate_group(const uint8_t* const* slots, const float* scr, int64_t d, int n,
+                             int64_t seg_off, int dim, const Book& cb, VI shifts,
+                             const V (*pn)[TILE], int G, float (*acc)[MAX_D], int j) {
   int k = 0;
   if constexpr (PAIR)
     for (; k + 2 * W <= dim; k += 2 * W)
-      accumulate<B, GA, true>(slots, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
+      accumulate<B, GA, true, SCR>(slots, scr, d, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
   for (; k < dim; k += W)
-    accumulate<B, GA, false>(slots, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
+    accumulate<B, GA, false, SCR>(slots, scr, d, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
+}
+
+// Decodes the B-bit groups of one slot's K or V into d unit-scale floats (prefill tiles).
+template <int B>
+inline void unpack_group(const uint8_t* seg, int dim, const Book& cb, VI shifts, float* dst) {
+  for (int k = 0; k < dim; k += W) storeu(dst + k, centroids<B>(seg, k, cb, shifts));
+}
+
+inline void unpack(const uint8_t* slot, const Desc& dd, const Codebooks& c, float* dst) {
+  int j = 0;
+  for (int g = 0; g < dd.ngroups; ++g) {
+    const uint8_t* seg = slot + dd.seg_off[g];
+    const int dim = (int)dd.dim[g];
+    switch (dd.bits[g]) {
+      case 1: unpack_group<1>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
+      case 2: unpack_group<2>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
+      case 3: unpack_group<3>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
+      default: unpack_group<4>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
+    }
+    j += dim;
+  }
 }
 
 inline float dot(const float* a, const float* b, int d) {
@@ -320,154 +355,296 @@ inline void matvec_t(const float* m, const float* x, int d, float* y) {  // y = 
   }
 }
 
-// Everything one (sequence, KV head, split) task reads and writes.
+// Everything a task reads and writes. Rows are query tokens: decode has one per
+// sequence (row b reads block-table row b); prefill has one per prompt token (row r reads
+// block-table row row_seq[r]). Each row attends to its first seq_lens[r] tokens in
+// fixed splits; split sp of row r, query head i lands at split_slot(r, i) + sp.
 struct Step {
   const uint8_t* cache;
   int64_t s_blk, s_head, s_tok;
   const int64_t* block_table;
   int64_t bt_stride;
-  const int64_t* seq_lens;
+  const int64_t* seq_lens;            // [rows]
+  const int64_t* row_seq;             // [rows] or null (decode: row b -> block-table row b)
+  const int64_t* row_split;           // [rows + 1] prefix sums of split counts, or null (n_splits each)
+  const int64_t* groups;              // prefill: rows [groups[t], groups[t + 1]) share a task
   const float *q_rot, *q_sk, *q_off;  // q_sk null without QJL; q_off null without offsets
-  const float* qs_sum;                // [B * Hq] sum of each sketched query
+  const float* qs_sum;                // [rows * Hq] sum of each sketched query
   int64_t Hq, H, G, d, block_size, n_splits, split_tokens;
   float scale, qjl_scale;
   Desc kd, vd;
   Codebooks kc, vc;
   float *acc_out, *m_out, *l_out;
+
+  int64_t splits_of(int64_t r) const { return row_split ? row_split[r + 1] - row_split[r] : n_splits; }
+  int64_t split_slot(int64_t r, int64_t i) const {
+    return row_split ? row_split[r] * Hq + i * splits_of(r) : (r * Hq + i) * n_splits;
+  }
 };
 
-// One task; GT = the GQA group size it was compiled for (0: any, read from P.G).
-template <int GT>
-void attend(const Step& P, int64_t task) {
+// One tile of n tokens (slots) for the G query heads q0 .. q0 + G - 1 of one row: scores,
+// QJL bias and offsets, one online-softmax update, values into acc. SCR: the tile's keys
+// and values were decoded into kscr / vscr (token i at i * d) by the caller, shared by
+// several rows; the arithmetic is the same as decoding them here.
+template <int GT, bool SCR>
+inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const float* kscr,
+                      const float* vscr, int64_t q0, float (*acc)[MAX_D], float* m, float* l) {
   constexpr int GA = GT > 0 ? GT : MAX_G;           // accumulator array extent
   constexpr bool PAIR = GT > 0 && GT <= PAIR_MAX_G;
   const int G = GT > 0 ? GT : (int)P.G;
-  const int64_t d = P.d, Hq = P.Hq, H = P.H, n_splits = P.n_splits;
-  const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
-  const int64_t seq = P.seq_lens[b];
+  const int64_t d = P.d;
   const bool qjl = P.q_sk != nullptr;
-  // fixed runs of split_tokens (a multiple of TILE): how a sequence is split does not
-  // depend on the batch. Splits start on TILE boundaries; with block_size % TILE == 0 a
-  // tile never crosses a block, so one block-table lookup serves the whole tile
-  const int64_t t0 = sp * P.split_tokens, t1 = std::min(seq, t0 + P.split_tokens);
-  alignas(64) float acc[MAX_G][MAX_D];
+  const float* qb = P.q_rot + q0 * d;
+  const float* qs = qjl ? P.q_sk + q0 * d : nullptr;
   alignas(64) float s[MAX_G][TILE];
   alignas(64) V part[MAX_G][TILE];
-  float m[MAX_G], l[MAX_G];
+  // scores: each key decoded once, dotted with the G queries in registers
+  for (int i = 0; i < n; ++i) {
+    V tot[GA];
+    for (int g = 0; g < G; ++g) tot[g] = zero();
+    int j = 0;
+    for (int kg = 0; kg < P.kd.ngroups; ++kg) {
+      V a[GA], c[GA];
+      for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
+      const uint8_t* seg = slots[i] + P.kd.seg_off[kg];
+      const float* scr = SCR ? kscr + i * d + j : nullptr;
+      const int dim = (int)P.kd.dim[kg];
+      const Book& cb = P.kc.cb[kg];
+      const VI sh = P.kc.shifts[kg];
+      switch (P.kd.bits[kg]) {
+        case 1: score_group<1, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
+        case 2: score_group<2, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
+        case 3: score_group<3, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
+        default: score_group<4, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
+      }
+      j += dim;
+      const V nk = set1(std::fabs(half_at(slots[i] + P.kd.norm_off + 2 * kg)));  // sign: offset flag
+      for (int g = 0; g < G; ++g) tot[g] = fmadd(PAIR ? add(a[g], c[g]) : a[g], nk, tot[g]);
+    }
+    for (int g = 0; g < G; ++g) part[g][i] = tot[g];
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int i = n; i < TILE; ++i) part[g][i] = zero();
+    for (int i = 0; i < TILE; i += 8) reduce8(part[g] + i, s[g] + i);
+  }
+  for (int i = 0; i < n; ++i) {
+    const float gamma = qjl ? P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * P.kd.ngroups) : 0.f;
+    const bool flagged = P.q_off != nullptr && (slots[i][P.kd.norm_off + 1] & 0x80);
+    for (int g = 0; g < G; ++g) {
+      float sc = s[g][i];
+      if (qjl) sc += gamma * sign_dot(slots[i] + P.kd.sign_off, qs + g * d, P.qs_sum[q0 + g], (int)d);
+      if (flagged) sc -= P.q_off[q0 + g];
+      s[g][i] = sc * P.scale;
+    }
+  }
+  // one online-softmax update per tile and query head
+  alignas(64) float p[MAX_G][TILE];
+  for (int g = 0; g < G; ++g) {
+    for (int i = n; i < TILE; ++i) s[g][i] = -INFINITY;
+    V mv = loadu(s[g]);
+    for (int i = W; i < TILE; i += W) mv = vmax(mv, loadu(s[g] + i));
+    const float m_new = std::max(m[g], reduce_max(mv));
+    const float corr = std::exp(m[g] - m_new);
+    V lsum = zero();
+    for (int i = 0; i < TILE; i += W) storeu(p[g] + i, vexp(sub(loadu(s[g] + i), set1(m_new))));
+    for (int i = n; i < TILE; ++i) p[g][i] = 0.f;  // vexp clamps: exp(-inf) is not 0
+    for (int i = 0; i < TILE; i += W) lsum = add(lsum, loadu(p[g] + i));
+    l[g] = l[g] * corr + reduce_add(lsum);
+    m[g] = m_new;
+    if (corr != 1.f) {
+      const V cv = set1(corr);
+      for (int k = 0; k < d; k += W) storeu(acc[g] + k, mul(loadu(acc[g] + k), cv));
+    }
+  }
+  // values decoded chunk by chunk straight into the accumulators
+  int j = 0;
+  for (int vg = 0; vg < P.vd.ngroups; ++vg) {
+    alignas(64) V pn[MAX_G][TILE];
+    for (int i = 0; i < n; ++i) {
+      const float nv = half_at(slots[i] + P.vd.norm_off + 2 * vg);
+      for (int g = 0; g < G; ++g) pn[g][i] = set1(p[g][i] * nv);
+    }
+    const int64_t off = P.vd.seg_off[vg];
+    const int dim = (int)P.vd.dim[vg];
+    const Book& cb = P.vc.cb[vg];
+    const VI sh = P.vc.shifts[vg];
+    switch (P.vd.bits[vg]) {
+      case 1: accumulate_group<1, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+      case 2: accumulate_group<2, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+      case 3: accumulate_group<3, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+      default: accumulate_group<4, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+    }
+    j += dim;
+  }
+}
+
+inline void init_state(int G, int64_t d, float (*acc)[MAX_D], float* m, float* l) {
   for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
     std::fill(acc[g], acc[g] + d, 0.f);
   }
-  const int64_t q0 = b * Hq + h * G;  // first query head of this KV head
-  const float* qb = P.q_rot + q0 * d;
-  const float* qs = qjl ? P.q_sk + q0 * d : nullptr;
-  const int64_t* row = P.block_table + b * P.bt_stride;
-  for (int64_t tt = t0; tt < t1; tt += TILE) {
-    const int n = (int)std::min<int64_t>(TILE, t1 - tt);
-    const uint8_t* tile = P.cache + row[tt / P.block_size] * P.s_blk + h * P.s_head +
-                          (tt % P.block_size) * P.s_tok;
-    const uint8_t* slots[TILE];
-    for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
-    // scores: each key decoded once, dotted with the G queries in registers
-    for (int i = 0; i < n; ++i) {
-      V tot[GA];
-      for (int g = 0; g < G; ++g) tot[g] = zero();
-      int j = 0;
-      for (int kg = 0; kg < P.kd.ngroups; ++kg) {
-        V a[GA], c[GA];
-        for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
-        const uint8_t* seg = slots[i] + P.kd.seg_off[kg];
-        const int dim = (int)P.kd.dim[kg];
-        const Book& cb = P.kc.cb[kg];
-        const VI sh = P.kc.shifts[kg];
-        switch (P.kd.bits[kg]) {
-          case 1: score_group<1, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
-          case 2: score_group<2, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
-          case 3: score_group<3, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
-          default: score_group<4, GA, PAIR>(seg, dim, j, cb, sh, qb, d, G, a, c); break;
-        }
-        j += dim;
-        const V nk = set1(std::fabs(half_at(slots[i] + P.kd.norm_off + 2 * kg)));  // sign: offset flag
-        for (int g = 0; g < G; ++g) tot[g] = fmadd(PAIR ? add(a[g], c[g]) : a[g], nk, tot[g]);
-      }
-      for (int g = 0; g < G; ++g) part[g][i] = tot[g];
-    }
-    for (int g = 0; g < G; ++g) {
-      for (int i = n; i < TILE; ++i) part[g][i] = zero();
-      for (int i = 0; i < TILE; i += 8) reduce8(part[g] + i, s[g] + i);
-    }
-    for (int i = 0; i < n; ++i) {
-      const float gamma = qjl ? P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * P.kd.ngroups) : 0.f;
-      const bool flagged = P.q_off != nullptr && (slots[i][P.kd.norm_off + 1] & 0x80);
-      for (int g = 0; g < G; ++g) {
-        float sc = s[g][i];
-        if (qjl) sc += gamma * sign_dot(slots[i] + P.kd.sign_off, qs + g * d, P.qs_sum[q0 + g], (int)d);
-        if (flagged) sc -= P.q_off[q0 + g];
-        s[g][i] = sc * P.scale;
-      }
-    }
-    // one online-softmax update per tile and query head
-    alignas(64) float p[MAX_G][TILE];
-    for (int g = 0; g < G; ++g) {
-      for (int i = n; i < TILE; ++i) s[g][i] = -INFINITY;
-      V mv = loadu(s[g]);
-      for (int i = W; i < TILE; i += W) mv = vmax(mv, loadu(s[g] + i));
-      const float m_new = std::max(m[g], reduce_max(mv));
-      const float corr = std::exp(m[g] - m_new);
-      V lsum = zero();
-      for (int i = 0; i < TILE; i += W) storeu(p[g] + i, vexp(sub(loadu(s[g] + i), set1(m_new))));
-      for (int i = n; i < TILE; ++i) p[g][i] = 0.f;  // vexp clamps: exp(-inf) is not 0
-      for (int i = 0; i < TILE; i += W) lsum = add(lsum, loadu(p[g] + i));
-      l[g] = l[g] * corr + reduce_add(lsum);
-      m[g] = m_new;
-      if (corr != 1.f) {
-        const V cv = set1(corr);
-        for (int k = 0; k < d; k += W) storeu(acc[g] + k, mul(loadu(acc[g] + k), cv));
-      }
-    }
-    // values decoded chunk by chunk straight into the accumulators
-    int j = 0;
-    for (int vg = 0; vg < P.vd.ngroups; ++vg) {
-      alignas(64) V pn[MAX_G][TILE];
-      for (int i = 0; i < n; ++i) {
-        const float nv = half_at(slots[i] + P.vd.norm_off + 2 * vg);
-        for (int g = 0; g < G; ++g) pn[g][i] = set1(p[g][i] * nv);
-      }
-      const int64_t off = P.vd.seg_off[vg];
-      const int dim = (int)P.vd.dim[vg];
-      const Book& cb = P.vc.cb[vg];
-      const VI sh = P.vc.shifts[vg];
-      switch (P.vd.bits[vg]) {
-        case 1: accumulate_group<1, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
-        case 2: accumulate_group<2, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
-        case 3: accumulate_group<3, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
-        default: accumulate_group<4, GA, PAIR>(slots, n, off, dim, cb, sh, pn, G, acc, j); break;
-      }
-      j += dim;
-    }
-  }
+}
+
+// split sp of row r, query heads i0 .. i0 + G - 1 (i0 within the row)
+inline void write_split(const Step& P, int64_t r, int64_t i0, int64_t sp, int G,
+                        float (*acc)[MAX_D], const float* m, const float* l) {
   for (int g = 0; g < G; ++g) {
-    const int64_t o = (q0 + g) * n_splits + sp;
+    const int64_t o = P.split_slot(r, i0 + g) + sp;
     P.m_out[o] = m[g];
     P.l_out[o] = l[g];
-    std::memcpy(P.acc_out + o * d, acc[g], d * sizeof(float));
+    std::memcpy(P.acc_out + o * P.d, acc[g], P.d * sizeof(float));
   }
 }
 
-using AttendFn = void (*)(const Step&, int64_t);
+// Fixed runs of split_tokens (a multiple of TILE) per split: how a row is split depends on
+// its own length only, never on the batch. Splits start on TILE boundaries; with
+// block_size % TILE == 0 a tile never crosses a block, so one block-table lookup serves
+// the whole tile.
+inline const uint8_t* tile_at(const Step& P, const int64_t* row, int64_t h, int64_t tt) {
+  return P.cache + row[tt / P.block_size] * P.s_blk + h * P.s_head + (tt % P.block_size) * P.s_tok;
+}
 
-AttendFn attend_for(int64_t G) {
+// Decode: one task = (row, KV head, split); GT = the GQA group size it was compiled for
+// (0: any, read from P.G).
+template <int GT>
+void attend(const Step& P, int64_t task) {
+  const int G = GT > 0 ? GT : (int)P.G;
+  const int64_t H = P.H, n_splits = P.n_splits;
+  const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
+  const int64_t t0 = sp * P.split_tokens, t1 = std::min(P.seq_lens[b], t0 + P.split_tokens);
+  alignas(64) float acc[MAX_G][MAX_D];
+  float m[MAX_G], l[MAX_G];
+  init_state(G, P.d, acc, m, l);
+  const int64_t* row = P.block_table + b * P.bt_stride;
+  for (int64_t tt = t0; tt < t1; tt += TILE) {
+    const int n = (int)std::min<int64_t>(TILE, t1 - tt);
+    const uint8_t* tile = tile_at(P, row, h, tt);
+    const uint8_t* slots[TILE];
+    for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
+    tile_step<GT, false>(P, slots, n, nullptr, nullptr, b * P.Hq + h * G, acc, m, l);
+  }
+  write_split(P, b, h * G, sp, G, acc, m, l);
+}
+
+// Prefill: one task = (group of consecutive rows of one sequence, KV head, split). Each
+// tile is decoded once into scratch and every row of the group that reaches it runs
+// decode's own tile step on it, so a row gets exactly the bits its decode step gets.
+template <int GT>
+void attend_rows(const Step& P, int64_t task) {
+  const int G = GT > 0 ? GT : (int)P.G;
+  const int64_t d = P.d, H = P.H, n_splits = P.n_splits;
+  const int64_t grp = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
+  const int64_t r0 = P.groups[grp], nr = P.groups[grp + 1] - r0;
+  const int64_t t0 = sp * P.split_tokens;
+  int64_t t_end = t0;
+  for (int64_t r = 0; r < nr; ++r) t_end = std::max(t_end, std::min(P.seq_lens[r0 + r], t0 + P.split_tokens));
+  if (t_end == t0) return;  // no row of the group reaches this split
+  // per-row state: acc [nr][G][MAX_D], then m and l [nr][G]
+  thread_local std::vector<float> state;
+  state.resize(nr * G * (MAX_D + 2));
+  auto acc_of = [&](int64_t r) { return reinterpret_cast<float(*)[MAX_D]>(state.data() + r * G * MAX_D); };
+  float* m_all = state.data() + nr * G * MAX_D;
+  float* l_all = m_all + nr * G;
+  for (int64_t r = 0; r < nr; ++r) init_state(G, d, acc_of(r), m_all + r * G, l_all + r * G);
+  const int64_t* row = P.block_table + P.row_seq[r0] * P.bt_stride;
+  alignas(64) float kscr[TILE * MAX_D];
+  alignas(64) float vscr[TILE * MAX_D];
+  for (int64_t tt = t0; tt < t_end; tt += TILE) {
+    const int n = (int)std::min<int64_t>(TILE, t_end - tt);
+    const uint8_t* tile = tile_at(P, row, h, tt);
+    const uint8_t* slots[TILE];
+    for (int i = 0; i < n; ++i) {
+      slots[i] = tile + i * P.s_tok;
+      unpack(slots[i], P.kd, P.kc, kscr + i * d);
+      unpack(slots[i], P.vd, P.vc, vscr + i * d);
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t t1 = std::min(P.seq_lens[r0 + r], t0 + P.split_tokens);
+      if (t1 <= tt) continue;
+      const int nrow = (int)std::min<int64_t>(n, t1 - tt);
+      tile_step<GT, true>(P, slots, nrow, kscr, vscr, (r0 + r) * P.Hq + h * G, acc_of(r),
+                          m_all + r * G, l_all + r * G);
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r)
+    if (P.seq_lens[r0 + r] > t0) write_split(P, r0 + r, h * G, sp, G, acc_of(r), m_all + r * G, l_all + r * G);
+}
+
+using TaskFn = void (*)(const Step&, int64_t);
+
+template <template <int> class Fn>
+TaskFn for_group_size(int64_t G) {
   switch (G) {
-    case 1: return attend<1>;
-    case 2: return attend<2>;
-    case 3: return attend<3>;
-    case 4: return attend<4>;
-    case 5: return attend<5>;
-    case 6: return attend<6>;
-    case 7: return attend<7>;
-    case 8: return attend<8>;
-    default: return attend<0>;
+    case 1: return Fn<1>::run;
+    case 2: return Fn<2>::run;
+    case 3: return Fn<3>::run;
+    case 4: return Fn<4>::run;
+    case 5: return Fn<5>::run;
+    case 6: return Fn<6>::run;
+    case 7: return Fn<7>::run;
+    case 8: return Fn<8>::run;
+    default: return Fn<0>::run;
+  }
+}
+template <int GT> struct DecodeTask { static void run(const Step& P, int64_t t) { attend<GT>(P, t); } };
+template <int GT> struct PrefillTask { static void run(const Step& P, int64_t t) { attend_rows<GT>(P, t); } };
+
+// Shapes the kernel handles (0), or -1.
+int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_tokens,
+          const int64_t* kdesc_p, const int64_t* vdesc_p) {
+  if (H <= 0 || Hq % H || d % 16 || d > MAX_D || Hq / H > MAX_G || block_size % TILE ||
+      split_tokens % TILE)
+    return -1;
+  for (const int64_t* desc : {kdesc_p, vdesc_p})
+    for (int64_t g = 0; g < desc[1]; ++g)
+      if (desc[5 + 3 * g] % W) return -1;  // a group must be whole vectors
+  return 0;
+}
+
+// Rotates (and sketches) each query once: q [rows, Hq, d] -> q_rot, q_sk, qs_sum.
+void rotate_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int64_t d,
+                    const float* rot_k, const float* sketch, float* q_rot, float* q_sk,
+                    float* qs_sum, int num_threads) {
+#pragma omp parallel for num_threads(num_threads)
+  for (int64_t i = 0; i < rows * Hq; ++i) {
+    const int64_t h = (i % Hq) / G;
+    matvec(rot_k + h * d * d, q + i * d, (int)d, q_rot + i * d);
+    if (sketch != nullptr) {
+      float* qs = q_sk + i * d;
+      matvec(sketch, q_rot + i * d, (int)d, qs);
+      V t = zero();
+      for (int k = 0; k < d; k += W) t = add(t, loadu(qs + k));
+      qs_sum[i] = reduce_add(t);
+    }
+  }
+}
+
+// Log-sum-exp combine of each row's splits in split order, then rotate back once:
+// out [rows, Hq, d] = R_v^T o.
+void merge(const Step& P, int64_t rows, const float* rot_v, float* out, int num_threads) {
+  const int64_t Hq = P.Hq, G = P.G, d = P.d;
+#pragma omp parallel for num_threads(num_threads)
+  for (int64_t i = 0; i < rows * Hq; ++i) {
+    const int64_t r = i / Hq, h = (i % Hq) / G, n_splits = P.splits_of(r);
+    const int64_t base = P.split_slot(r, i % Hq);
+    const float* mi = P.m_out + base;
+    const float* li = P.l_out + base;
+    float mx = -INFINITY;
+    for (int64_t sp = 0; sp < n_splits; ++sp) mx = std::max(mx, mi[sp]);
+    alignas(64) float o[MAX_D];
+    std::fill(o, o + d, 0.f);
+    float denom = 0.f;
+    for (int64_t sp = 0; sp < n_splits; ++sp) {
+      if (li[sp] == 0.f) continue;  // empty split
+      const float w = std::exp(mi[sp] - mx);
+      denom += w * li[sp];
+      const float* a = P.acc_out + (base + sp) * d;
+      for (int k = 0; k < d; ++k) o[k] += w * a[k];
+    }
+    const float inv = denom > 0.f ? 1.f / denom : 0.f;
+    for (int k = 0; k < d; ++k) o[k] *= inv;
+    matvec_t(rot_v + h * d * d, o, (int)d, out + i * d);
   }
 }
 
@@ -487,61 +664,70 @@ extern "C" int tq_decode_cpu(
     int64_t split_tokens,
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
     const int64_t* vdesc_p, const float* v_books, float* out, int num_threads) {
+  if (check(Hq, H, d, block_size, split_tokens, kdesc_p, vdesc_p)) return -1;
   const int64_t G = Hq / H;
-  if (d % 16 || d > MAX_D || G > MAX_G || Hq % H || block_size % TILE || split_tokens % TILE) return -1;
-  for (const int64_t* desc : {kdesc_p, vdesc_p})
-    for (int64_t g = 0; g < desc[1]; ++g)
-      if (desc[5 + 3 * g] % W) return -1;  // a group must be whole vectors
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch != nullptr;
   std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0), qs_sum(B * Hq, 0.f);
   std::vector<float> acc_out(B * Hq * n_splits * d), m_out(B * Hq * n_splits), l_out(B * Hq * n_splits);
-
-  // 1. rotate (and sketch) each query once per step
-#pragma omp parallel for num_threads(num_threads)
-  for (int64_t i = 0; i < B * Hq; ++i) {
-    const int64_t h = (i % Hq) / G;
-    matvec(rot_k + h * d * d, q + i * d, (int)d, q_rot.data() + i * d);
-    if (qjl) {
-      float* qs = q_sk.data() + i * d;
-      matvec(sketch, q_rot.data() + i * d, (int)d, qs);
-      V t = zero();
-      for (int k = 0; k < d; k += W) t = add(t, loadu(qs + k));
-      qs_sum[i] = reduce_add(t);
-    }
-  }
-  // 2. split-KV attention: one task per (sequence, KV head, split)
-  const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens,
-                  q_rot.data(), qjl ? q_sk.data() : nullptr, q_off, qs_sum.data(),
-                  Hq, H, G, d, block_size, n_splits, split_tokens, scale, qjl_scale,
-                  kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
+  rotate_queries(q, B, Hq, G, d, rot_k, qjl ? sketch : nullptr, q_rot.data(), q_sk.data(),
+                 qs_sum.data(), num_threads);
+  const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens, nullptr,
+                  nullptr, nullptr, q_rot.data(), qjl ? q_sk.data() : nullptr, q_off,
+                  qs_sum.data(), Hq, H, G, d, block_size, n_splits, split_tokens, scale,
+                  qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   acc_out.data(), m_out.data(), l_out.data()};
-  const AttendFn fn = attend_for(G);
+  const TaskFn fn = for_group_size<DecodeTask>(G);
   const int64_t ntasks = B * H * n_splits;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
+  merge(step, B, rot_v, out, num_threads);
+  return 0;
+}
 
-  // 3. log-sum-exp combine of the splits, then rotate back once: out = R_v^T o
-#pragma omp parallel for num_threads(num_threads)
-  for (int64_t i = 0; i < B * Hq; ++i) {
-    const int64_t h = (i % Hq) / G;
-    const float* mi = m_out.data() + i * n_splits;
-    const float* li = l_out.data() + i * n_splits;
-    float mx = -INFINITY;
-    for (int64_t sp = 0; sp < n_splits; ++sp) mx = std::max(mx, mi[sp]);
-    alignas(64) float o[MAX_D];
-    std::fill(o, o + d, 0.f);
-    float denom = 0.f;
-    for (int64_t sp = 0; sp < n_splits; ++sp) {
-      if (li[sp] == 0.f) continue;  // empty split
-      const float w = std::exp(mi[sp] - mx);
-      denom += w * li[sp];
-      const float* a = acc_out.data() + (i * n_splits + sp) * d;
-      for (int k = 0; k < d; ++k) o[k] += w * a[k];
-    }
-    const float inv = denom > 0.f ? 1.f / denom : 0.f;
-    for (int k = 0; k < d; ++k) o[k] *= inv;
-    matvec_t(rot_v + h * d * d, o, (int)d, out + i * d);
+// Prefill attention over the packed cache: N query rows, row r = one prompt token that
+// attends to the first row_len[r] tokens of block-table row row_seq[r], with exactly
+// the bits tq_decode_cpu gives that token as a decode step. Consecutive rows of one
+// sequence are taken group_rows at a time, and each tile of the cache is decoded once
+// for the group.
+//   q [N, Hq, d] float32; q_off [N, Hq] or null; out [N, Hq, d] float32
+extern "C" int tq_prefill_cpu(
+    const uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok,
+    const int64_t* block_table, int64_t bt_stride, const int64_t* row_seq,
+    const int64_t* row_len, const float* q, const float* q_off, const float* rot_k,
+    const float* sketch, const float* rot_v,
+    int64_t N, int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_tokens,
+    float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
+    const int64_t* vdesc_p, const float* v_books, float* out, int num_threads,
+    int64_t group_rows) {
+  if (check(Hq, H, d, block_size, split_tokens, kdesc_p, vdesc_p) || group_rows < 1) return -1;
+  const int64_t G = Hq / H;
+  const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
+  const bool qjl = kd.sign_off >= 0 && sketch != nullptr;
+  std::vector<int64_t> row_split(N + 1, 0), groups{0};
+  int64_t max_splits = 1;
+  for (int64_t r = 0; r < N; ++r) {
+    if (row_len[r] < 1) return -1;
+    const int64_t ns = (row_len[r] + split_tokens - 1) / split_tokens;
+    row_split[r + 1] = row_split[r] + ns;
+    max_splits = std::max(max_splits, ns);
+    if (r > 0 && (row_seq[r] != row_seq[r - 1] || r - groups.back() == group_rows)) groups.push_back(r);
   }
+  if (N > 0) groups.push_back(N);
+  const int64_t n_groups = (int64_t)groups.size() - 1, total = row_split[N];
+  std::vector<float> q_rot(N * Hq * d), q_sk(qjl ? N * Hq * d : 0), qs_sum(N * Hq, 0.f);
+  std::vector<float> acc_out(total * Hq * d), m_out(total * Hq), l_out(total * Hq);
+  rotate_queries(q, N, Hq, G, d, rot_k, qjl ? sketch : nullptr, q_rot.data(), q_sk.data(),
+                 qs_sum.data(), num_threads);
+  const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, row_len, row_seq,
+                  row_split.data(), groups.data(), q_rot.data(), qjl ? q_sk.data() : nullptr,
+                  q_off, qs_sum.data(), Hq, H, G, d, block_size, max_splits, split_tokens, scale,
+                  qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
+                  acc_out.data(), m_out.data(), l_out.data()};
+  const TaskFn fn = for_group_size<PrefillTask>(G);
+  const int64_t ntasks = n_groups * H * max_splits;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
+  merge(step, N, rot_v, out, num_threads);
   return 0;
 }

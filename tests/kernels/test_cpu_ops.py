@@ -102,25 +102,30 @@ def test_prefill_matches_reference(impl, name, dim, gqa, block_size):
 
 @pytest.mark.parametrize("name", ["tq3.5", "tq4-qjl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_rows_equal_decode_steps_bit_for_bit(impl, name, dtype):
+@pytest.mark.parametrize("gqa", [3, 7, 9])  # paired chunks, single chunks, the generic body
+def test_prefill_rows_equal_decode_steps_bit_for_bit(impl, name, dtype, gqa):
     """A prompt recomputed after preemption, chunked, or read from the prefix cache must
-    give the bits its decode steps gave: every prefill row is that decode step."""
-    s, n = 700, 600  # 100 cached tokens, then a 600-token chunk crossing a KV split
-    codec, cache, table, _, _ = build_cache(name, 64, 2, 16, [s])
-    q = torch.randn(n, 6, 64).to(dtype)
+    give the bits its decode steps gave: every prefill row is that decode step (the native
+    prefill shares each decoded tile between rows; the arithmetic per row is decode's)."""
+    seq_lens = [700, 90]  # 100 cached tokens + a 600-token chunk crossing a KV split; 50 + 40
+    q_lens = [600, 40]
+    codec, cache, table, _, _ = build_cache(name, 64, 2, 16, seq_lens)
+    q = torch.randn(sum(q_lens), 2 * gqa, 64).to(dtype)
     whole = torch.empty_like(q)
-    cpu_ops.prefill(q, None, None, cache, table, torch.tensor([s]), torch.tensor([0, n]), 0,
-                    codec, 0.3, whole, fresh_exact=False)
-    chunks = torch.empty_like(q)
+    cpu_ops.prefill(q, None, None, cache, table, torch.tensor(seq_lens), torch.tensor([0, 600, 640]),
+                    0, codec, 0.3, whole, fresh_exact=False)
+    s, n = seq_lens[0], q_lens[0]
+    chunks = torch.empty_like(q[:n])
     for a, b in ((0, 250), (250, 251), (251, n)):
-        cpu_ops.prefill(q[a:b], None, None, cache, table, torch.tensor([s - n + b]),
+        cpu_ops.prefill(q[a:b], None, None, cache, table[:1], torch.tensor([s - n + b]),
                         torch.tensor([0, b - a]), 0, codec, 0.3, chunks[a:b], fresh_exact=False)
-    assert torch.equal(chunks, whole)
+    assert torch.equal(chunks, whole[:n])
     steps = torch.empty_like(q)
-    for j in (0, 1, 411, n - 1):
-        cpu_ops.decode(q[j:j + 1], cache, table, torch.tensor([s - n + j + 1]), codec, 0.3,
-                       steps[j:j + 1])
-        assert torch.equal(steps[j], whole[j])
+    for row, seq, length in ((0, 0, 101), (1, 0, 102), (17, 0, 118), (411, 0, 512),
+                             (412, 0, 513), (599, 0, 700), (600, 1, 51), (639, 1, 90)):
+        cpu_ops.decode(q[row:row + 1], cache, table[seq:seq + 1], torch.tensor([length]), codec,
+                       0.3, steps[row:row + 1])
+        assert torch.equal(steps[row], whole[row]), (row, length)
 
 
 def test_prefill_fresh_exact_path_uses_fresh_kv():
