@@ -49,20 +49,33 @@ our backend multiples of 16."""
 MODEL_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def bytes_per_token(model: str, dtype: str, model_dtype: str = "bfloat16") -> int:
-    """KV bytes one token takes over all layers and KV heads (``auto`` stores K and V in
-    the model's dtype)."""
+def kv_bytes(model: str, dtype: str, model_dtype: str = "bfloat16") -> dict[str, int]:
+    """Bytes one token's K and V take over all layers and KV heads, by part (codes, QJL
+    signs, norms, slot padding; ``auto`` stores K and V in the model's dtype), their
+    ``total`` and the ``bf16`` baseline."""
     cfg = json.loads((Path(model) / "config.json").read_text())
     d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if dtype == "auto":
-        slot = 2 * MODEL_DTYPE_BYTES[model_dtype] * d
-    elif dtype.startswith("fp8"):
-        slot = 2 * d
+    heads = cfg["num_hidden_layers"] * cfg["num_key_value_heads"]
+    if dtype == "auto" or dtype.startswith("fp8"):
+        width = MODEL_DTYPE_BYTES[model_dtype] if dtype == "auto" else 1
+        parts = {"codes": 2 * width * d, "signs": 0, "norms": 0, "padding": 0}
     else:
         from tq_vllm.config import get_preset
 
-        slot = get_preset(dtype).layout(d).slot_bytes
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * slot
+        lay = get_preset(dtype).layout(d)
+        tensors = (lay.key, lay.value)
+        parts = {"codes": sum(s.nbytes for t in tensors for s in t.codes),
+                 "signs": sum(t.signs.nbytes for t in tensors if t.signs),
+                 "norms": sum(t.norms.nbytes for t in tensors), "padding": lay.padding}
+    out = {k: v * heads for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    out["bf16"] = 2 * 2 * d * heads
+    return out
+
+
+def bytes_per_token(model: str, dtype: str, model_dtype: str = "bfloat16") -> int:
+    """KV bytes one token takes over all layers and KV heads."""
+    return kv_bytes(model, dtype, model_dtype)["total"]
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -151,6 +151,53 @@ def test_throughput_budget_bytes_follow_the_config():
         assert bench_throughput.bytes_per_token(model, name) == 30 * 3 * slot
 
 
+def test_kv_bytes_split_the_slot_into_its_parts():
+    """The memory report's parts add up to the preset's slot over all layers and heads:
+    4-bit codes are d/2 bytes per K and V, QJL keys add d/8 sign bytes and a residual norm."""
+    import bench_throughput
+
+    from tq_vllm.config import get_preset
+    from tq_vllm.tools.models import fetch_model
+
+    model, heads = str(fetch_model("smollm2")), 30 * 3
+    for name in ("tq4", "tq3", "tq4-qjl", "tq2.5-qjl"):
+        b = bench_throughput.kv_bytes(model, name)
+        assert b["codes"] + b["signs"] + b["norms"] + b["padding"] == b["total"]
+        assert b["total"] == heads * get_preset(name).layout(64).slot_bytes
+        assert b["bf16"] == heads * 256
+        assert (b["signs"] > 0) == name.endswith("qjl")
+    tq4 = bench_throughput.kv_bytes(model, "tq4")
+    assert tq4["codes"] == heads * 64 and tq4["norms"] == heads * 4
+    assert bench_throughput.kv_bytes(model, "tq4-qjl")["signs"] == heads * 8
+    auto = bench_throughput.kv_bytes(model, "auto", "float32")
+    assert auto["total"] == auto["codes"] == 2 * auto["bf16"]
+
+
+def test_scaling_table_and_plot(tmp_path):
+    """TPOT per context with ratios to ``auto``, and the memory rows (allocated bytes
+    over tokens × bytes per token)."""
+    import argparse
+
+    import bench_scaling
+
+    def row(dtype, tpots, total, tokens):
+        return {"kv_cache_dtype": dtype, "kv_tokens": tokens, "allocated_kv_bytes": tokens * total,
+                "bytes_per_token": {"codes": total, "signs": 0, "norms": 0, "padding": 0,
+                                    "total": total, "bf16": 2 * total},
+                "points": [{"context": n, "tpot_s": t, "ttft_s": 1.0}
+                           for n, t in zip((1024, 4096), tpots)]}
+
+    rows = [row("auto", (0.1, 0.2), 100, 1000), row("tq4", (0.1, 0.1), 25, 4000)]
+    args = argparse.Namespace(batch=2, new_tokens=32, model_dtype="float32")
+    md = bench_scaling.table(rows, args).splitlines()
+    assert md[2] == "| kv-cache-dtype | TPOT ms @ 1024 | TPOT ms @ 4096 |"
+    assert md[5] == "| tq4 | 100.0 (1.00) | 100.0 (0.50) |"
+    assert md[-1].startswith("| tq4 | 25 | 0 | 0 | 0 | 25 | 2.00× | 4,000 |")
+    assert md[-1].endswith("| 1.000 |")
+    bench_scaling.plot(rows, md[0], tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
 def test_divergence_counts_kl_and_top1_agreement():
     """``ppl_strict.divergence``: zero KL and full agreement against itself; a moved
     prediction shows in both columns even where the likelihood of the data does not."""
