@@ -648,6 +648,14 @@ void merge(const Step& P, int64_t rows, const float* rot_v, float* out, int num_
   }
 }
 
+// The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d].
+void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float* rot_v,
+         float* out, int num_threads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
+  merge(step, rows, rot_v, out, num_threads);
+}
+
 }  // namespace
 
 // Decode attention for B sequences, one query token each.
@@ -677,11 +685,7 @@ extern "C" int tq_decode_cpu(
                   qs_sum.data(), Hq, H, G, d, block_size, n_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   acc_out.data(), m_out.data(), l_out.data()};
-  const TaskFn fn = for_group_size<DecodeTask>(G);
-  const int64_t ntasks = B * H * n_splits;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
-  merge(step, B, rot_v, out, num_threads);
+  run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, out, num_threads);
   return 0;
 }
 
@@ -724,10 +728,6 @@ extern "C" int tq_prefill_cpu(
                   q_off, qs_sum.data(), Hq, H, G, d, block_size, max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   acc_out.data(), m_out.data(), l_out.data()};
-  const TaskFn fn = for_group_size<PrefillTask>(G);
-  const int64_t ntasks = n_groups * H * max_splits;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
-  merge(step, N, rot_v, out, num_threads);
+  run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v, out, num_threads);
   return 0;
 }
