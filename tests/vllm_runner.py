@@ -6,7 +6,8 @@ ignore_eos, batches (optional: list of prompt-index lists submitted one generate
 env (optional: environment variables set before the engine starts), scored_text (optional: a
 text scored teacher-forced, its per-position top-1 token and log p of the actual token
 recorded)}).
-Runs share the process one after another. Writes, per run, the greedy texts and
+Runs share the process one after another. Writes, per run, whether tq-vllm's plugin was
+loaded in this process (``VLLM_PLUGINS`` in a run's env decides it for the first run). Writes, per run, the greedy texts and
 token ids and the KV capacity vLLM allocated. vLLM on CPU spawns workers, hence
 the ``__main__`` guard.
 """
@@ -37,7 +38,7 @@ def run_one(model: str, run: dict) -> dict:
             texts[i], ids[i] = o.outputs[0].text, list(o.outputs[0].token_ids)
     cache = llm.llm_engine.vllm_config.cache_config
     result = {"texts": texts, "token_ids": ids, "num_blocks": cache.num_gpu_blocks,
-              "block_size": cache.block_size}
+              "block_size": cache.block_size, "plugin_loaded": "tq_vllm.plugin" in sys.modules}
     if run.get("scored_text"):
         result.update(score_text(llm, run["scored_text"]))
     del llm
