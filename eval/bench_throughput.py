@@ -172,8 +172,6 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-
-
 def plot(rows: list[dict], title: str, path: Path) -> None:
     """Bars of tokens/s (and rerun tokens/s) over ``auto``'s in the same mode, plus the
     KV-token ratio, one group per row."""

@@ -136,6 +136,19 @@ def load_model(name: str):
     return AutoTokenizer.from_pretrained(path), model, head_dim
 
 
+def essay_docs(tok, essays: dict[str, str], docs: int, tokens: int) -> tuple[list[torch.Tensor], int]:
+    """The first ``tokens`` token ids ``[tokens]`` of each of the first ``docs`` essays that
+    are that long, and the index of the last essay read."""
+    out, last = [], 0
+    for last, text in enumerate(essays.values()):
+        ids = tok(text, return_tensors="pt").input_ids[0]
+        if ids.numel() >= tokens:
+            out.append(ids[:tokens])
+        if len(out) == docs:
+            break
+    return out, last
+
+
 @torch.no_grad()
 def doc_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities ``[n − 1, vocab]`` float32 of a document ``[n]``."""
@@ -174,13 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     nl = cfg.num_hidden_layers
     essays = paul_graham_essays()
-    docs, last = [], 0
-    for last, text in enumerate(essays.values()):
-        ids = tok(text, return_tensors="pt").input_ids[0]
-        if ids.numel() >= args.tokens:
-            docs.append(ids[: args.tokens])
-        if len(docs) == args.docs:
-            break
+    docs, last = essay_docs(tok, essays, args.docs, args.tokens)
     if args.calib_text == "pydoc":
         chunks = calibration_token_chunks(tok, args.calib_chunks, args.tokens)
     else:

@@ -29,32 +29,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def load_docs(tok, docs: int, tokens: int):
-    from textdata import paul_graham_essays
-
-    out = []
-    for text in paul_graham_essays().values():
-        ids = tok(text, return_tensors="pt").input_ids[0]
-        if ids.numel() >= tokens:
-            out.append(ids[:tokens])
-        if len(out) == docs:
-            break
-    return out
-
-
 def emulation_nll(model_name: str, dtypes: list[str], docs: int, tokens: int):
     """(documents, {dtype: per-document per-token NLL}) from the transformers emulation."""
     import torch
 
     import ppl_strict
-    from tq_vllm.tools import hf_attention
-    from tq_vllm.tools.calibrate import calibration_token_chunks
+    from textdata import paul_graham_essays
+    from tq_vllm.tools.calibrate import model_calibration
+    from tq_vllm.tools.models import fetch_model
 
     tok, model, head_dim = ppl_strict.load_model(model_name)
-    ds = load_docs(tok, docs, tokens)
-    with torch.no_grad(), hf_attention.capture(model) as calib:
-        for chunk in calibration_token_chunks(tok, 4, 1024):
-            model(chunk[None])
+    ds, _ = ppl_strict.essay_docs(tok, paul_graham_essays(), docs, tokens)
+    calib = model_calibration(fetch_model(model_name))  # the statistics the vLLM backend loads
     res = {}
     for dt in dtypes:
         variant = ppl_strict.parse_variant(dt)

@@ -6,9 +6,9 @@ ignore_eos, batches (optional: list of prompt-index lists submitted one generate
 env (optional: environment variables set before the engine starts), scored_text (optional: a
 text scored teacher-forced, its per-position top-1 token and log p of the actual token
 recorded)}).
-Runs share the process one after another. Writes, per run, whether tq-vllm's plugin was
-loaded in this process (``VLLM_PLUGINS`` in a run's env decides it for the first run). Writes, per run, the greedy texts and
-token ids and the KV capacity vLLM allocated. vLLM on CPU spawns workers, hence
+Runs share the process one after another. Writes, per run, the greedy texts and
+token ids, the KV capacity vLLM allocated and whether tq-vllm's plugin was loaded in this
+process (``VLLM_PLUGINS`` in the first run's env decides it). vLLM on CPU spawns workers, hence
 the ``__main__`` guard.
 """
 

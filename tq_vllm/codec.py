@@ -184,8 +184,9 @@ class TensorQuantizer:
     def rotate_finite(self, x: torch.Tensor) -> torch.Tensor:
         """``R_h x`` float32 ``[N, H, d]`` for ``x`` ``[N, H, d]`` (any float dtype) under the
         non-finite policy: a vector with a NaN/Inf coordinate is rotated as zeros and
-        counted. A non-finite coordinate makes its whole rotated row non-finite (Hadamard
-        entries are never zero), so one sum over the result says whether there is any."""
+        counted. A non-finite coordinate makes its whole rotated row non-finite (NaN or Inf
+        times any rotation entry, zero included, is not finite), so one sum over the result
+        says whether there is any."""
         x = x.float()
         y = self.rotate(x)
         if not math.isfinite(float(y.sum())):  # rare: find and zero the bad vectors
