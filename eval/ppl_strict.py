@@ -13,7 +13,8 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
 
     nc       norm correction (stored norm = ‖x‖ / ‖centroids‖) for K and V
     kmean    key mean removal      ksmooth  key channel smoothing s = rms_k^½
-    kbal     key smoothing balanced against the queries, s² ∝ rms_k / rms_q
+                                   (in ``tq{b}`` until 2026-11-24; ``tq4+ksmooth`` A/B's it)
+    kbal     key smoothing balanced against the queries, s² ∝ rms_k / rms_q (on in ``tq{b}``)
     vmean    value mean removal    vsmooth  value smoothing s² ∝ rms_v / ‖o_proj col‖
     perm     outlier half chosen by calibration RMS
     gauss    Gaussian N(0, 1/d) codebook instead of the exact sphere-coordinate law

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tq_vllm.calibration import KVStats, LayerTransform, balanced_scale
+from tq_vllm.calibration import QUERY_RMS_FLOOR, KVStats, LayerTransform, balanced_scale
 
 
 def _sample(n=200, h=2, hq=6, d=16, seed=0):
@@ -97,6 +97,21 @@ def test_balanced_scale_minimises_the_error_product():
         assert cost(other) >= best * (1 - 1e-6)
     assert cost(torch.ones_like(s)) > best
 
+
+def test_balanced_key_scale_floors_channels_the_queries_never_use():
+    """A channel with no query energy in calibration gets the floored query RMS, not an
+    unbounded scale (a later query using it would multiply its key error as much)."""
+    k, v, q = _sample()
+    q[..., 3] = 0
+    stats = KVStats.from_samples(k.float(), v.float(), q.float())
+    ks = LayerTransform.from_stats(stats, key_scale="balanced").k_scale
+    q_rms = stats.q_sq.sqrt()
+    assert (q_rms[:, 3] == 0).all()
+    floored = torch.maximum(q_rms, QUERY_RMS_FLOOR * q_rms.median(-1, keepdim=True).values)
+    torch.testing.assert_close(ks, balanced_scale(stats.key_rms(True), floored))
+    unbounded = balanced_scale(stats.key_rms(True), q_rms)
+    spread = (lambda s: float((s.max(-1).values / s.min(-1).values).max()))
+    assert spread(ks) < 20 < 100 < spread(unbounded)
 
 
 def test_heads_selects_a_ranks_rows():

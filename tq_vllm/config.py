@@ -266,14 +266,17 @@ def _qjl_key(budget: str) -> TensorCodec:
     return TensorCodec(bits_hi=hi, bits_lo=lo, split=hi != lo, qjl=True)
 
 
-RECOMMENDED_TRANSFORM = KVTransform(key_mean=True, key_scale="rms", calibrated_split=True,
+RECOMMENDED_TRANSFORM = KVTransform(key_mean=True, key_scale="balanced", calibrated_split=True,
                                     key_offset_choice=True)
 """What the plain ``tq{b}`` presets add to TurboQuant_mse codes (with norm correction),
 each kept by a strict-mode perplexity A/B (``eval/ppl_strict.py``, docs/quality.md):
-key mean removal, key channel smoothing, the outlier half chosen by calibration, and the
-per-token key offset choice (keys far from the mean — the attention sink — keep it).
-The paper's QJL keys lose to MSE-only codes at equal bits (π/2 variance factor, see
-tests/test_codec.py), so the recommended presets carry no QJL bits."""
+key mean removal, key channel smoothing balanced against the queries (``s² ∝ rms_k /
+rms_q``: the scale that minimises a rotation quantizer's logit error; it replaced
+``s = rms_k^½`` after a per-layer sweep showed SmolLM2's layer 10 losing as much at 4 bits
+as at 3.5 — KL to exact −15 to −30% on both models), the outlier half chosen by
+calibration, and the per-token key offset choice (keys far from the mean — the attention
+sink — keep it). The paper's QJL keys lose to MSE-only codes at equal bits (π/2 variance
+factor, see tests/test_codec.py), so the recommended presets carry no QJL bits."""
 
 
 RECOMMENDED_BITS: dict[str, tuple[str, str]] = {
