@@ -10,6 +10,8 @@ that bandwidth as a fraction of the device's peak; writes JSON and a plot.
     python eval/bench_decode_gpu.py                 # the full grid (a few minutes)
     python eval/bench_decode_gpu.py --quick         # batch 8, context 4k/32k, d 128, GQA 4
     python eval/bench_decode_gpu.py --sweep         # launch constants of triton_ops, one case
+    python eval/bench_decode_gpu.py --prefill       # chunked prefill over the packed cache
+    python eval/bench_decode_gpu.py --graph         # time CUDA-graph replays (as vLLM decodes)
 
 Needs only PyTorch with CUDA and Triton (no vLLM): ``kernels/`` never imports vLLM.
 """
@@ -35,6 +37,22 @@ PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L40S": 864.0}
 def _peak_gbps() -> float | None:
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def _graphed(fn):
+    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); returns the
+    replay. vLLM serves GPU decode from CUDA graphs, so the launchers' Python and launch
+    cost (~0.2 ms per step here, several kernels) is out of what a replay times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _time_ms(fn) -> float:
@@ -65,10 +83,7 @@ def _tq_case(preset, batch, ctx, d, kv_heads, gqa):
     nb = batch * per_seq
     cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, lay.slot_bytes), dtype=torch.uint8,
                           device="cuda")
-    for t in (lay.key, lay.value):  # random bytes are valid codes; norms must be finite fp16
-        n = t.norms
-        cache[..., n.offset:n.end] = torch.full((n.nbytes // 2,), 1.0, dtype=torch.float16,
-                                                device="cuda").view(torch.uint8)
+    _fill_norms(cache, lay)
     table = torch.randperm(nb, device="cuda", dtype=torch.int64).to(torch.int32).reshape(batch, -1)
     seq = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16, device="cuda")
@@ -79,30 +94,85 @@ def _tq_case(preset, batch, ctx, d, kv_heads, gqa):
     return run, batch * ctx * kv_heads * lay.slot_bytes
 
 
+PREFILL_CASES = [("tq3.5", 1, 3584, 512, 128, 4), ("tq3.5", 4, 4096, 256, 128, 4),
+                 ("tq4-qjl", 1, 3584, 512, 64, 4), ("tq4", 1, 0, 2048, 128, 7)]
+"""(preset, sequences, cached tokens, new tokens per sequence, head_dim, GQA)."""
+
+
+def _fill_norms(cache, lay) -> None:
+    """Random bytes are valid codes; norms must be finite fp16 (here in [0.5, 1.5))."""
+    for t in (lay.key, lay.value):
+        n = t.norms
+        cache[..., n.offset:n.end] = (torch.rand(*cache.shape[:3], n.nbytes // 2, device="cuda")
+                                      + 0.5).half().view(torch.uint8)
+
+
+def prefill(kv_heads: int) -> list[dict]:
+    """Time :func:`triton_ops.prefill` (every chunk through the kernel, none fresh-exact)
+    against exact bf16 SDPA of the same chunks over dense K/V with a lower-right causal
+    mask (expanded to the query heads outside the timing)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    rows = []
+    for preset, nseq, cached, chunk, d, gqa in PREFILL_CASES:
+        s = cached + chunk
+        hq = kv_heads * gqa
+        qd = torch.randn(nseq, hq, chunk, d, dtype=torch.bfloat16, device="cuda")
+        kd = torch.randn(nseq, hq, s, d, dtype=torch.bfloat16, device="cuda")
+        vd = torch.randn_like(kd)
+        mask = causal_lower_right(chunk, s)
+        t_ref = _time_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask))
+        del qd, kd, vd
+        lay = PRESETS[preset].layout(d)
+        codec = LayerCodec.create(PRESETS[preset], d, kv_heads).to("cuda")
+        nb = nseq * math.ceil(s / BLOCK_SIZE)
+        cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, lay.slot_bytes),
+                              dtype=torch.uint8, device="cuda")
+        _fill_norms(cache, lay)
+        table = torch.randperm(nb, device="cuda").to(torch.int32).reshape(nseq, -1)
+        t = nseq * chunk
+        q = torch.randn(t, hq, d, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(t, kv_heads, d, dtype=torch.bfloat16, device="cuda")
+        sl = torch.full((nseq,), s, dtype=torch.int32)
+        qsl = torch.arange(nseq + 1, dtype=torch.int32) * chunk
+        out = torch.empty_like(q)
+        t_tq = _time_ms(lambda: triton_ops.prefill(q, k, k, cache, table, sl, qsl, 0, codec,
+                                                   1 / math.sqrt(d), out, False))
+        rows.append(dict(preset=preset, seqs=nseq, cached=cached, new=chunk, head_dim=d, gqa=gqa,
+                         ms=t_tq, sdpa_bf16_ms=t_ref, vs_bf16=t_tq / t_ref))
+        print(f"prefill {preset:<8} {nseq} x ({cached} cached + {chunk} new) d{d} GQA {gqa}: "
+              f"{t_tq:.3f} ms, SDPA bf16 {t_ref:.3f} ms, {t_tq / t_ref:.2f}x", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
 def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) -> list[dict]:
-    """Time one case over the decode launch constants (tokens per tile, warps, splits)."""
+    """Time one case over the decode launch constants (tokens per tile, warps, pipeline
+    stages)."""
     run, _ = _bf16_case(batch, ctx, d, kv_heads, gqa)
     t_bf16 = _time_ms(run)
     saved = (dict(triton_ops.DECODE_BLOCK_N), triton_ops.DECODE_NUM_WARPS,
-             triton_ops.DECODE_SPLIT_TOKENS, triton_ops.DECODE_DOT_PRECISION)
+             triton_ops.DECODE_NUM_STAGES, triton_ops.DECODE_DOT_PRECISION)
     rows = []
     try:
-        for block_n in (16, 32):
-            for warps in (4, 8):
-                for split in (256, 1024):
+        for block_n in (16, 32, 64):
+            for warps in (2, 4, 8):
+                for stages in (1, 3):
                     triton_ops.DECODE_BLOCK_N[d] = block_n
                     triton_ops.DECODE_NUM_WARPS = warps
-                    triton_ops.DECODE_SPLIT_TOKENS = split
+                    triton_ops.DECODE_NUM_STAGES = stages
                     run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
                     t = _time_ms(run)
-                    rows.append(dict(preset=preset, block_n=block_n, warps=warps, split_tokens=split,
+                    rows.append(dict(preset=preset, block_n=block_n, warps=warps, stages=stages,
                                      prec=saved[3], ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_bf16))
                     print(f"{preset} B{batch} ctx{ctx} d{d} block_n {block_n:>3} warps {warps} "
-                          f"split {split}: {t:.4f} ms  {nbytes / t / 1e6:7.0f} GB/s  "
+                          f"stages {stages}: {t:.4f} ms  {nbytes / t / 1e6:7.0f} GB/s  "
                           f"{t / t_bf16:6.2f}x bf16", flush=True)
         best = min(rows, key=lambda r: r["ms"])
         triton_ops.DECODE_BLOCK_N[d], triton_ops.DECODE_NUM_WARPS = best["block_n"], best["warps"]
-        triton_ops.DECODE_SPLIT_TOKENS = best["split_tokens"]
+        triton_ops.DECODE_NUM_STAGES = best["stages"]
         for prec in ("ieee", "tf32x3", "tf32"):
             triton_ops.DECODE_DOT_PRECISION = prec
             run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
@@ -113,7 +183,7 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
         triton_ops.DECODE_DOT_PRECISION = saved[3]
         triton_ops.DECODE_BLOCK_N.clear()
         triton_ops.DECODE_BLOCK_N.update(saved[0])
-        triton_ops.DECODE_NUM_WARPS, triton_ops.DECODE_SPLIT_TOKENS = saved[1], saved[2]
+        triton_ops.DECODE_NUM_WARPS, triton_ops.DECODE_NUM_STAGES = saved[1], saved[2]
     return rows
 
 
@@ -121,6 +191,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="tune the launch constants on one case")
+    ap.add_argument("--prefill", action="store_true", help="time chunked prefill instead")
+    ap.add_argument("--graph", action="store_true",
+                    help="time CUDA-graph replays of each decode step (launcher cost excluded)")
     ap.add_argument("--presets", default="tq4,tq3.5,tq3,tq2.5,tq4-qjl,tq3-qjl")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
@@ -136,6 +209,11 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).with_suffix(".sweep.json").write_text(json.dumps(rows, indent=1))
         return 0
+    if args.prefill:
+        rows = prefill(args.kv_heads)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_suffix(".prefill.json").write_text(json.dumps(rows, indent=1))
+        return 0
     if args.quick:
         args.batches, args.contexts, args.head_dims, args.gqa = "8", "4096,32768", "128", "4"
     peak = _peak_gbps()
@@ -149,14 +227,15 @@ def main(argv=None) -> int:
     except ImportError:
         grid_iter = grid
     for b, c, d, g in grid_iter:
+        timed = _graphed if args.graph else (lambda f: f)
         run, nbytes = _bf16_case(b, c, d, args.kv_heads, g)
-        t_bf16 = _time_ms(run)
+        t_bf16 = _time_ms(timed(run))
         rows.append(dict(impl="flash bf16", preset="auto", batch=b, ctx=c, head_dim=d, gqa=g,
                          ms=t_bf16, gbps=nbytes / t_bf16 / 1e6, vs_bf16=1.0))
         del run
         for p in args.presets.split(","):
             run, nbytes = _tq_case(p, b, c, d, args.kv_heads, g)
-            t = _time_ms(run)
+            t = _time_ms(timed(run))
             rows.append(dict(impl="tq triton", preset=p, batch=b, ctx=c, head_dim=d, gqa=g,
                              ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_bf16))
             del run
@@ -174,7 +253,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), peak_gbps=peak, kv_heads=args.kv_heads,
-                block_size=BLOCK_SIZE, torch=torch.__version__)
+                block_size=BLOCK_SIZE, torch=torch.__version__, cuda_graph=args.graph)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     _plot(rows, out.with_suffix(".png"))
     return 0

@@ -58,7 +58,8 @@ def decode_half(base, mask, s_byte, lut_ptr, HALF: tl.constexpr, N: tl.constexpr
                 D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
                 W: tl.constexpr, NORM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
     """Rotated-domain MSE reconstruction ``[N, D/2]`` of coordinates
-    ``[HALF·D/2, (HALF+1)·D/2)`` of the slots at ``base`` ``[N]`` (masked tokens: 0).
+    ``[HALF·D/2, (HALF+1)·D/2)`` of the slots at ``base`` ``[N]`` (masked tokens: 0);
+    ``lut_ptr``: the group codebooks ``[NG, W]``.
     With two channel groups the halves are the groups; with one, the group's stream
     is cut in the middle (``D/2`` codes of ``B0`` bits are whole bytes)."""
     DH: tl.constexpr = D // 2
@@ -72,8 +73,8 @@ def decode_half(base, mask, s_byte, lut_ptr, HALF: tl.constexpr, N: tl.constexpr
     else:
         codes = unpack_codes(base, mask, s_byte, C0 + HALF * (DH * B0 // 8), B0, N, DH)
         nrm = load_half(base + NORM * s_byte, mask)
-    j = HALF * DH + tl.arange(0, DH)
-    cent = tl.load(lut_ptr + j[None, :] * W + codes)
+    row = HALF if NG == 2 else 0  # the codebook of the half's group
+    cent = tl.load(lut_ptr + row * W + codes)
     return tl.abs(nrm)[:, None] * cent  # a key norm's sign bit is the offset flag
 
 

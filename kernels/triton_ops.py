@@ -17,29 +17,30 @@ once per call, on either side of the kernels:
 
 The kernels never see vLLM; this module imports only torch, triton and the codec.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (tests); with
-``TQ_TEST_DEVICE=cuda`` the same tests run compiled on a GPU (46 passed on an H100,
-Triton 3.6, 2026-11-23: store bit-exact, decode/prefill within the fp32 tolerances).
+``TQ_TEST_DEVICE=cuda`` the same tests run compiled on a GPU (52 passed on an H100,
+Triton 3.6, 2026-11-24: store bit-exact, decode/prefill within the fp32 tolerances).
 
 Decode roofline (bytes read per token per KV head = the slot, from ``config``):
 
 =========  ======  =======  =======  ==============================================
 cache      d = 64  d = 128  d = 256  H100 roofline, B 32 × 32k ctx × 8 KV heads, d 128
 =========  ======  =======  =======  ==============================================
-bf16         256      512     1024   1.28 ms (FlashAttention measured 1.67 ms, 77%)
+bf16         256      512     1024   1.28 ms (FlashAttention measured 1.68 ms, 76%)
 fp8          128      256      512   0.64 ms
-tq4           68      132      260   0.33 ms (measured 7.95 ms)
-tq3.5         60      116      228   0.29 ms (measured 8.61 ms)
-tq3           56      104      200   0.26 ms (measured 9.39 ms)
-tq2.5         44       84      164   0.21 ms (measured 9.29 ms)
+tq4           68      132      260   0.33 ms (measured 4.50 ms, 7%)
+tq3.5         60      116      228   0.29 ms (measured 4.27 ms, 7%)
+tq3           56      104      200   0.26 ms (measured 5.58 ms, 5%)
+tq2.5         44       84      164   0.21 ms (not re-measured; 9.29 ms before)
 =========  ======  =======  =======  ==============================================
 
-Roofline = bytes / 3.35 TB/s. Measured with ``eval/bench_decode_gpu.py`` (H100,
-2026-11-23; docs/performance.md): at ≥ 4k context the decode kernel takes about 5×
-FlashAttention's bf16 time (8× with QJL), 2–4% of peak bandwidth — not yet fast on
-GPUs. ``ncu`` on the earlier per-byte version showed 255 registers per thread (12.5%
-occupancy) and L1-bound gathers; unpacking whole words halved the time. Left: the
-centroid-table gather per code, query rows padded to 16 for ``tl.dot``, the fixed
-~0.2 ms of launcher work at short contexts.
+Roofline = bytes / 3.35 TB/s. Measured with ``eval/bench_decode_gpu.py --graph`` (H100,
+2026-11-24, CUDA-graph replays; docs/performance.md): decode takes 2.3–3.3× FlashAttention's
+bf16 time for tq3.5/tq4 at ≥ 4k context, batch 1–32, d 64/128 (1.9× at best, 3–4.3× at
+batch 1 × 1k; QJL keys 3.2–6.6×),
+6–7% of peak bandwidth — 2× faster than the first GPU version, still not at bf16 speed.
+``ncu``: 168 registers, 18.75% occupancy, L1/TEX 68% busy (gathers and the fp32 dot
+operands through shared memory), DRAM 6%. Left: the per-code centroid gather, the
+``tf32x3`` operand conversion, query rows padded to 16 for ``tl.dot``.
 """
 
 from __future__ import annotations
@@ -69,13 +70,23 @@ DECODE_BLOCK_N = {64: 32, 128: 32, 256: 16}
 """Decode tokens per tile by head size. Measured on an H100 (``eval/bench_decode_gpu.py
 --sweep``, batch 8, 16k context, d = 128, tq3.5 / tq3, word-unpacked codes, tf32x3
 dots): 32 tokens 1.16 / 1.26 ms per step, 16 tokens 1.42 / 1.32 ms; 64 tokens spilled
-registers in the first (per-byte) kernel. d = 256 keeps 16 (not measured)."""
+registers in the first (per-byte) kernel. With one pipeline stage (tq3.5): 16 tokens
+1.04, 32 tokens 0.60, 64 tokens 0.60 ms. d = 256 keeps 16 (not measured)."""
 
 MIN_G_PAD = 16
 """Query-head rows per decode program are padded to this: ``tl.dot`` needs M ≥ 16."""
 
 DECODE_NUM_WARPS = 4
-"""Warps per decode program: with tf32x3 dots 4 warps beat 8 by 36% (same sweep)."""
+"""Warps per decode program: with tf32x3 dots 4 warps beat 8 by 36% (same sweep); with
+one pipeline stage 8 warps take 2.2× as long, 2 warps are within 4% of 4 (faster at
+d = 128, slower at d = 64 and batch 1)."""
+
+DECODE_NUM_STAGES = 1
+"""Software-pipelining depth of the decode loop. Triton's default (3 on Hopper) stages
+the tile's gathered code bytes through shared memory: 86 KiB per program, 184 registers,
+2 programs (12.5% occupancy) per SM, L1 78% busy (``ncu``). One stage halved the step
+on an H100 (tq3.5, d 128, GQA 4: B 8 × 16k 1.13 → 0.59 ms, B 32 × 32k 8.39 → 4.28 ms;
+2 stages 1.09 / 8.16 ms; 2026-11-24, docs/performance.md)."""
 
 DECODE_DOT_PRECISION = "tf32x3"
 """``tl.dot`` input precision of the decode kernel. ``tf32x3`` (three TF32 tensor-core
@@ -89,6 +100,15 @@ with G = 8 and 64 rows that is 8 query tokens, with G = 1 64 tokens. At d = 256,
 rows need 320 KiB of shared memory for the fp32 ``tl.dot`` operands (an H100 has
 227 KiB), so 32."""
 
+PREFILL_DOT_PRECISION = "tf32x3"
+"""``tl.dot`` input precision of the prefill kernel, as decode's. It was ``ieee``: on an
+H100 (tq3.5, d 128, GQA 4, one sequence, 3584 cached + 512 new tokens) 47.8 ms, with
+tf32x3 4.1 ms, output within 1.1e-6 of ieee's (relative norm); same test tolerances."""
+
+PREFILL_NUM_STAGES = 1
+"""Pipelining depth of the prefill KV loop: one stage took the case above from 4.1 to
+1.34 ms (4 × 4096 cached + 256 new: 8.4 → 2.6 ms), as in decode (:data:`DECODE_NUM_STAGES`)."""
+
 PREFILL_BLOCK_N = {64: 32, 128: 32, 256: 16}
 """Cache tokens per prefill KV tile by head size: ``[BLOCK_N, d]`` K/V tiles, fine-grained
 enough that causal tiles waste little past the diagonal. At d = 256, 32 rows × 32 tokens
@@ -100,8 +120,8 @@ DECODE_SPLIT_TOKENS = 256
 split, and so the float summation order of its attention, depends on its own length
 only, never on the batch or the longest sequence beside it. Splits past a sequence's
 end are empty and merge exactly (×1, +0) in :func:`tq_reduce_kernel`'s in-order loop.
-256 is the old minimum split: the H100 sweep's small-batch cases ran at this size;
-large batches now launch more, shorter programs (not re-measured on a GPU)."""
+On an H100 (one pipeline stage, tq3.5, d 128) 128- and 512-token splits were within 3%
+of 256 at batch 8 × 16k and 32 × 32k."""
 
 
 def num_splits(max_len: int) -> int:
@@ -119,6 +139,9 @@ def _tensor_consts(prefix: str, lay: TensorLayout, tq: TensorQuantizer) -> dict[
     if b0 < b1:
         raise ValueError(f"Triton kernels expect the first channel group to have the most "
                          f"code bits, got {lay.group_bits}")
+    if ng == 2 and lay.group_dims[0] != lay.head_dim // 2:
+        raise ValueError(f"Triton kernels read two channel groups as the two halves of the "
+                         f"head dim, got groups {lay.group_dims}")
     if b0 > 4 or lay.head_dim % 16:
         raise ValueError(f"Triton kernels unpack 8 codes from one 32-bit word and split the "
                          f"head dim in halves of whole bytes: need ≤ 4 code bits and a head "
@@ -129,17 +152,30 @@ def _tensor_consts(prefix: str, lay: TensorLayout, tq: TensorQuantizer) -> dict[
 
 
 def _tables(tq: TensorQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(lut [d, W], boundaries [G, 16] padded with +inf, sketch [d, d] or None), float32
-    contiguous on the quantizer's device; built once per quantizer and device."""
+    """(codebooks [G, W], boundaries [G, 16] padded with +inf, sketch [d, d] or None),
+    float32 contiguous on the quantizer's device; built once per quantizer and device.
+
+    The kernels read one codebook per channel group (row ``g`` of the first table), not
+    the codec's per-coordinate ``lut [d, W]``: a gather from a 16-entry row hits one
+    cache line per warp, one from ``lut`` up to 16. Raises if ``lut``'s rows differ
+    inside a group."""
     key = (tq.lut.device, tq.lut.data_ptr())
     cached = getattr(tq, "_triton_tables", None)
     if cached is not None and cached[0] == key:
         return cached[1]
+    starts, start = [], 0
+    for dim in tq.layout.group_dims:
+        starts.append(start)
+        start += dim
+    books = tq.lut.float()[starts].contiguous()
+    if not torch.equal(books[tq.group_id], tq.lut.float()):
+        raise ValueError("Triton kernels read one codebook per channel group, but this "
+                         "quantizer's centroid table differs between coordinates of a group")
     bnd = torch.full((len(tq.bounds), 16), float("inf"), dtype=torch.float32)
     for g, b in enumerate(tq.bounds):
         bnd[g, : b.numel()] = b.float().cpu()
     sketch = tq.sketch.float().contiguous() if tq.sketch is not None else None
-    tables = (tq.lut.float().contiguous(), bnd.to(tq.lut.device), sketch)
+    tables = (books, bnd.to(tq.lut.device), sketch)
     tq._triton_tables = (key, tables)  # dies with the quantizer
     return tables
 
@@ -346,7 +382,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         block_table, block_table.stride(0), seq_lens.contiguous(), block_size, split_tokens,
         lutk, lutv, float(scale), acc, m, l, hq, splits,
         G=g, G_PAD=_pad_pow2(g, MIN_G_PAD), BLOCK_N=block_n, **_kernel_consts(codec),
-        DOT_PREC=DECODE_DOT_PRECISION, num_warps=DECODE_NUM_WARPS,
+        DOT_PREC=DECODE_DOT_PRECISION, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     o_rot = torch.empty(b, hq, d, dtype=torch.float32, device=device)
     tq_reduce_kernel[(b * hq,)](acc, m, l, o_rot, splits, D=d)
@@ -434,6 +470,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
         q_rot, q_sk, q_off if q_off is not None else q_rot, o_rot, items, kv_cache, s0, s1, s2, s3,
         block_table, block_table.stride(0), block_size, lutk, lutv, float(scale), hq,
         G=g, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N[d], **_kernel_consts(codec),
+        DOT_PREC=PREFILL_DOT_PRECISION, num_stages=PREFILL_NUM_STAGES,
     )
     for q0, q1 in spans:
         out[q0:q1] = _unrotate(o_rot[q0 - lo:q1 - lo], codec, num_kv).to(out.dtype)

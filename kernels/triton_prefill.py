@@ -32,6 +32,7 @@ def tq_prefill_kernel(
     K_QJL: tl.constexpr, K_OFF: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
     V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Grid ``(W, H)``."""
     wi = tl.program_id(0)
@@ -71,15 +72,15 @@ def tq_prefill_kernel(
         base = cache_ptr + blk * s_blk + head_off + (pos % block_size).to(tl.int64) * s_tok
         k0 = decode_half(base, valid, s_byte, lutk_ptr, 0, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
                          K_NORM, K_C0, K_C1)
-        s = tl.dot(q0, tl.trans(k0), input_precision="ieee")
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         k1 = decode_half(base, valid, s_byte, lutk_ptr, 1, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
                          K_NORM, K_C0, K_C1)
-        s += tl.dot(q1, tl.trans(k1), input_precision="ieee")
+        s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         if K_QJL:
             pm0 = qjl_half(base, valid, s_byte, 0, BLOCK_N, D, K_SIGN)
-            sq = tl.dot(qs0, tl.trans(pm0), input_precision="ieee")
+            sq = tl.dot(qs0, tl.trans(pm0), input_precision=DOT_PREC)
             pm1 = qjl_half(base, valid, s_byte, 1, BLOCK_N, D, K_SIGN)
-            sq += tl.dot(qs1, tl.trans(pm1), input_precision="ieee")
+            sq += tl.dot(qs1, tl.trans(pm1), input_precision=DOT_PREC)
             s += sq * load_half(base + (K_NORM + 2 * K_NG) * s_byte, valid)[None, :]
         if K_OFF:
             s -= qo[:, None] * offset_flag(base, valid, s_byte, K_NORM)[None, :]
@@ -92,10 +93,10 @@ def tq_prefill_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         v0 = decode_half(base, valid, s_byte, lutv_ptr, 0, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
                          V_NORM, V_C0, V_C1)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision="ieee")
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=DOT_PREC)
         v1 = decode_half(base, valid, s_byte, lutv_ptr, 1, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
                          V_NORM, V_C0, V_C1)
-        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision="ieee")
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT_PREC)
         m = m_new
 
     tl.store(o_ptr + qrow[:, None] + j[None, :], acc0 / l[:, None], mask=rmask[:, None])

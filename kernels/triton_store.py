@@ -93,7 +93,7 @@ def _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, NG: tl.constexpr, NBND: tl.const
         n1 = _norm(sq, in1)
     n_j = tl.where(in1, n1[:, None], n0[:, None])
     code = _bucket(tl.math.div_rn(y, tl.maximum(n_j, _TINY)), bnd_ptr + gid[None, :] * 16, NBND)
-    cent = tl.load(lut_ptr + j[None, :] * W + code)  # unit-norm centroid of each coordinate
+    cent = tl.load(lut_ptr + gid[None, :] * W + code)  # unit-norm centroid, group codebook [NG, W]
     s0 = n0
     s1 = n1
     if NCORR:

@@ -204,3 +204,15 @@ def test_launchers_reject_bad_inputs(build_cache):
         triton_ops.prefill(torch.randn(3, 4, 64), torch.randn(3, 2, 64), torch.randn(3, 2, 64),
                            cache, table, torch.tensor([2]), torch.tensor([0, 3]), 0, codec, 0.1,
                            torch.empty(3, 4, 64), False)
+
+
+def test_kernels_refuse_a_centroid_table_that_varies_inside_a_group(build_cache):
+    """The kernels read one codebook per channel group: a per-coordinate table that
+    differs inside a group is refused before any launch, not silently read wrong."""
+    codec, cache, table, _, _ = build_cache("tq3.5", 64, KV_HEADS, 16, [20],
+                                            device=torch.device("cpu"))
+    codec.value.lut[5] *= 1.5  # coordinate 5 of the value group gets its own centroids
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="one codebook per channel group"):
+        triton_ops.decode(q, cache, table, torch.tensor([20], dtype=torch.int32), codec, 0.1,
+                          torch.empty_like(q))
