@@ -7,7 +7,8 @@ codec's encode → decode on every layer's K/V, and from vLLM's prompt log-proba
 (the prompt as token ids, model in float32, the plugin selected by ``kv_cache_dtype``).
 ``auto`` must agree to float noise; a preset's Δ perplexity per document should agree
 within the spread of quantization noise (two float orders flip different codes, and the
-flips compound through the layers, so each path draws its own realization of the noise).
+flips compound through the layers, so each path draws its own realization of the noise;
+``eval/ppl_strict.py --realizations N`` averages the emulation over N such draws).
 
     python eval/vllm_vs_emulation.py [--model smollm2] [--docs 8] [--dtypes tq4]
 

@@ -29,6 +29,12 @@ from tq_vllm.codec import LayerCodec
 HOOK_NAME = "tq_vllm_hook"
 _state: dict = {"mode": None}
 
+JITTER_REL = 5e-7
+"""Relative size of the float noise a jittered realization puts on every quantized layer's
+attention output: about what the serving kernels differ from SDPA by (3–8e-7 relative,
+both against float64). Quantization turns such noise into different code choices in later
+layers, so each jitter seed draws another realization of the quantization noise."""
+
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``[B, H, T, d]`` → ``[B·T, H, d]``."""
@@ -62,6 +68,10 @@ def _hook(module, query, key, value, attention_mask, **kwargs):
         out, w = sdpa_attention_forward(module, _from_tokens(q, b).to(query.dtype),
                                         _from_tokens(k, b).to(key.dtype),
                                         _from_tokens(v, b).to(value.dtype), attention_mask, **kwargs)
+        if _state["jitter"]:
+            gen = torch.Generator().manual_seed(_state["jitter"] * 100_003 + layer)
+            noise = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+            out = out * (1 + JITTER_REL * noise)
         tf.restore_output(out.view(-1, *out.shape[2:]))  # out: [B, T, Hq, d], in place
         return out, w
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -97,9 +107,10 @@ def capture(model) -> Iterator[dict[int, KVStats]]:
 
 @contextlib.contextmanager
 def quantized(model, layers: dict[int, tuple[LayerCodec | None, LayerTransform]],
-              parts: str = "kv", sink: int = 0) -> Iterator[None]:
+              parts: str = "kv", sink: int = 0, jitter: int = 0) -> Iterator[None]:
     """Attention on transformed, encode→decoded K/V for the listed layers (others exact);
-    ``parts`` names which of K and V go through the codec (error attribution), and the
-    first ``sink`` positions of every sequence stay exact."""
-    with _active(model, mode="quantize", layers=layers, parts=parts, sink=sink):
+    ``parts`` names which of K and V go through the codec (error attribution), the
+    first ``sink`` positions of every sequence stay exact, and a nonzero ``jitter`` seed
+    adds :data:`JITTER_REL` float noise to their attention outputs (another realization)."""
+    with _active(model, mode="quantize", layers=layers, parts=parts, sink=sink, jitter=jitter):
         yield
