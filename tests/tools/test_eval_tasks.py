@@ -245,3 +245,20 @@ def test_tp_equality_compare_finds_the_first_differing_token():
     assert r == {"prompts": 3, "identical": 1, "first_difference": [1, 2]}
     with pytest.raises(ValueError, match="prompts"):
         tp_equality.compare([[1]], [])
+
+
+def test_ppl_strict_variant_settings_and_realization_summary(capsys):
+    """``@ends/@sink/@jitter`` parse, an unknown ``@`` setting is refused by name, and the
+    realization summary averages the jittered rows of a variant beside its plain row."""
+    import ppl_strict
+
+    v = ppl_strict.parse_variant("tq4+nc@ends=2@jitter=3")
+    assert (v["preset"], v["opts"], v["ends"], v["sink"], v["jitter"]) == ("tq4", {"nc"}, 2, 0, 3)
+    with pytest.raises(SystemExit, match="jiter"):
+        ppl_strict.parse_variant("tq4@jiter=1")
+    rows = [{"variant": "tq4", "delta_pct": 1.0, "kl": 0.02},
+            {"variant": "tq4@jitter=1", "delta_pct": 1.5, "kl": 0.021},
+            {"variant": "tq4@jitter=2", "delta_pct": 2.5, "kl": 0.023}]
+    ppl_strict.print_realizations(rows)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tq4 ")][0]
+    assert "+1.00% / 0.0200" in line and "+2.00% ± 0.71 / 0.0220" in line and "(2 " in line
