@@ -36,8 +36,8 @@ tq2.5         44       84      164   0.21 ms (not re-measured; 9.29 ms before)
 Roofline = bytes / 3.35 TB/s. Measured with ``eval/bench_decode_gpu.py --graph`` (H100,
 2026-11-24, CUDA-graph replays; docs/performance.md): decode takes 2.3–3.3× FlashAttention's
 bf16 time for tq3.5/tq4 at ≥ 4k context, batch 1–32, d 64/128 (1.9× at best, 3–4.3× at
-batch 1 × 1k; QJL keys 3.2–6.6×),
-6–7% of peak bandwidth — 2× faster than the first GPU version, still not at bf16 speed.
+batch 1 × 1k; QJL keys 3.2–6.6×), 6–7% of peak bandwidth: 2× faster than the first GPU
+version, still not at bf16 speed.
 ``ncu``: 168 registers, 18.75% occupancy, L1/TEX 68% busy (gathers and the fp32 dot
 operands through shared memory), DRAM 6%. Left: the per-code centroid gather, the
 ``tf32x3`` operand conversion, query rows padded to 16 for ``tl.dot``.
