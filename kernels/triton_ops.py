@@ -82,8 +82,8 @@ one pipeline stage 8 warps take 2.2× as long, 2 warps are within 4% of 4 (faste
 d = 128, slower at d = 64 and batch 1)."""
 
 DECODE_NUM_STAGES = 1
-"""Software-pipelining depth of the decode loop. Triton's default (3 on Hopper) stages
-the tile's gathered code bytes through shared memory: 86 KiB per program, 184 registers,
+"""Software-pipelining depth of the decode loop. With Triton's default (3 on Hopper) the
+kernel took 86 KiB of shared memory per program (24.6 KiB with one stage), 184 registers,
 2 programs (12.5% occupancy) per SM, L1 78% busy (``ncu``). One stage halved the step
 on an H100 (tq3.5, d 128, GQA 4: B 8 × 16k 1.13 → 0.59 ms, B 32 × 32k 8.39 → 4.28 ms;
 2 stages 1.09 / 8.16 ms; 2026-11-24, docs/performance.md)."""
