@@ -154,7 +154,7 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
     run, _ = _bf16_case(batch, ctx, d, kv_heads, gqa)
     t_bf16 = _time_ms(run)
     saved = (dict(triton_ops.DECODE_BLOCK_N), triton_ops.DECODE_NUM_WARPS,
-             triton_ops.DECODE_NUM_STAGES, triton_ops.DECODE_DOT_PRECISION)
+             triton_ops.DECODE_NUM_STAGES, triton_ops.DOT_PRECISION[torch.bfloat16])
     rows = []
     try:
         for block_n in (16, 32, 64):
@@ -174,13 +174,13 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
         triton_ops.DECODE_BLOCK_N[d], triton_ops.DECODE_NUM_WARPS = best["block_n"], best["warps"]
         triton_ops.DECODE_NUM_STAGES = best["stages"]
         for prec in ("ieee", "tf32x3", "tf32"):
-            triton_ops.DECODE_DOT_PRECISION = prec
+            triton_ops.DOT_PRECISION[torch.bfloat16] = prec  # the benchmark's queries are bf16
             run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
             t = _time_ms(run)
             rows.append(dict(best, prec=prec, ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_bf16))
             print(f"{preset} best with {prec} dots: {t:.4f} ms  {t / t_bf16:6.2f}x bf16", flush=True)
     finally:
-        triton_ops.DECODE_DOT_PRECISION = saved[3]
+        triton_ops.DOT_PRECISION[torch.bfloat16] = saved[3]
         triton_ops.DECODE_BLOCK_N.clear()
         triton_ops.DECODE_BLOCK_N.update(saved[0])
         triton_ops.DECODE_NUM_WARPS, triton_ops.DECODE_NUM_STAGES = saved[1], saved[2]

@@ -37,7 +37,8 @@ Roofline = bytes / 3.35 TB/s. Measured with ``eval/bench_decode_gpu.py --graph``
 2026-11-24, CUDA-graph replays; docs/performance.md): decode takes 2.3–3.3× FlashAttention's
 bf16 time for tq3.5/tq4 at ≥ 4k context, batch 1–32, d 64/128 (1.9× at best, 3–4.3× at
 batch 1 × 1k; QJL keys 3.2–6.6×), 6–7% of peak bandwidth: 2× faster than the first GPU
-version, still not at bf16 speed.
+version, still not at bf16 speed. With plain TF32 dots for bf16 queries
+(:data:`DOT_PRECISION`): 1.8–2.3× at batch 8–32 × 16k–32k (tq3.5 B 32 × 32k 3.01 ms).
 ``ncu``: 168 registers, 18.75% occupancy, L1/TEX 68% busy (gathers and the fp32 dot
 operands through shared memory), DRAM 6%. Left: the per-code centroid gather, the
 ``tf32x3`` operand conversion, query rows padded to 16 for ``tl.dot``.
@@ -88,10 +89,20 @@ kernel took 86 KiB of shared memory per program (24.6 KiB with one stage), 184 r
 on an H100 (tq3.5, d 128, GQA 4: B 8 × 16k 1.13 → 0.59 ms, B 32 × 32k 8.39 → 4.28 ms;
 2 stages 1.09 / 8.16 ms; 2026-11-24, docs/performance.md)."""
 
-DECODE_DOT_PRECISION = "tf32x3"
-"""``tl.dot`` input precision of the decode kernel. ``tf32x3`` (three TF32 tensor-core
-products, about fp32 accuracy) passes the same fp32 tolerances as ``ieee`` (CUDA-core
-FMA) in tests/kernels; plain ``tf32`` (10-bit mantissa) does not."""
+DOT_PRECISION = {torch.float32: "tf32x3", torch.bfloat16: "tf32", torch.float16: "tf32"}
+"""``tl.dot`` input precision of decode and prefill by query dtype. fp32 queries get
+``tf32x3`` (three TF32 tensor-core products, about fp32 accuracy: the fp32 tolerances of
+tests/kernels, as ``ieee`` CUDA-core FMA). bf16/fp16 queries carry 8/11 mantissa bits, so
+plain ``tf32`` (10 bits, one product) is enough: its error stays below what torch's own
+attention in the query dtype makes on the same dequantized cache, which is what the tests
+assert on a GPU (flash-attention's policy). On an H100 (tq3.5, d 128, GQA 4) ``tf32``
+decodes B 8 × 16k in 0.43 ms against 0.60 with ``tf32x3`` (docs/performance.md)."""
+
+
+def dot_precision(q: torch.Tensor) -> str:
+    """The ``tl.dot`` input precision for queries ``q`` (:data:`DOT_PRECISION`)."""
+    return DOT_PRECISION.get(q.dtype, "tf32x3")
+
 
 PREFILL_ROWS = {64: 64, 128: 64, 256: 32}
 """Query rows (tokens × padded query heads of one KV head) per prefill program by head
@@ -100,14 +111,11 @@ with G = 8 and 64 rows that is 8 query tokens, with G = 1 64 tokens. At d = 256,
 rows need 320 KiB of shared memory for the fp32 ``tl.dot`` operands (an H100 has
 227 KiB), so 32."""
 
-PREFILL_DOT_PRECISION = "tf32x3"
-"""``tl.dot`` input precision of the prefill kernel, as decode's. It was ``ieee``: on an
-H100 (tq3.5, d 128, GQA 4, one sequence, 3584 cached + 512 new tokens) 47.8 ms, with
-tf32x3 4.1 ms, output within 1.1e-6 of ieee's (relative norm); same test tolerances."""
-
 PREFILL_NUM_STAGES = 1
-"""Pipelining depth of the prefill KV loop: one stage took the case above from 4.1 to
-1.34 ms (4 × 4096 cached + 256 new: 8.4 → 2.6 ms), as in decode (:data:`DECODE_NUM_STAGES`)."""
+"""Pipelining depth of the prefill KV loop, as in decode (:data:`DECODE_NUM_STAGES`). On an
+H100 (tq3.5, d 128, GQA 4, one sequence, 3584 cached + 512 new tokens, bf16 queries) the
+kernel took 47.8 ms with ``ieee`` dots and 3 stages, 4.1 ms with ``tf32x3``, 1.34 ms with
+``tf32x3`` and one stage (4 × 4096 cached + 256 new: 8.4 → 2.6 ms)."""
 
 PREFILL_BLOCK_N = {64: 32, 128: 32, 256: 16}
 """Cache tokens per prefill KV tile by head size: ``[BLOCK_N, d]`` K/V tiles, fine-grained
@@ -369,10 +377,10 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     splits = num_splits(block_table.shape[1] * block_size)
     split_tokens = DECODE_SPLIT_TOKENS
 
+    lutk, _, _ = _tables(codec.key)  # validates the codebooks before any launch
+    lutv, _, _ = _tables(codec.value)
     q_rot, q_sk = _rotate_queries(q, codec, num_kv)
     q_off = codec.key.query_offsets(q)
-    lutk, _, _ = _tables(codec.key)
-    lutv, _, _ = _tables(codec.value)
     acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
     m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
     l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
@@ -382,7 +390,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         block_table, block_table.stride(0), seq_lens.contiguous(), block_size, split_tokens,
         lutk, lutv, float(scale), acc, m, l, hq, splits,
         G=g, G_PAD=_pad_pow2(g, MIN_G_PAD), BLOCK_N=block_n, **_kernel_consts(codec),
-        DOT_PREC=DECODE_DOT_PRECISION, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        DOT_PREC=dot_precision(q), num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     o_rot = torch.empty(b, hq, d, dtype=torch.float32, device=device)
     tq_reduce_kernel[(b * hq,)](acc, m, l, o_rot, splits, D=d)
@@ -457,20 +465,20 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
     if not work:
         return
 
+    lutk, _, _ = _tables(codec.key)  # validates the codebooks before any launch
+    lutv, _, _ = _tables(codec.value)
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     q_rot, q_sk = _rotate_queries(q[lo:hi], codec, num_kv)
     q_off = codec.key.query_offsets(q[lo:hi])
     o_rot = torch.empty(hi - lo, hq, d, dtype=torch.float32, device=device)
     items = torch.tensor([(i, t0 - lo, q0 - lo, q1 - lo, s) for i, t0, q0, q1, s in work],
                          dtype=torch.int32).to(device)
-    lutk, _, _ = _tables(codec.key)
-    lutv, _, _ = _tables(codec.value)
     s0, s1, s2, s3 = _cache_strides(kv_cache)
     tq_prefill_kernel[(len(work), num_kv)](
         q_rot, q_sk, q_off if q_off is not None else q_rot, o_rot, items, kv_cache, s0, s1, s2, s3,
         block_table, block_table.stride(0), block_size, lutk, lutv, float(scale), hq,
         G=g, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N[d], **_kernel_consts(codec),
-        DOT_PREC=PREFILL_DOT_PRECISION, num_stages=PREFILL_NUM_STAGES,
+        DOT_PREC=dot_precision(q), num_stages=PREFILL_NUM_STAGES,
     )
     for q0, q1 in spans:
         out[q0:q1] = _unrotate(o_rot[q0 - lo:q1 - lo], codec, num_kv).to(out.dtype)
