@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tq_vllm.codec import LayerCodec
+from tq_vllm.codec import LayerCodec, TensorQuantizer
 from tq_vllm.config import TensorLayout
 from tq_vllm.kernels import cpu_native, cpu_numba
 
@@ -29,13 +29,11 @@ def _desc(layout: TensorLayout) -> np.ndarray:
     return np.asarray(vals, dtype=np.int64)
 
 
-def _codebooks(lut: torch.Tensor, layout: TensorLayout) -> torch.Tensor:
+def _codebooks(tq: TensorQuantizer) -> torch.Tensor:
     """Per-group 16-entry codebooks ``[G, 16]`` (zero padded) for the native kernel."""
-    books = torch.zeros(len(layout.group_dims), 16)
-    start = 0
-    for g, dim in enumerate(layout.group_dims):
-        books[g, : lut.shape[1]] = lut[start]
-        start += dim
+    groups = tq.group_codebooks()
+    books = torch.zeros(groups.shape[0], 16)
+    books[:, : groups.shape[1]] = groups.cpu()
     return books
 
 
@@ -55,8 +53,8 @@ class _Tables:
         lay = codec.preset.layout(d)
         self.layout = lay
         self.kdesc, self.vdesc = _desc(lay.key), _desc(lay.value)
-        self.k_books = _codebooks(codec.key.lut, lay.key)
-        self.v_books = _codebooks(codec.value.lut, lay.value)
+        self.k_books = _codebooks(codec.key)
+        self.v_books = _codebooks(codec.value)
         self.rot_k = codec.key.rot.float().contiguous()
         self.rot_v = codec.value.rot.float().contiguous()
         sk = codec.key.sketch

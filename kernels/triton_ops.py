@@ -163,22 +163,15 @@ def _tables(tq: TensorQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """(codebooks [G, W], boundaries [G, 16] padded with +inf, sketch [d, d] or None),
     float32 contiguous on the quantizer's device; built once per quantizer and device.
 
-    The kernels read one codebook per channel group (row ``g`` of the first table), not
-    the codec's per-coordinate ``lut [d, W]``: a gather from a 16-entry row hits one
-    cache line per warp, one from ``lut`` up to 16. Raises if ``lut``'s rows differ
-    inside a group."""
+    The kernels read one codebook per channel group (row ``g`` of the first table,
+    :meth:`TensorQuantizer.group_codebooks`, which raises if ``lut``'s rows differ inside
+    a group), not the codec's per-coordinate ``lut [d, W]``: a gather from a 16-entry row
+    hits one cache line per warp, one from ``lut`` up to 16."""
     key = (tq.lut.device, tq.lut.data_ptr())
     cached = getattr(tq, "_triton_tables", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    starts, start = [], 0
-    for dim in tq.layout.group_dims:
-        starts.append(start)
-        start += dim
-    books = tq.lut.float()[starts].contiguous()
-    if not torch.equal(books[tq.group_id], tq.lut.float()):
-        raise ValueError("Triton kernels read one codebook per channel group, but this "
-                         "quantizer's centroid table differs between coordinates of a group")
+    books = tq.group_codebooks().float().contiguous()
     bnd = torch.full((len(tq.bounds), 16), float("inf"), dtype=torch.float32)
     for g, b in enumerate(tq.bounds):
         bnd[g, : b.numel()] = b.float().cpu()

@@ -154,6 +154,17 @@ class TensorQuantizer:
     def head_dim(self) -> int:
         return self.layout.head_dim
 
+    def group_codebooks(self) -> torch.Tensor:
+        """Centroids ``[G, W]`` of each channel group: the row ``lut`` repeats for every
+        coordinate of the group, which is what the fast kernels read. Raises if ``lut``
+        differs between coordinates of a group (the kernels would read it wrong)."""
+        starts = torch.tensor([0, *self.layout.group_dims[:-1]]).cumsum(0).to(self.lut.device)
+        books = self.lut[starts]
+        if not torch.equal(books[self.group_id], self.lut):
+            raise ValueError("the fast kernels read one codebook per channel group, but this "
+                             "quantizer's centroid table differs between coordinates of a group")
+        return books
+
     def to(self, device: torch.device | str) -> "TensorQuantizer":
         """Move the tables to ``device`` (in place); returns self."""
         self.rot, self.lut, self.group_id = (t.to(device) for t in (self.rot, self.lut, self.group_id))
