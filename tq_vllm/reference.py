@@ -126,14 +126,15 @@ def dequantize_sequence(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len
 
 
 def exact_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    scale: float | None = None) -> torch.Tensor:
-    """Causal float32 attention of ``query`` ``[L, Hq, d]`` over ``key``/``value`` ``[S, H, d]``
-    (the last ``L`` positions are the queries'). Returns ``[L, Hq, d]``."""
+                    scale: float | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Causal attention of ``query`` ``[L, Hq, d]`` over ``key``/``value`` ``[S, H, d]``
+    (the last ``L`` positions are the queries'), computed in ``dtype`` (inputs, products,
+    softmax, output; float32 by default). Returns ``[L, Hq, d]`` in ``dtype``."""
     lq, hq, d = query.shape
     s = key.shape[0]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     head_of = _head_map(hq, key.shape[1], query.device)
-    k, v = key.float()[:, head_of], value.float()[:, head_of]
-    logits = torch.einsum("lhd,thd->lht", query.float(), k) * scale
+    k, v = key.to(dtype)[:, head_of], value.to(dtype)[:, head_of]
+    logits = torch.einsum("lhd,thd->lht", query.to(dtype), k) * scale
     logits = logits.masked_fill(~_causal_mask(lq, s, query.device)[:, None], float("-inf"))
     return torch.einsum("lht,thd->lhd", torch.softmax(logits, -1), v)

@@ -54,23 +54,22 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def torch_attention_in(dtype, q, cache, table, seq_lens, qsl, codec, scale):
-    """Torch's attention computed in ``dtype`` (inputs, products, softmax, output) on the
-    dequantized cache: the rows ``qsl[i]..qsl[i+1]`` of ``q`` ``[T, Hq, d]`` are the last
-    positions of sequence ``i`` → float32 ``[T, Hq, d]``."""
+    """Torch's attention computed in ``dtype`` on the dequantized cache
+    (:func:`exact_attention`): the rows ``qsl[i]..qsl[i+1]`` of ``q`` ``[T, Hq, d]`` are the
+    last positions of sequence ``i`` → float32 ``[T, Hq, d]``."""
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    g = q.shape[1] // cache.shape[1]
     for i, s in enumerate(seq_lens):
         q0, q1 = int(qsl[i]), int(qsl[i + 1])
-        if q1 == q0:
-            continue
-        k, v = (x.to(dtype).repeat_interleave(g, 1)
-                for x in dequantize_sequence(cache, table[i], s, codec))
-        logits = torch.einsum("lhd,thd->lht", q[q0:q1].to(dtype), k) * scale
-        pos = torch.arange(s - (q1 - q0), s, device=q.device)
-        logits = logits.masked_fill(torch.arange(s, device=q.device)[None, None] > pos[:, None, None],
-                                    float("-inf"))
-        out[q0:q1] = torch.einsum("lht,thd->lhd", torch.softmax(logits, -1), v).float()
+        if q1 > q0:
+            k, v = dequantize_sequence(cache, table[i], s, codec)
+            out[q0:q1] = exact_attention(q[q0:q1], k, v, scale, dtype=dtype).float()
     return out
+
+
+def _tf32_on_gpu(q: torch.Tensor) -> bool:
+    """Whether the kernels run plain TF32 dots for ``q`` compiled on a GPU (the interpreter
+    computes every dot in fp32)."""
+    return triton_ops.dot_precision(q) == "tf32" and q.device.type == "cuda"
 
 
 def assert_within_torch_dtype_error(out: torch.Tensor, out32: torch.Tensor, ref: torch.Tensor,
@@ -110,7 +109,7 @@ def test_decode_matches_reference(name, dim, gqa, block_size, dtype, build_cache
     out32 = torch.empty(q.shape, dtype=torch.float32, device=device)
     triton_ops.decode(q, cache, table, torch.tensor(SEQ_LENS, dtype=torch.int32, device=device),
                       codec, dim ** -0.5, out32)
-    if triton_ops.dot_precision(q) == "tf32" and device.type == "cuda":
+    if _tf32_on_gpu(q):
         same = torch_attention_in(dtype, q, cache, table, SEQ_LENS, torch.arange(len(SEQ_LENS) + 1),
                                   codec, dim ** -0.5)
         assert_within_torch_dtype_error(out, out32, ref, same)
@@ -130,7 +129,7 @@ def test_prefill_matches_reference(name, dim, gqa, block_size, dtype, build_cach
     triton_ops.prefill(q, k, v, cache, table, torch.tensor(SEQ_LENS), qsl, 0, codec, dim ** -0.5,
                        out, False)
     ref = tq_paged_attention(q, cache, table, torch.tensor(SEQ_LENS), qsl, codec)
-    if triton_ops.dot_precision(q) == "tf32" and device.type == "cuda":
+    if _tf32_on_gpu(q):
         out32 = torch.zeros(q.shape, dtype=torch.float32, device=device)
         triton_ops.prefill(q, k, v, cache, table, torch.tensor(SEQ_LENS), qsl, 0, codec,
                            dim ** -0.5, out32, False)
