@@ -226,8 +226,8 @@ def main(argv=None) -> int:
         grid_iter = tqdm(grid, desc="gpu decode bench")
     except ImportError:
         grid_iter = grid
+    timed = _graphed if args.graph else (lambda f: f)
     for b, c, d, g in grid_iter:
-        timed = _graphed if args.graph else (lambda f: f)
         run, nbytes = _bf16_case(b, c, d, args.kv_heads, g)
         t_bf16 = _time_ms(timed(run))
         rows.append(dict(impl="flash bf16", preset="auto", batch=b, ctx=c, head_dim=d, gqa=g,

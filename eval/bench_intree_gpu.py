@@ -128,22 +128,26 @@ def main(argv=None) -> int:
 
     d, g, h = args.head_dim, args.gqa, args.kv_heads
     rows = []
+
+    def record(impl: str, preset: str, b: int, c: int, t: float, nbytes: int, t_ref: float):
+        rows.append(dict(impl=impl, preset=preset, batch=b, ctx=c, head_dim=d, gqa=g,
+                         ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_ref))
+        print(f"{impl:<13}{preset:<20} B{b:>3} ctx{c:>6}  {t:8.4f} ms  "
+              f"{nbytes / t / 1e6:7.0f} GB/s  {t / t_ref:6.2f}x bf16", flush=True)
+
     for b in map(int, args.batches.split(",")):
         for c in map(int, args.contexts.split(",")):
             run, nbytes = bench._bf16_case(b, c, d, h, g)
             t_ref = bench._time_ms(bench._graphed(run))
-            cases = [("flash bf16", "auto", lambda: bench._bf16_case(b, c, d, h, g))]
-            cases += [("tq-vllm", p, lambda p=p: bench._tq_case(p, b, c, d, h, g))
-                      for p in args.ours.split(",")]
+            del run
+            record("flash bf16", "auto", b, c, t_ref, nbytes, t_ref)
+            cases = [("tq-vllm", p, lambda p=p: bench._tq_case(p, b, c, d, h, g))
+                     for p in args.ours.split(",")]
             cases += [("vLLM in-tree", p, lambda p=p: _intree_case(kernels, p, b, c, d, h, g, "cuda"))
                       for p in args.intree.split(",")]
             for impl, preset, make in cases:
                 run, nbytes = make()
-                t = t_ref if impl == "flash bf16" else bench._time_ms(bench._graphed(run))
-                rows.append(dict(impl=impl, preset=preset, batch=b, ctx=c, head_dim=d, gqa=g,
-                                 ms=t, gbps=nbytes / t / 1e6, vs_bf16=t / t_ref))
-                print(f"{impl:<13}{preset:<20} B{b:>3} ctx{c:>6}  {t:8.4f} ms  "
-                      f"{nbytes / t / 1e6:7.0f} GB/s  {t / t_ref:6.2f}x bf16", flush=True)
+                record(impl, preset, b, c, bench._time_ms(bench._graphed(run)), nbytes, t_ref)
                 del run
             torch.cuda.empty_cache()
     out = Path(args.out)
