@@ -18,6 +18,9 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
     vmean    value mean removal    vsmooth  value smoothing s² ∝ rms_v / ‖o_proj col‖
     perm     outlier half chosen by calibration RMS
     gauss    Gaussian N(0, 1/d) codebook instead of the exact sphere-coordinate law
+    qshrink  QJL keys: the QJL term scaled by its logit-MSE-optimal factor
+             (``rotation.qjl_shrink_factor``: 0.39 for the paper's Gaussian sketch at d 64)
+    qorth    QJL keys: orthonormal sketch rows instead of Gaussian ones
     kchoice  per-token key offset choice: each key is stored as k − μ or as k, whichever
              decodes closer (a flag bit; flagged keys' logits have ⟨q, μ⟩ taken off), so
              the sink, far from the mean, keeps its own small residual (on in ``tq{b}``)
@@ -34,7 +37,9 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
 
 PRESET is a preset name (the recommended ``tq{b}`` bring their own calibrated transforms,
 as in vLLM), ``auto``, or ``kKvV`` (e.g. ``k4v3``): MSE keys at K and values at V bits per
-coordinate (fractional → split halves).
+coordinate (fractional → split halves); ``k3qv4`` adds a QJL sketch of the key residual
+(the paper's TurboQuant_prod keys), ``k3q2v4`` with 2 sketch rows per coordinate,
+``k3.5qov4`` sketching only the outlier half's residual (QJL A/B, docs/quality.md).
 
     python eval/ppl_strict.py --model smollm2 --docs 8 auto tq4-mse tq4-mse+nc+kmean
 """
@@ -63,7 +68,7 @@ from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
 from tq_vllm.tools.models import fetch_model  # noqa: E402
 
 OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kchoice",
-           "nokchoice", "kexact", "vexact")
+           "nokchoice", "kexact", "vexact", "qshrink", "qorth")
 
 
 def parse_variant(spec: str) -> dict:
@@ -80,12 +85,21 @@ def parse_variant(spec: str) -> dict:
             "sink": kw.get("sink", 0), "jitter": kw.get("jitter", 0)}
 
 
+VARIANT_CODECS = re.compile(r"k([\d.]+)(?:q(\d*)(o?))?v([\d.]+)")
+"""``kKvV``: MSE keys at K and values at V bits; ``kKqvV``: keys K-bit MSE plus a QJL
+sketch of the residual, ``kKqRvV`` with R sketch rows per coordinate, ``kKqovV`` (K
+fractional) sketching only the outlier half's residual."""
+
+
 def get_variant_preset(name: str) -> Preset:
-    m = re.fullmatch(r"k([\d.]+)v([\d.]+)", name)
+    m = VARIANT_CODECS.fullmatch(name)
     if not m:
         return get_preset(name)
-    return Preset(name=f"tq-{name}", family="mse", budget="4",
-                  key=mse_codec(m.group(1)), value=mse_codec(m.group(2)))
+    kbits, rows, outlier, vbits = m.groups()  # rows is None without "q"
+    qjl_kw = {} if rows is None else {"qjl": True, "qjl_rows": int(rows or 1),
+                                      "qjl_group": "outlier" if outlier else "all"}
+    key = mse_codec(kbits, **qjl_kw)
+    return Preset(name=f"tq-{name}", family="mse", budget="4", key=key, value=mse_codec(vbits))
 
 
 OPTION_TRANSFORM = {"kmean": {"key_mean": True}, "ksmooth": {"key_scale": "rms"},
@@ -104,6 +118,12 @@ def variant_preset(variant: dict) -> Preset:
             "value": preset.value.model_copy(update={"norm_correction": True})})
     if "gauss" in o:
         preset = preset.model_copy(update={"codebook": "gaussian"})
+    if "qshrink" in o:
+        if not preset.key.qjl:
+            raise SystemExit(f"{variant['spec']}: qshrink needs QJL keys (tq{{b}}-qjl or kKqvV)")
+        preset = preset.model_copy(update={"key": preset.key.model_copy(update={"qjl_shrink": True})})
+    if "qorth" in o:
+        preset = preset.model_copy(update={"sketch": "orthogonal"})
     update = {k: v for opt in o for k, v in OPTION_TRANSFORM.get(opt, {}).items()}
     return preset.model_copy(update={"transform": preset.transform.model_copy(update=update)})
 
@@ -236,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         if spec != "auto" and "jitter=" not in spec:
             specs += [f"{spec}@jitter={j}" for j in range(1, args.realizations + 1)]
     variants = [parse_variant(s) for s in specs]
+    for v in variants:  # refuse a bad spec before the first long run
+        if v["preset"] != "auto":
+            variant_preset(v)
     if not any(v["preset"] == "auto" for v in variants):
         variants.insert(0, parse_variant("auto"))
     variants.sort(key=lambda v: v["preset"] != "auto")  # exact first: the reference

@@ -57,7 +57,7 @@ class _Tables:
         self.v_books = _codebooks(codec.value)
         self.rot_k = codec.key.rot.float().contiguous()
         self.rot_v = codec.value.rot.float().contiguous()
-        sk = codec.key.sketch
+        sk = codec.key.kernel_sketch()
         self.sketch = sk.float().contiguous() if sk is not None else None
         self.qjl_scale = float(codec.key.qjl_scale)
         self.sketch64 = (sk.double().contiguous() if sk is not None else torch.zeros(1, 1, dtype=torch.float64)).numpy()

@@ -175,7 +175,8 @@ def _tables(tq: TensorQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     bnd = torch.full((len(tq.bounds), 16), float("inf"), dtype=torch.float32)
     for g, b in enumerate(tq.bounds):
         bnd[g, : b.numel()] = b.float().cpu()
-    sketch = tq.sketch.float().contiguous() if tq.sketch is not None else None
+    sk = tq.kernel_sketch()
+    sketch = sk.float().contiguous() if sk is not None else None
     tables = (books, bnd.to(tq.lut.device), sketch)
     tq._triton_tables = (key, tables)  # dies with the quantizer
     return tables
@@ -249,7 +250,7 @@ def _rotate_queries(q: torch.Tensor, codec: LayerCodec, num_kv: int) -> tuple[to
     is the first when keys have no QJL sketch (never read then)."""
     g = q.shape[1] // num_kv
     q_rot = _per_row(q, codec.key.rot, g)
-    sk = codec.key.sketch
+    sk = codec.key.kernel_sketch()
     q_sk = _per_row(q_rot, sk, g, codec.key.qjl_scale) if sk is not None else q_rot
     return q_rot, q_sk
 

@@ -100,3 +100,13 @@ def test_key_offset_choice_needs_key_mean_removal():
         KVTransform(key_offset_choice=True)
     assert all(p.transform.key_offset_choice == (p.family == "recommended")
                for p in PRESETS.values())
+
+
+def test_qjl_options_need_a_qjl_sketch_and_size_it():
+    with pytest.raises(ValidationError, match="set qjl=True"):
+        TensorCodec(bits_hi=4, bits_lo=4, split=False, qjl_shrink=True)
+    with pytest.raises(ValidationError, match="needs split=True"):
+        TensorCodec(bits_hi=3, bits_lo=3, split=False, qjl=True, qjl_group="outlier")
+    codec = TensorCodec(bits_hi=4, bits_lo=3, split=True, qjl=True, qjl_rows=2, qjl_group="outlier")
+    assert codec.sketch_dims(64) == (64, 32) and codec.code_bits_per_coord == 3.5 + 1
+    assert PRESETS["tq4-qjl"].key.sketch_dims(128) == (128, 128)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tq_vllm.codec import LayerCodec
-from tq_vllm.config import PRESETS
+from tq_vllm.config import PRESETS, mse_codec
 from tq_vllm.layout import pack_bits, pack_slots, unpack_bits, unpack_slots
 
 
@@ -24,11 +24,19 @@ def test_three_bit_stream_crosses_bytes_as_documented():
     assert pack_bits(codes, 3)[0].tolist() == list(stream.to_bytes(3, "little"))
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+SKETCH_VARIANTS = {  # issue 7's QJL A/B codecs (PyTorch reference only)
+    "rows2": PRESETS["tq4-qjl"].model_copy(update={"key": mse_codec("3", qjl=True, qjl_rows=2)}),
+    "outlier-half": PRESETS["tq4-qjl"].model_copy(
+        update={"key": mse_codec("3.5", qjl=True, qjl_group="outlier")}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS) + sorted(SKETCH_VARIANTS))
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_slot_roundtrip_bit_exact(name, dim):
-    codec = LayerCodec.create(PRESETS[name], dim, num_kv_heads=2)
-    lay = PRESETS[name].layout(dim)
+    preset = PRESETS.get(name) or SKETCH_VARIANTS[name]
+    codec = LayerCodec.create(preset, dim, num_kv_heads=2)
+    lay = preset.layout(dim)
     k, v = torch.randn(7, 2, dim), torch.randn(7, 2, dim)
     ke, ve = codec.key.encode(k), codec.value.encode(v)
     slots = pack_slots(lay, ke, ve)
@@ -57,3 +65,10 @@ def test_unpack_rejects_wrong_slot_size():
     lay = PRESETS["tq4"].layout(64)
     with pytest.raises(ValueError, match="68 bytes"):
         unpack_slots(lay, torch.zeros(2, 70, dtype=torch.uint8))
+
+
+def test_sketch_variants_size_their_signs():
+    """m sketch rows → m/8 sign bytes: 2 rows of d 64 = 16 bytes, the outlier half 4."""
+    assert SKETCH_VARIANTS["rows2"].layout(64).key.signs.nbytes == 16
+    assert SKETCH_VARIANTS["outlier-half"].layout(64).key.signs.nbytes == 4
+    assert SKETCH_VARIANTS["rows2"].bits_per_coord(64)[0] == 3 + 2 + 0.5

@@ -32,7 +32,7 @@ def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32,
 
     Returns (codec, cache, block_table int32 [B, M], [(k, v)] per sequence, unused blocks).
     """
-    preset = PRESETS[name]
+    preset = PRESETS[name] if isinstance(name, str) else name  # a name or a Preset
     perms = [torch.stack([torch.randperm(dim) for _ in range(kv_heads)])
              if preset.transform.calibrated_split and c.split else None
              for c in (preset.key, preset.value)]  # calibrated outlier halves: any order

@@ -57,3 +57,29 @@ def test_gaussian_constant_with_orthonormal_rows_is_the_known_bug():
     d = 128
     ratio = rotation.qjl_constant(d, "orthogonal") / rotation.qjl_constant(d, "gaussian")
     assert ratio == pytest.approx(math.sqrt(d), rel=0.01)
+
+
+@pytest.mark.parametrize("kind,rows", [("gaussian", 1), ("gaussian", 2), ("orthogonal", 1),
+                                       ("orthogonal", 2)])
+def test_qjl_shrink_factor_is_the_simulated_optimum(kind, rows):
+    """γ* = E[a²] / E[â²] for a = ⟨y, r⟩ and its unbiased QJL estimate â, y uniform in
+    direction: E_y[â²] = c² ‖Sᵀ sign(S r)‖² / n for unit r, y, so simulating
+    ‖Sᵀ sign(S r)‖² over fresh sketches checks the closed form's cross-row terms."""
+    dim, trials = 32, 600
+    gen = torch.Generator().manual_seed(3)
+    sq = torch.empty(trials, dtype=torch.float64)
+    for t in range(trials):
+        s = rotation.qjl_sketch(dim, rotation.derive_seed(11, kind, t), kind, rows)
+        r = torch.randn(dim, generator=gen, dtype=torch.float64)
+        sq[t] = (s.T @ torch.sign(s @ r)).pow(2).sum()
+    c = rotation.qjl_constant(dim, kind, rows)
+    simulated = (1 / dim) / (c * c * sq.mean().item() / dim)
+    se = simulated * sq.std().item() / sq.mean().item() / math.sqrt(trials)
+    assert abs(simulated - rotation.qjl_shrink_factor(dim, kind, rows)) < 4 * se + 1e-3
+
+
+def test_extra_sketch_rows_keep_the_first_block():
+    one = rotation.qjl_sketch(64, 9, "orthogonal")
+    two = rotation.qjl_sketch(64, 9, "orthogonal", rows=2)
+    assert two.shape == (128, 64) and torch.equal(two[:64], one)
+    assert not torch.equal(two[64:], one)

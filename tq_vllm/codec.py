@@ -12,7 +12,11 @@ Encoding ``x`` (``[N, H, d]``):
    (Lloyd–Max codebook for dimension ``d_g``); the stored norm is ``n_g`` (or
    ``n_g / ‖c[idx]‖`` with norm correction) rounded to fp16.
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
-   from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16.
+   from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16. Variants
+   (``TensorCodec.qjl_rows / qjl_group / qjl_shrink``, issue 7's A/B): ``m = rows · n``
+   sketch rows; only the outlier group's residual sketched (``n = d/2``, ``γ = ‖r_0‖``);
+   the QJL term scaled by its logit-MSE-optimal factor. The fast kernels run the first
+   two only at their defaults (:meth:`TensorQuantizer.kernel_sketch`).
 
 Key offset choice (keys of presets with ``key_offset_choice``, after the calibrated
 transform took the mean ``o`` = μ/s off every key): each key is encoded twice, as ``y``
@@ -47,7 +51,8 @@ import torch
 
 from tq_vllm import codebook
 from tq_vllm.config import Preset, TensorCodec, TensorLayout, check_head_dim
-from tq_vllm.rotation import derive_seed, group_rotation, qjl_constant, qjl_sketch
+from tq_vllm.rotation import (derive_seed, group_rotation, qjl_constant, qjl_shrink_factor,
+                               qjl_sketch)
 
 FP16_MAX = 65504.0
 _TINY = 1e-30
@@ -113,7 +118,7 @@ class TensorQuantizer:
     lut: torch.Tensor  # [d, 2**max_bits] centroid table per rotated coordinate
     bounds: list[torch.Tensor]  # per group decision boundaries
     group_id: torch.Tensor  # long [d]: group of each rotated coordinate
-    sketch: torch.Tensor | None  # [d, d] QJL rows, or None
+    sketch: torch.Tensor | None  # [m, d] QJL rows (zero outside the sketched group), or None
     qjl_scale: float
     offset: torch.Tensor | None = None  # [H, d] key offset o (offset choice), or None
     offset_rot: torch.Tensor | None = None  # [H, d] R_h o
@@ -145,8 +150,13 @@ class TensorQuantizer:
             start += dg
         sketch, scale = None, 0.0
         if codec.qjl:
-            sketch = qjl_sketch(d, derive_seed(seed, tag, "qjl"), sketch_kind).float()
-            scale = qjl_constant(d, sketch_kind)
+            m, n = codec.sketch_dims(d)
+            rows = codec.qjl_rows
+            sketch = torch.zeros(m, d)
+            sketch[:, :n] = qjl_sketch(n, derive_seed(seed, tag, "qjl"), sketch_kind, rows).float()
+            scale = qjl_constant(n, sketch_kind, rows)
+            if codec.qjl_shrink:
+                scale *= qjl_shrink_factor(n, sketch_kind, rows)
         return cls(codec=codec, layout=layout, rot=rot.float(), lut=lut, bounds=bounds,
                    group_id=group_id, sketch=sketch, qjl_scale=scale)
 
@@ -164,6 +174,20 @@ class TensorQuantizer:
             raise ValueError("the fast kernels read one codebook per channel group, but this "
                              "quantizer's centroid table differs between coordinates of a group")
         return books
+
+    def kernel_sketch(self) -> torch.Tensor | None:
+        """The ``[d, d]`` QJL sketch the fast kernels read (one row per coordinate, whole
+        residual), or None without QJL. Raises for the reference-only sketch variants
+        (``qjl_rows > 1``, ``qjl_group='outlier'``): the kernels read d sign bits."""
+        if self.sketch is None:
+            return None
+        d = self.head_dim
+        if self.sketch.shape != (d, d) or self.codec.qjl_group != "all":
+            raise ValueError(
+                f"the fast kernels read a [{d}, {d}] QJL sketch of the whole residual; this "
+                f"codec sketches {tuple(self.sketch.shape)} (qjl_rows={self.codec.qjl_rows}, "
+                f"qjl_group={self.codec.qjl_group!r}), which only the PyTorch reference runs")
+        return self.sketch
 
     def to(self, device: torch.device | str) -> "TensorQuantizer":
         """Move the tables to ``device`` (in place); returns self."""
@@ -284,8 +308,10 @@ class TensorQuantizer:
             r = y - self.group_norms(partial) * self.unit_values(codes)
             resid = _norm(r)
         if self.codec.qjl:
-            signs = (r.double() @ self.sketch.double().T) >= 0
-            norms.append(resid)
+            n = self.codec.sketch_dims(self.head_dim)[1]
+            r_s = r[..., :n]  # the sketched group (all of r unless qjl_group='outlier')
+            signs = (r_s.double() @ self.sketch[:, :n].double().T) >= 0
+            norms.append(resid if n == self.head_dim else _norm(r_s))
         return codes, torch.stack(norms, -1), signs, resid
 
     def _to_fp16(self, n: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,13 @@ class TensorCodec(BaseModel):
     bits_lo: int = Field(ge=1, le=4, description="MSE code bits of the other channels")
     split: bool = Field(description="two channel groups (d/2 each) with own rotation+norm")
     qjl: bool = Field(default=False, description="1-bit QJL sketch of the residual")
+    qjl_rows: int = Field(default=1, ge=1, le=8,
+                          description="QJL sketch rows per sketched coordinate (m = rows · n)")
+    qjl_group: Literal["all", "outlier"] = Field(
+        default="all", description="sketch the whole residual, or the outlier half's only")
+    qjl_shrink: bool = Field(
+        default=False, description="scale the QJL term by its logit-MSE-optimal factor "
+                                   "(rotation.qjl_shrink_factor): biased, less noisy")
     norm_correction: bool = Field(
         default=False, description="store norm/|reconstruction| so decoded norms are exact"
     )
@@ -75,13 +82,30 @@ class TensorCodec(BaseModel):
             raise ValueError("an unsplit codec has one bit width: bits_hi must equal bits_lo")
         if self.split and self.bits_hi < self.bits_lo:
             raise ValueError("the outlier half must not get fewer bits than the rest")
+        if not self.qjl and (self.qjl_rows != 1 or self.qjl_group != "all" or self.qjl_shrink):
+            raise ValueError("qjl_rows, qjl_group and qjl_shrink describe a QJL sketch: set qjl=True")
+        if self.qjl_group == "outlier" and not self.split:
+            raise ValueError("qjl_group='outlier' sketches the outlier half: it needs split=True")
         return self
+
+    @property
+    def sketched_fraction(self) -> float:
+        """Share of the head's coordinates the QJL sketch covers (0 without QJL)."""
+        if not self.qjl:
+            return 0.0
+        return 0.5 if self.qjl_group == "outlier" else 1.0
+
+    def sketch_dims(self, head_dim: int) -> tuple[int, int]:
+        """(rows ``m``, sketched coordinates ``n``) of the QJL sketch; (0, 0) without QJL.
+        The sketched coordinates are the first ``n`` of the rotated vector (group 0)."""
+        n = int(head_dim * self.sketched_fraction)
+        return self.qjl_rows * n, n
 
     @property
     def code_bits_per_coord(self) -> float:
         """Bits per coordinate of codes (MSE codes plus QJL signs), norms excluded."""
         mse = (self.bits_hi + self.bits_lo) / 2 if self.split else self.bits_hi
-        return mse + (1 if self.qjl else 0)
+        return mse + self.qjl_rows * self.sketched_fraction
 
     @property
     def num_groups(self) -> int:
@@ -236,7 +260,7 @@ def _tensor_layout(codec: TensorCodec, head_dim: int, offset: int) -> tuple[Tens
         pos += nbytes
     signs = None
     if codec.qjl:
-        signs = Segment(offset=pos, nbytes=head_dim // 8)
+        signs = Segment(offset=pos, nbytes=codec.sketch_dims(head_dim)[0] // 8)
         pos = signs.end
     lay = TensorLayout(
         head_dim=head_dim, group_dims=dims, group_bits=bits, norms=norms,

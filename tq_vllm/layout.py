@@ -11,7 +11,8 @@ Byte map of one slot (little-endian; ``G`` = channel groups, 1 or 2)::
     0                           2·(G + qjl)      K norms, fp16: group norms, then ‖residual‖ (QJL);
                                                  sign bit of the first = key offset flag
     k.norms.end                 d_g·b_g/8 each   K codes, one LSB-first bitstream per group
-    after K codes               d/8 (QJL only)   K QJL signs, bit j of the stream = sign(S r)_j ≥ 0
+    after K codes               m/8 (QJL only)   K QJL signs, bit j of the stream = sign(S r)_j ≥ 0
+                                                 (m sketch rows: d for every served preset)
     k.end                       2·G              V norms, fp16
     v.norms.end                 d_g·b_g/8 each   V codes, one bitstream per group
     slot_bytes − padding        padding          zero (slot size is a multiple of 2)
@@ -80,7 +81,7 @@ def _unpack_tensor(slots: torch.Tensor, lay: TensorLayout) -> Encoded:
                        for seg, dg, bg in zip(lay.codes, lay.group_dims, lay.group_bits)], -1)
     signs = None
     if lay.signs is not None:
-        signs = unpack_bits(_seg(slots, lay.signs), 1, lay.head_dim).bool()
+        signs = unpack_bits(_seg(slots, lay.signs), 1, 8 * lay.signs.nbytes).bool()
     return Encoded(codes=codes, norms=norms, signs=signs)
 
 

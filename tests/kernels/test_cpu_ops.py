@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tq_vllm.kernels import cpu_native, cpu_ops
+from tq_vllm import rotation
+from tq_vllm.codec import LayerCodec
+from tq_vllm.config import PRESETS, mse_codec
+from tq_vllm.kernels import cpu_native, cpu_ops, triton_ops
 from tq_vllm.reference import tq_paged_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -220,3 +223,39 @@ def test_decode_does_not_depend_on_the_batch(impl):
     cpu_ops.decode(q[:1], cache, table[:1], torch.tensor(seq_lens[:1]), codec, 0.3, alone)
     assert cpu_ops.num_splits(4000) > cpu_ops.num_splits(1500) > 1
     assert torch.equal(alone[0], both[0])
+
+
+def _shrunk_qjl_preset(kind):
+    """``tq3.5-qjl`` with the QJL term scaled by its optimal factor (issue 7's A/B)."""
+    base = PRESETS["tq3.5-qjl"]
+    return base.model_copy(update={"sketch": kind,
+                                   "key": base.key.model_copy(update={"qjl_shrink": True})})
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "orthogonal"])
+def test_decode_carries_the_qjl_shrink_factor(impl, kind):
+    """The kernels read the codec's QJL scale, so the shrunk estimator needs no kernel
+    change: decode matches the reference, and differs from the unshrunk decode."""
+    seq_lens = [37, 130]
+    preset = _shrunk_qjl_preset(kind)
+    codec, cache, table, _, _ = build_cache(preset, 64, 2, 16, seq_lens)
+    assert codec.key.qjl_scale < rotation.qjl_constant(64, kind)
+    q = torch.randn(len(seq_lens), 6, 64)
+    out = torch.empty_like(q)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out)
+    ref, _ = _reference(q, cache, table, seq_lens, [1] * len(seq_lens), codec, torch.float32)
+    assert (out - ref).abs().max().item() <= ATOL
+    plain = LayerCodec.create(PRESETS["tq3.5-qjl"].model_copy(update={"sketch": kind}), 64, 2, layer=3)
+    unshrunk, _ = _reference(q, cache, table, seq_lens, [1] * len(seq_lens), plain, torch.float32)
+    assert (unshrunk - ref).abs().max().item() > 100 * ATOL
+
+
+@pytest.mark.parametrize("kw", [{"qjl_rows": 2}, {"qjl_group": "outlier"}])
+def test_kernels_refuse_reference_only_sketches(kw):
+    base = PRESETS["tq3.5-qjl"]
+    preset = base.model_copy(update={"key": mse_codec("2.5", qjl=True, **kw)})
+    codec = LayerCodec.create(preset, 64, 2)
+    with pytest.raises(ValueError, match="only the PyTorch reference runs"):
+        cpu_ops.tables(codec)
+    with pytest.raises(ValueError, match="only the PyTorch reference runs"):
+        triton_ops._tables(codec.key)
