@@ -1,9 +1,10 @@
 """Pareto plot: perplexity increase vs bits per coordinate, one line per family.
 
 Reads JSON written by ``eval/ppl_strict.py --json`` (one file per model) and groups
-the variants by name: the paper's TurboQuant_prod (``tq{b}-qjl``), the paper's
-TurboQuant_mse (``tq{b}-mse``), an emulation of vLLM's in-tree recipe (``+gauss``
-variants with ``@ends=2``) and ours (``tq{b}``).
+the variants by name: the paper's TurboQuant_prod (``tq{b}-qjl``), the same codes with
+the QJL term fixed (``tq{b}-qjl+qorth+qshrink``), the paper's TurboQuant_mse
+(``tq{b}-mse``), an emulation of vLLM's in-tree recipe (``+gauss`` variants with
+``@ends=2``) and ours (``tq{b}`` and ``tq4.5``).
 
     python eval/plot_quality.py smollm2.json qwen.json --out docs/quality_pareto.png
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 FAMILIES = {
     "paper TurboQuant_prod (QJL)": re.compile(r"^tq[\d.]+-qjl$"),
+    "QJL done right (orthonormal rows, shrunk)": re.compile(r"^tq[\d.]+-qjl\+qorth\+qshrink$"),
     "paper TurboQuant_mse": re.compile(r"^tq[\d.]+-mse$"),
     "vLLM in-tree recipe (emulated)": re.compile(r"\+gauss.*@ends=2$"),
     "tq-vllm recommended (tq{b})": re.compile(r"^tq[\d.]+$"),

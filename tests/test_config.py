@@ -23,6 +23,7 @@ EXPECTED = {
     ("tq3.5", 64): (34, 26, 60),  # keys 4 bits, values 3
     ("tq3", 64): (4 + 16 + 12, 4 + 12 + 8, 56),  # keys 4/3 split, values 3/2 split
     ("tq2.5", 64): (26, 18, 44),  # keys 3 bits, values 2
+    ("tq4.5", 64): (2 + 2 + 32 + 8, 34, 78),  # tq4 + QJL signs and residual norm
 }
 
 
@@ -46,6 +47,11 @@ def test_families_and_budgets():
         assert (rec.key.code_bits_per_coord + rec.value.code_bits_per_coord) / 2 == float(b)
         assert rec.key.code_bits_per_coord >= rec.value.code_bits_per_coord
         assert not rec.key.qjl and rec.key.norm_correction and rec.transform.needs_calibration
+    top = PRESETS["tq4.5"]  # tq4 plus the key residual's shrunk orthonormal QJL sketch
+    assert top.family == "recommended" and top.transform == PRESETS["tq4"].transform
+    assert top.value == PRESETS["tq4"].value and top.sketch == "orthogonal"
+    assert top.key == PRESETS["tq4"].key.model_copy(update={"qjl": True, "qjl_shrink": True})
+    assert (top.key.code_bits_per_coord + top.value.code_bits_per_coord) / 2 == 4.5
     assert not any(n.startswith("turboquant") for n in PRESET_NAMES)
 
 

@@ -90,7 +90,10 @@ def qjl_constant(dim: int, kind: SketchKind = "gaussian", rows: int = 1) -> floa
     ``E|s₁| = Γ(d/2) / (√π Γ((d+1)/2))`` ≈ ``√(2/(π d))`` → ``c ≈ √(π d/2)/m``.
     Using the Gaussian constant with orthonormal rows is off by ``√d``.
     """
-    return 1.0 / (rows * dim * _mean_abs_projection(dim, kind))
+    m = rows * dim
+    if kind == "gaussian":
+        return math.sqrt(math.pi / 2) / m
+    return 1.0 / (m * _mean_abs_projection(dim, kind))
 
 
 def qjl_shrink_factor(dim: int, kind: SketchKind = "gaussian", rows: int = 1) -> float:

@@ -40,7 +40,7 @@ def _reference(q, cache, table, seq_lens, q_lens, codec, dtype):
     return tq_paged_attention(q.to(dtype).float(), cache, table, torch.tensor(seq_lens), qsl, codec, 0.3), qsl
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq3", "tq2.5-mse", "tq4-qjl"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq3", "tq2.5-mse", "tq4-qjl", "tq4.5"])
 @pytest.mark.parametrize("dim,gqa,block_size", [(64, 3, 16), (64, 1, 32), (128, 7, 16),
                                                   (128, 8, 128), (256, 2, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -89,7 +89,7 @@ def test_decode_is_deterministic(impl):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq2.5-mse"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq2.5-mse", "tq4.5"])
 @pytest.mark.parametrize("dim,gqa,block_size", [(64, 3, 16), (128, 7, 32)])
 def test_prefill_matches_reference(impl, name, dim, gqa, block_size):
     seq_lens = [37, 50, 129]
@@ -149,7 +149,7 @@ def test_launcher_rejects_non_contiguous_slots():
                        torch.empty(1, 3, 64))
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5-mse", "tq4-qjl", "tq3.5-qjl", "tq2.5-qjl"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5-mse", "tq4-qjl", "tq3.5-qjl", "tq2.5-qjl", "tq4.5"])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_store_bit_exact_with_reference(name, dim, dtype):

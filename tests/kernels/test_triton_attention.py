@@ -42,6 +42,7 @@ CASES = [
     ("tq4", 128, 3, 16, torch.bfloat16),
     ("tq2.5-mse", 64, 3, 32, torch.bfloat16),
     ("tq3-qjl", 64, 7, 16, torch.float32),
+    ("tq4.5", 64, 3, 16, torch.bfloat16),  # 4-bit keys + orthonormal shrunk QJL + offsets
 ]
 IDS = [f"{n}-d{d}-g{g}-bs{b}-{str(t)[6:]}" for n, d, g, b, t in CASES]
 

@@ -86,7 +86,7 @@ def _offset_choice(preset):
     return preset.model_copy(update={"transform": tf})
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5", "tq3.5-qjl"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5", "tq3.5-qjl", "tq4.5"])
 def test_store_bit_exact_with_key_offset_choice(name, device):
     """Keys near ``−o`` are stored with their offset (flag in the first norm's sign bit),
     the rest as given: both encodings, the choice and the flag match the reference."""
