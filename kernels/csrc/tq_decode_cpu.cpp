@@ -7,8 +7,9 @@
 // One task = (sequence, KV head, KV split). Inside a task, tokens are taken in
 // tiles of TILE: each token's key is decoded chunk by chunk (W codes -> a permute from
 // a 16-entry codebook held in registers) and dotted with the G query heads of its KV
-// head in registers, the group norm applied to the sums; the QJL bias comes from the
-// sign bits as a masked sum of the sketched query; then one online-softmax update per
+// head in registers, the group norm applied to the sums; the QJL bias the same way, the
+// sign bits read as a 1-bit group with codebook {-1, +1} against the sketched queries
+// (scaled by c * ||r||); then one online-softmax update per
 // tile, and the values are decoded chunk by chunk straight into the accumulators.
 // Nothing dequantized is ever stored.
 // Keys with the offset choice: the first key norm's sign bit flags a key stored with
@@ -98,12 +99,6 @@ inline VI codes(const uint8_t* p, VI shifts) {
 }
 template <int B>
 inline V lookup(const Book& b, VI idx) { return _mm512_permutexvar_ps(idx, b.cb); }
-// v where the sign bit at `signs` (bit k of the chunk) is set, else 0
-inline V select_set(const uint8_t* signs, V v) {
-  uint16_t m;
-  std::memcpy(&m, signs, 2);
-  return _mm512_maskz_mov_ps((__mmask16)m, v);
-}
 inline V exp2i(V n) { return _mm512_scalef_ps(set1(1.0f), n); }
 // sums[i] = horizontal sum of v[i], i < 8
 inline void reduce8(const V* v, float* sums) {
@@ -162,11 +157,6 @@ inline V lookup(const Book& b, VI idx) {
   const V lo = _mm256_permutevar8x32_ps(b.lo, idx), hi = _mm256_permutevar8x32_ps(b.hi, idx);
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
-inline V select_set(const uint8_t* signs, V v) {
-  const __m256i bit = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
-  const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(signs[0]), bit), bit);
-  return _mm256_and_ps(v, _mm256_castsi256_ps(m));
-}
 // 2^n for integral n in [-126, 127], through the exponent field
 inline V exp2i(V n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
@@ -207,6 +197,8 @@ constexpr int PAIR_MAX_G = 4;
 struct Codebooks {
   Book cb[2];
   VI shifts[2];
+  Book sign;      // QJL sign bits as a 1-bit group: code 0 -> -1, 1 -> +1 (keys with QJL)
+  VI sign_shifts;
 };
 
 Codebooks make_codebooks(const Desc& d, const float* books) {
@@ -219,6 +211,12 @@ Codebooks make_codebooks(const Desc& d, const float* books) {
     for (int i = 0; i < 16; ++i) rep[i] = books[16 * g + i % (1 << d.bits[g])];
     c.cb[g] = make_book(rep);
     c.shifts[g] = lane_shifts((int)d.bits[g]);
+  }
+  if (d.sign_off >= 0) {
+    alignas(64) float pm[16];
+    for (int i = 0; i < 16; ++i) pm[i] = i % 2 ? 1.f : -1.f;  // period 2, as above
+    c.sign = make_book(pm);
+    c.sign_shifts = lane_shifts(1);
   }
   return c;
 }
@@ -259,13 +257,6 @@ inline void score_group(const uint8_t* seg, const float* scr, int dim, int j, co
     const V c = chunk<B, SCR>(seg, scr, k, cb, shifts);
     for (int g = 0; g < G; ++g) a[g] = fmadd(loadu(q + g * d + j + k), c, a[g]);
   }
-}
-
-// sum_j q[j] * (bit_j ? +1 : -1) = 2 * (sum over set bits) - q_sum, q_sum = sum_j q[j]
-inline float sign_dot(const uint8_t* signs, const float* q, float q_sum, int d) {
-  V pos = zero();
-  for (int k = 0; k < d; k += W) pos = add(pos, select_set(signs + k / 8, loadu(q + k)));
-  return 2.0f * reduce_add(pos) - q_sum;
 }
 
 // acc[g][k ..] += sum_i pn[g][i] * c[code_i] over the n tokens of a tile, for the chunk at
@@ -369,7 +360,6 @@ struct Step {
   const int64_t* row_split;           // [rows + 1] prefix sums of split counts, or null (n_splits each)
   const int64_t* groups;              // prefill: rows [groups[t], groups[t + 1]) share a task
   const float *q_rot, *q_sk, *q_off;  // q_sk null without QJL; q_off null without offsets
-  const float* qs_sum;                // [rows * Hq] sum of each sketched query
   int64_t Hq, H, G, d, block_size, n_splits, split_tokens;
   float scale, qjl_scale;
   Desc kd, vd;
@@ -421,6 +411,14 @@ inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const f
       const V nk = set1(std::fabs(half_at(slots[i] + P.kd.norm_off + 2 * kg)));  // sign: offset flag
       for (int g = 0; g < G; ++g) tot[g] = fmadd(PAIR ? add(a[g], c[g]) : a[g], nk, tot[g]);
     }
+    if (qjl) {  // QJL bias: the sign bits as a 1-bit ±1 group dotted with the sketched queries
+      V a[GA], c[GA];
+      for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
+      score_group<1, GA, PAIR, false>(slots[i] + P.kd.sign_off, nullptr, (int)d, 0, P.kc.sign,
+                                      P.kc.sign_shifts, qs, d, G, a, c);
+      const V gam = set1(P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * P.kd.ngroups));
+      for (int g = 0; g < G; ++g) tot[g] = fmadd(PAIR ? add(a[g], c[g]) : a[g], gam, tot[g]);
+    }
     for (int g = 0; g < G; ++g) part[g][i] = tot[g];
   }
   for (int g = 0; g < G; ++g) {
@@ -428,11 +426,9 @@ inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const f
     for (int i = 0; i < TILE; i += 8) reduce8(part[g] + i, s[g] + i);
   }
   for (int i = 0; i < n; ++i) {
-    const float gamma = qjl ? P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * P.kd.ngroups) : 0.f;
     const bool flagged = P.q_off != nullptr && (slots[i][P.kd.norm_off + 1] & 0x80);
     for (int g = 0; g < G; ++g) {
       float sc = s[g][i];
-      if (qjl) sc += gamma * sign_dot(slots[i] + P.kd.sign_off, qs + g * d, P.qs_sum[q0 + g], (int)d);
       if (flagged) sc -= P.q_off[q0 + g];
       s[g][i] = sc * P.scale;
     }
@@ -602,21 +598,15 @@ int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_to
   return 0;
 }
 
-// Rotates (and sketches) each query once: q [rows, Hq, d] -> q_rot, q_sk, qs_sum.
+// Rotates (and sketches) each query once: q [rows, Hq, d] -> q_rot, q_sk.
 void rotate_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int64_t d,
                     const float* rot_k, const float* sketch, float* q_rot, float* q_sk,
-                    float* qs_sum, int num_threads) {
+                    int num_threads) {
 #pragma omp parallel for num_threads(num_threads)
   for (int64_t i = 0; i < rows * Hq; ++i) {
     const int64_t h = (i % Hq) / G;
     matvec(rot_k + h * d * d, q + i * d, (int)d, q_rot + i * d);
-    if (sketch != nullptr) {
-      float* qs = q_sk + i * d;
-      matvec(sketch, q_rot + i * d, (int)d, qs);
-      V t = zero();
-      for (int k = 0; k < d; k += W) t = add(t, loadu(qs + k));
-      qs_sum[i] = reduce_add(t);
-    }
+    if (sketch != nullptr) matvec(sketch, q_rot + i * d, (int)d, q_sk + i * d);
   }
 }
 
@@ -676,13 +666,13 @@ extern "C" int tq_decode_cpu(
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch != nullptr;
-  std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0), qs_sum(B * Hq, 0.f);
+  std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0);
   std::vector<float> acc_out(B * Hq * n_splits * d), m_out(B * Hq * n_splits), l_out(B * Hq * n_splits);
   rotate_queries(q, B, Hq, G, d, rot_k, qjl ? sketch : nullptr, q_rot.data(), q_sk.data(),
-                 qs_sum.data(), num_threads);
+                 num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens, nullptr,
                   nullptr, nullptr, q_rot.data(), qjl ? q_sk.data() : nullptr, q_off,
-                  qs_sum.data(), Hq, H, G, d, block_size, n_splits, split_tokens, scale,
+                  Hq, H, G, d, block_size, n_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   acc_out.data(), m_out.data(), l_out.data()};
   run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, out, num_threads);
@@ -719,13 +709,13 @@ extern "C" int tq_prefill_cpu(
   }
   if (N > 0) groups.push_back(N);
   const int64_t n_groups = (int64_t)groups.size() - 1, total = row_split[N];
-  std::vector<float> q_rot(N * Hq * d), q_sk(qjl ? N * Hq * d : 0), qs_sum(N * Hq, 0.f);
+  std::vector<float> q_rot(N * Hq * d), q_sk(qjl ? N * Hq * d : 0);
   std::vector<float> acc_out(total * Hq * d), m_out(total * Hq), l_out(total * Hq);
   rotate_queries(q, N, Hq, G, d, rot_k, qjl ? sketch : nullptr, q_rot.data(), q_sk.data(),
-                 qs_sum.data(), num_threads);
+                 num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, row_len, row_seq,
                   row_split.data(), groups.data(), q_rot.data(), qjl ? q_sk.data() : nullptr,
-                  q_off, qs_sum.data(), Hq, H, G, d, block_size, max_splits, split_tokens, scale,
+                  q_off, Hq, H, G, d, block_size, max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   acc_out.data(), m_out.data(), l_out.data()};
   run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v, out, num_threads);
