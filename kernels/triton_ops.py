@@ -31,6 +31,7 @@ tq4           68      132      260   0.33 ms (measured 4.50 ms, 7%)
 tq3.5         60      116      228   0.29 ms (measured 4.27 ms, 7%)
 tq3           56      104      200   0.26 ms (measured 5.58 ms, 5%)
 tq2.5         44       84      164   0.21 ms (not re-measured; 9.29 ms before)
+tq4.5         78      150      294   0.38 ms (not measured: QJL keys run 1.7–2× tq4)
 =========  ======  =======  =======  ==============================================
 
 Roofline = bytes / 3.35 TB/s. Measured with ``eval/bench_decode_gpu.py --graph`` (H100,
