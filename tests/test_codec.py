@@ -269,8 +269,8 @@ def test_qjl_shrink_is_the_empirical_optimum_and_qjl_still_loses_to_mse():
 
 def test_qjl_variants_more_rows_and_outlier_half():
     """Two sketch rows per coordinate halve the unbiased term's variance (π/2 · n/m); a
-    sketch of the outlier half alone corrects that half; both keep scores from codes equal
-    to the decoded keys' inner products."""
+    sketch of the outlier half stores that half's residual norm and d/2 signs; both keep
+    scores from codes equal to the decoded keys' inner products."""
     torch.manual_seed(1)
     x, q = unit(4000, 1, 64), torch.randn(4000, 1, 64)
     one, _, _ = _logit_error(_qjl_codec(3), x, q)
