@@ -22,6 +22,14 @@ def random_keys(s, kv_heads, dim, offset):
     return k
 
 
+def shrunk_qjl_preset(kind):
+    """``tq3.5-qjl`` with ``kind`` sketch rows and the QJL term scaled by its optimal factor
+    (issue 7's A/B): the kernels must carry the codec's scale."""
+    base = PRESETS["tq3.5-qjl"]
+    return base.model_copy(update={"sketch": kind,
+                                   "key": base.key.model_copy(update={"qjl_shrink": True})})
+
+
 def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32,
                 spare_blocks=3, device=torch.device("cpu")):
     """Random K/V of ragged sequences stored by :func:`reference.tq_store` through

@@ -19,7 +19,7 @@ from tq_vllm.kernels import cpu_native, cpu_ops, triton_ops
 from tq_vllm.reference import tq_paged_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_reference import build_cache, key_offset  # noqa: E402
+from test_reference import build_cache, key_offset, shrunk_qjl_preset  # noqa: E402
 
 ATOL = 2e-5  # float32 reduction-order noise on O(1) outputs, ~20× observed max
 
@@ -225,19 +225,12 @@ def test_decode_does_not_depend_on_the_batch(impl):
     assert torch.equal(alone[0], both[0])
 
 
-def _shrunk_qjl_preset(kind):
-    """``tq3.5-qjl`` with the QJL term scaled by its optimal factor (issue 7's A/B)."""
-    base = PRESETS["tq3.5-qjl"]
-    return base.model_copy(update={"sketch": kind,
-                                   "key": base.key.model_copy(update={"qjl_shrink": True})})
-
-
 @pytest.mark.parametrize("kind", ["gaussian", "orthogonal"])
 def test_decode_carries_the_qjl_shrink_factor(impl, kind):
     """The kernels read the codec's QJL scale, so the shrunk estimator needs no kernel
     change: decode matches the reference, and differs from the unshrunk decode."""
     seq_lens = [37, 130]
-    preset = _shrunk_qjl_preset(kind)
+    preset = shrunk_qjl_preset(kind)
     codec, cache, table, _, _ = build_cache(preset, 64, 2, 16, seq_lens)
     assert codec.key.qjl_scale < rotation.qjl_constant(64, kind)
     q = torch.randn(len(seq_lens), 6, 64)

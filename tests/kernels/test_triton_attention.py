@@ -18,8 +18,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
 
-from tq_vllm.config import PRESETS  # noqa: E402
 from tq_vllm.kernels import triton_ops  # noqa: E402
+from test_reference import shrunk_qjl_preset  # noqa: E402  (tests/ on sys.path: conftest)
 from tq_vllm.reference import (dequantize_sequence, exact_attention,  # noqa: E402
                                tq_paged_attention)
 
@@ -265,10 +265,8 @@ def test_kernels_refuse_a_centroid_table_that_varies_inside_a_group(build_cache)
 def test_decode_carries_the_qjl_shrink_factor(build_cache, device):
     """The QJL term scaled by its optimal factor (issue 7's A/B, orthonormal sketch): the
     launcher sketches the query with the codec's scale, so decode matches the reference."""
-    base = PRESETS["tq3.5-qjl"]
-    preset = base.model_copy(update={"sketch": "orthogonal",
-                                     "key": base.key.model_copy(update={"qjl_shrink": True})})
-    codec, cache, table, _, _ = build_cache(preset, 64, KV_HEADS, 16, SEQ_LENS)
+    codec, cache, table, _, _ = build_cache(shrunk_qjl_preset("orthogonal"), 64, KV_HEADS, 16,
+                                            SEQ_LENS)
     q = _randn(len(SEQ_LENS), KV_HEADS * 3, 64, device=device)
     out = _decode(q, cache, table, SEQ_LENS, codec)
     assert_close(out, _decode_ref(q, cache, table, SEQ_LENS, codec))  # fp32 queries: fp32 dots
