@@ -93,7 +93,7 @@ def test_frozen_and_validated():
         Preset(name="turboquant_x", family="mse", budget="4", key=PRESETS["tq4"].key,
                value=PRESETS["tq4"].value)
     with pytest.raises(ValidationError):
-        TensorCodec(bits_hi=5, bits_lo=5, split=False)
+        TensorCodec(bits_hi=6, bits_lo=6, split=False)
     with pytest.raises(ValidationError, match="keys only"):
         Preset(name="tqx", family="mse", budget="4", key=PRESETS["tq4"].key,
                value=TensorCodec(bits_hi=3, bits_lo=3, split=False, qjl=True))

@@ -10,7 +10,9 @@ Encoding ``x`` (``[N, H, d]``):
    outlier channels first, each group gets its own randomized Hadamard rotation.
 2. Per group ``g``: norm ``n_g = ‖y_g‖``; codes ``idx = nearest centroid of y_g / n_g``
    (Lloyd–Max codebook for dimension ``d_g``); the stored norm is ``n_g`` (or
-   ``n_g / ‖c[idx]‖`` with norm correction) rounded to fp16.
+   ``n_g / ‖c[idx]‖`` with norm correction) rounded to fp16. With ``TensorCodec.trellis``
+   the codes are instead the Viterbi path of a bitshift trellis (:mod:`tq_vllm.trellis`:
+   same bits, each code decoded with the stream bits before it; PyTorch reference only).
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
    from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16. Variants
    (``TensorCodec.qjl_rows / qjl_group / qjl_shrink``, issue 7's A/B): ``m = rows · n``
@@ -49,8 +51,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tq_vllm import codebook
-from tq_vllm.config import Preset, TensorCodec, TensorLayout, check_head_dim
+from tq_vllm import codebook, trellis
+from tq_vllm.config import (KERNEL_MAX_CODE_BITS, Preset, TensorCodec, TensorLayout,
+                             check_head_dim)
 from tq_vllm.rotation import (derive_seed, group_rotation, qjl_constant, qjl_shrink_factor,
                                qjl_sketch)
 
@@ -120,6 +123,7 @@ class TensorQuantizer:
     group_id: torch.Tensor  # long [d]: group of each rotated coordinate
     sketch: torch.Tensor | None  # [m, d] QJL rows (zero outside the sketched group), or None
     qjl_scale: float
+    tables: list[torch.Tensor] | None = None  # per group trellis decode table, or None
     offset: torch.Tensor | None = None  # [H, d] key offset o (offset choice), or None
     offset_rot: torch.Tensor | None = None  # [H, d] R_h o
     stats: dict[str, int] = field(default_factory=lambda: {"nonfinite_vectors": 0,
@@ -157,8 +161,12 @@ class TensorQuantizer:
             scale = qjl_constant(n, sketch_kind, rows)
             if codec.qjl_shrink:
                 scale *= qjl_shrink_factor(n, sketch_kind, rows)
+        tables = None
+        if codec.trellis:
+            tables = [trellis.table(bg, codec.trellis, dg)
+                      for dg, bg in zip(layout.group_dims, layout.group_bits)]
         return cls(codec=codec, layout=layout, rot=rot.float(), lut=lut, bounds=bounds,
-                   group_id=group_id, sketch=sketch, qjl_scale=scale)
+                   group_id=group_id, sketch=sketch, qjl_scale=scale, tables=tables)
 
     @property
     def head_dim(self) -> int:
@@ -168,6 +176,14 @@ class TensorQuantizer:
         """Centroids ``[G, W]`` of each channel group: the row ``lut`` repeats for every
         coordinate of the group, which is what the fast kernels read. Raises if ``lut``
         differs between coordinates of a group (the kernels would read it wrong)."""
+        if self.tables is not None:
+            raise ValueError(f"the fast kernels read scalar codebooks; trellis codes "
+                             f"(trellis={self.codec.trellis}) run in the PyTorch reference only: "
+                             f"use a preset without trellis for serving")
+        if max(self.layout.group_bits) > KERNEL_MAX_CODE_BITS:
+            raise ValueError(f"the fast kernels decode codes of at most {KERNEL_MAX_CODE_BITS} "
+                             f"bits; {max(self.layout.group_bits)}-bit codes run in the PyTorch "
+                             f"reference only")
         starts = torch.tensor([0, *self.layout.group_dims[:-1]]).cumsum(0).to(self.lut.device)
         books = self.lut[starts]
         if not torch.equal(books[self.group_id], self.lut):
@@ -197,6 +213,8 @@ class TensorQuantizer:
             self.sketch = self.sketch.to(device)
         if self.offset is not None:
             self.offset, self.offset_rot = self.offset.to(device), self.offset_rot.to(device)
+        if self.tables is not None:
+            self.tables = [t.to(device) for t in self.tables]
         return self
 
     def set_offset(self, offset: torch.Tensor) -> "TensorQuantizer":
@@ -246,8 +264,30 @@ class TensorQuantizer:
 
     def unit_values(self, codes: torch.Tensor) -> torch.Tensor:
         """Centroid values ``[N, H, d]`` (unit-norm scale) for codes ``[N, H, d]``."""
+        if self.tables is not None:
+            return torch.cat([self._trellis_values(codes[..., a:a + dg], g)
+                              for g, (a, dg) in enumerate(self._group_spans())], -1)
         lut = self.lut.expand(*codes.shape[:-1], *self.lut.shape)
         return torch.gather(lut, -1, codes.long().unsqueeze(-1)).squeeze(-1)
+
+    def _group_spans(self) -> list[tuple[int, int]]:
+        """(first coordinate, size) of each channel group."""
+        dims = self.layout.group_dims
+        return [(sum(dims[:g]), dg) for g, dg in enumerate(dims)]
+
+    def _trellis_values(self, codes: torch.Tensor, g: int) -> torch.Tensor:
+        return trellis.decode(codes, self.tables[g], self.layout.group_bits[g], self.codec.trellis)
+
+    def _group_codes(self, unit: torch.Tensor, g: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes uint8, unit-scale values float32) of group ``g``'s normalized coordinates
+        ``unit`` ``[N, H, d_g]``: nearest centroid, or the trellis's Viterbi path."""
+        if self.tables is None:
+            idx = torch.bucketize(unit.contiguous(), self.bounds[g])
+            return idx.to(torch.uint8), self.lut[start, :][idx]
+        flat = unit.reshape(-1, unit.shape[-1]).float()
+        codes = trellis.encode(flat, self.tables[g], self.layout.group_bits[g],
+                               self.codec.trellis).reshape(unit.shape)
+        return codes, self._trellis_values(codes, g)
 
     def group_norms(self, norms: torch.Tensor) -> torch.Tensor:
         """Per-coordinate stored norms ``[N, H, d]`` from fp16 norms ``[N, H, num_norms]``
@@ -295,10 +335,10 @@ class TensorQuantizer:
         for g, dg in enumerate(self.layout.group_dims):
             yg = y[..., start:start + dg]
             n = _norm(yg)
-            idx = torch.bucketize((yg / n.clamp_min(_TINY)[..., None]).contiguous(), self.bounds[g])
-            codes[..., start:start + dg] = idx.to(torch.uint8)
+            idx, vals = self._group_codes(yg / n.clamp_min(_TINY)[..., None], g, start)
+            codes[..., start:start + dg] = idx
             if self.codec.norm_correction:
-                c_norm = _norm(self.lut[start, :][idx])
+                c_norm = _norm(vals)
                 n = torch.where(c_norm > 0, n / c_norm.clamp_min(_TINY), n)
             norms.append(n)
             start += dg

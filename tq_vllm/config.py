@@ -41,6 +41,9 @@ NORM_BYTES = 2
 SLOT_ALIGN = 2
 """Slots are padded to a multiple of this so every slot's fp16 norms stay aligned."""
 
+KERNEL_MAX_CODE_BITS = 4
+"""Widest codes the fast kernels decode (16-entry codebooks held in vector registers);
+5-bit codes are an A/B of the PyTorch reference (docs/quality.md, seventh round)."""
 PRESET_PREFIX = "tq"
 BUDGETS = ("4", "3.5", "3", "2.5")
 
@@ -65,8 +68,9 @@ class TensorCodec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bits_hi: int = Field(ge=1, le=4, description="MSE code bits of the outlier half")
-    bits_lo: int = Field(ge=1, le=4, description="MSE code bits of the other channels")
+    bits_hi: int = Field(ge=1, le=5, description="MSE code bits of the outlier half "
+                                                 "(5: PyTorch reference only, KERNEL_MAX_CODE_BITS)")
+    bits_lo: int = Field(ge=1, le=5, description="MSE code bits of the other channels")
     split: bool = Field(description="two channel groups (d/2 each) with own rotation+norm")
     qjl: bool = Field(default=False, description="1-bit QJL sketch of the residual")
     qjl_rows: int = Field(default=1, ge=1, le=8,
@@ -79,6 +83,10 @@ class TensorCodec(BaseModel):
     norm_correction: bool = Field(
         default=False, description="store norm/|reconstruction| so decoded norms are exact"
     )
+    trellis: int = Field(
+        default=0, ge=0, le=10,
+        description="bitshift-trellis state bits S (tq_vllm.trellis): each code decodes "
+                    "with the S stream bits before it; 0 = scalar Lloyd–Max codes")
 
     @model_validator(mode="after")
     def _check(self) -> "TensorCodec":
@@ -88,6 +96,9 @@ class TensorCodec(BaseModel):
             raise ValueError("the outlier half must not get fewer bits than the rest")
         if not self.qjl and (self.qjl_rows != 1 or self.qjl_group != "all" or self.qjl_shrink):
             raise ValueError("qjl_rows, qjl_group and qjl_shrink describe a QJL sketch: set qjl=True")
+        if self.trellis and self.trellis < self.bits_hi:
+            raise ValueError(f"a trellis needs at least as many state bits as code bits: "
+                             f"set trellis ≥ {self.bits_hi} (or 0 for scalar codes)")
         if self.qjl_group == "outlier" and not self.split:
             raise ValueError("qjl_group='outlier' sketches the outlier half: it needs split=True")
         return self

@@ -252,3 +252,18 @@ def test_kernels_refuse_reference_only_sketches(kw):
         cpu_ops.tables(codec)
     with pytest.raises(ValueError, match="only the PyTorch reference runs"):
         triton_ops._tables(codec.key)
+
+
+def test_kernels_refuse_trellis_codes_before_writing():
+    """Trellis codes (issue 7's A/B, tq_vllm.trellis) run in the PyTorch reference only:
+    the store refuses them by name and leaves the cache untouched."""
+    base = PRESETS["tq3.5-mse"]
+    preset = base.model_copy(update={"key": base.key.model_copy(update={"trellis": 5})})
+    codec = LayerCodec.create(preset, 64, 2)
+    cache = torch.zeros(2, 2, 16, preset.layout(64).slot_bytes, dtype=torch.uint8)
+    kv = torch.randn(3, 2, 64)
+    with pytest.raises(ValueError, match="PyTorch reference only"):
+        cpu_ops.store(kv, kv, cache, torch.tensor([0, 1, 2]), codec)
+    assert not cache.any()
+    with pytest.raises(ValueError, match="PyTorch reference only"):
+        triton_ops._tables(codec.key)
