@@ -44,6 +44,7 @@ SLOT_ALIGN = 2
 KERNEL_MAX_CODE_BITS = 4
 """Widest codes the fast kernels decode (16-entry codebooks held in vector registers);
 5-bit codes are an A/B of the PyTorch reference (docs/quality.md, seventh round)."""
+
 PRESET_PREFIX = "tq"
 BUDGETS = ("4", "3.5", "3", "2.5")
 
