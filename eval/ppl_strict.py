@@ -29,7 +29,7 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
     ends=N   first and last N layers stay exact (counted at 16 bits)
     sink=N   the first N tokens of each document stay exact (attention sinks)
     trellis=S  K and V as bitshift-trellis codes with S state bits (``tq_vllm.trellis``:
-             same bits, ~2 dB less distortion at S = 6; the PyTorch reference only)
+             same bits, 1.2–2.1 dB less distortion at S = 6; the PyTorch reference only)
     jitter=S realization S: float noise of 5e-7 (relative) on every quantized layer's
              attention output, about what the serving kernels differ from SDPA by; the
              quantizer turns it into other code choices downstream, so Δ perplexity moves

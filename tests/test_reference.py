@@ -30,6 +30,14 @@ def shrunk_qjl_preset(kind):
                                    "key": base.key.model_copy(update={"qjl_shrink": True})})
 
 
+def trellis_preset(state_bits, name="tq3.5-mse"):
+    """``name`` with its K and V codes as bitshift-trellis codes of ``state_bits`` state bits
+    (0: scalar codes); issue 7's A/B, which only the PyTorch reference runs."""
+    base = PRESETS[name]
+    return base.model_copy(update={part: getattr(base, part).model_copy(update={"trellis": state_bits})
+                                   for part in ("key", "value")})
+
+
 def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32,
                 spare_blocks=3, device=torch.device("cpu")):
     """Random K/V of ragged sequences stored by :func:`reference.tq_store` through

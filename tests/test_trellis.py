@@ -12,6 +12,8 @@ from tq_vllm import codebook, trellis
 from tq_vllm.config import TensorCodec, get_preset, mse_codec
 from tq_vllm.codec import LayerCodec
 
+from test_reference import trellis_preset  # tests/ on sys.path (rootdir conftest)
+
 
 @pytest.mark.parametrize("bits,state_bits", [(4, 6), (3, 6), (2, 6), (4, 4), (3, 8), (2, 5)])
 def test_windows_follow_the_stream_state(bits, state_bits):
@@ -75,12 +77,8 @@ def test_bad_state_bits_rejected():
         trellis.table(4, 2, 16)
 
 
-def _trellis_codec(name: str, state_bits: int) -> LayerCodec:
-    p = get_preset(name)
-    p = p.model_copy(update={"key": p.key.model_copy(update={"trellis": state_bits}),
-                             "value": p.value.model_copy(update={"trellis": state_bits}),
-                             "transform": type(p.transform)()})
-    return LayerCodec.create(p, 64, 2)
+def _trellis_codec(state_bits: int) -> LayerCodec:
+    return LayerCodec.create(trellis_preset(state_bits), 64, 2)
 
 
 def test_codec_with_trellis_codes_beats_scalar_codes():
@@ -88,7 +86,7 @@ def test_codec_with_trellis_codes_beats_scalar_codes():
     vectors than the scalar codes of the same bytes, and the decoded vectors are what
     ``unit_values`` gives for the stored codes."""
     x = torch.randn(400, 2, 64, generator=torch.Generator().manual_seed(5))
-    tr, sc = _trellis_codec("tq3.5-mse", 5), _trellis_codec("tq3.5-mse", 0)
+    tr, sc = _trellis_codec(5), _trellis_codec(0)
     for a, b in ((tr.key, sc.key), (tr.value, sc.value)):
         err_tr = ((a.decode(a.encode(x)) - x) ** 2).sum() / (x ** 2).sum()
         err_sc = ((b.decode(b.encode(x)) - x) ** 2).sum() / (x ** 2).sum()
@@ -101,7 +99,7 @@ def test_codec_with_trellis_codes_beats_scalar_codes():
 def test_kernels_refuse_trellis_codes():
     """The fast kernels read scalar codebooks: asking for them names the reason."""
     with pytest.raises(ValueError, match="PyTorch reference only"):
-        _trellis_codec("tq3.5-mse", 5).key.group_codebooks()
+        _trellis_codec(5).key.group_codebooks()
 
 
 def test_kernels_refuse_five_bit_codes():

@@ -19,7 +19,7 @@ from tq_vllm.kernels import cpu_native, cpu_ops, triton_ops
 from tq_vllm.reference import tq_paged_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_reference import build_cache, key_offset, shrunk_qjl_preset  # noqa: E402
+from test_reference import build_cache, key_offset, shrunk_qjl_preset, trellis_preset  # noqa: E402
 
 ATOL = 2e-5  # float32 reduction-order noise on O(1) outputs, ~20× observed max
 
@@ -257,8 +257,7 @@ def test_kernels_refuse_reference_only_sketches(kw):
 def test_kernels_refuse_trellis_codes_before_writing():
     """Trellis codes (issue 7's A/B, tq_vllm.trellis) run in the PyTorch reference only:
     the store refuses them by name and leaves the cache untouched."""
-    base = PRESETS["tq3.5-mse"]
-    preset = base.model_copy(update={"key": base.key.model_copy(update={"trellis": 5})})
+    preset = trellis_preset(5)
     codec = LayerCodec.create(preset, 64, 2)
     cache = torch.zeros(2, 2, 16, preset.layout(64).slot_bytes, dtype=torch.uint8)
     kv = torch.randn(3, 2, 64)
