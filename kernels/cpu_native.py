@@ -1,5 +1,6 @@
-"""Build and bind the SIMD C++ attention kernels (``csrc/tq_decode_cpu.cpp``): decode
-(``tq_decode_cpu``) and prefill over the packed cache (``tq_prefill_cpu``).
+"""Build and bind the SIMD C++ kernels (``csrc/tq_decode_cpu.cpp``): decode
+(``tq_decode_cpu``) and prefill over the packed cache (``tq_prefill_cpu``), and the
+trellis-code search of the store (``tq_trellis_encode_cpu``).
 
 The source is compiled on first use with the system C++ compiler into a cache
 folder (``$TQ_VLLM_CACHE`` or ``~/.cache/tq_vllm``), keyed by a hash of the
@@ -34,7 +35,9 @@ ISAS = {
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
 """Builds in order of preference: compiler flags and the /proc/cpuinfo flags they need."""
-BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
+"""``-ffp-contract=off``: no multiply-add fused unless written as one, so the trellis search
+rounds each operation as the PyTorch reference does (its codes must match bit for bit)."""
 DISABLE_ENV = "TQ_VLLM_DISABLE_NATIVE"
 ISA_ENV = "TQ_VLLM_NATIVE_ISA"
 """Force one build (``avx2`` on an AVX-512 machine, to test or compare it)."""
@@ -46,6 +49,7 @@ ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, 
             _F, _P, _P, _P, _P, _P, ctypes.c_int]
 PREFILL_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I,
                     _F, _F, _P, _P, _P, _P, _P, ctypes.c_int, _I]
+TRELLIS_ARGTYPES = [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]
 
 
 def _cpu_flags() -> set[str]:
@@ -111,7 +115,8 @@ def _library():
         logger.warning("tq-vllm: building the %s kernel failed (%s); using Numba", isa,
                        detail[-2000:])
         return None
-    for name, argtypes in (("tq_decode_cpu", ARGTYPES), ("tq_prefill_cpu", PREFILL_ARGTYPES)):
+    for name, argtypes in (("tq_decode_cpu", ARGTYPES), ("tq_prefill_cpu", PREFILL_ARGTYPES),
+                           ("tq_trellis_encode_cpu", TRELLIS_ARGTYPES)):
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
@@ -131,3 +136,8 @@ def load():
 def load_prefill():
     """The bound ``tq_prefill_cpu`` function, or None where :func:`load` gives None."""
     return None if load() is None else _library().tq_prefill_cpu
+
+
+def load_trellis():
+    """The bound ``tq_trellis_encode_cpu`` function, or None where :func:`load` gives None."""
+    return None if load() is None else _library().tq_trellis_encode_cpu

@@ -8,6 +8,15 @@ kernels by small int arrays (``TensorDesc`` in ``cpu_ops``)::
     desc[0] = norm byte offset        desc[1] = number of groups G
     desc[2] = QJL sign byte offset (-1: none)
     desc[3 + 3g : 6 + 3g] = (code byte offset, bits, channels) of group g
+    desc[3 + 3G] = trellis state bits S (0: scalar codes)
+    desc[4 + 3G] = row stride of the trellis tables (0: scalar codes)
+
+Centroids come as ``lut``: per rotated coordinate ``[d, W]`` for scalar codes; for
+trellis codes (``tq_vllm.trellis``) the decode tables ``[G, stride]``, coordinate ``k`` of
+group ``g`` reading ``lut[g, (code_k << S) | state]`` where the state is the ``S`` stream
+bits before the code (zero at the group's start). Their codes are searched before the
+store (:func:`trellis_encode_kernel`, or the native kernel: the reference's Viterbi search
+with its float32 arithmetic) and handed to :func:`store_kernel`.
 
 Keys with the offset choice (``tq_vllm.codec``): the first norm's sign bit (bit 7 of
 byte ``desc[0] + 1``) flags a key stored with its offset; norms are read as magnitudes
@@ -44,9 +53,22 @@ def _half(lo, hi):
 
 
 @njit(inline="always", cache=True)
+def _code_at(cache, off, k, bits):
+    """Code ``k`` of a ``bits``-bit LSB-first stream starting at byte ``off``."""
+    bp = k * bits
+    byte = off + (bp >> 3)
+    sh = bp & 7
+    w = np.int32(cache[byte]) >> sh
+    if sh + bits > 8:
+        w |= np.int32(cache[byte + 1]) << (8 - sh)
+    return w & ((1 << bits) - 1)
+
+
+@njit(inline="always", cache=True)
 def _decode_tensor(cache, base, desc, lut, out):
     """Rotated-domain MSE reconstruction of one K or V slot into ``out`` [d]."""
     ngroups = desc[1]
+    state_bits = desc[3 + 3 * ngroups]
     j0 = 0
     for g in range(ngroups):
         nb = base + desc[0] + 2 * g
@@ -54,15 +76,15 @@ def _decode_tensor(cache, base, desc, lut, out):
         off = base + desc[3 + 3 * g]
         bits = desc[4 + 3 * g]
         dim = desc[5 + 3 * g]
-        mask = (1 << bits) - 1
-        for k in range(dim):
-            bp = k * bits
-            byte = off + (bp >> 3)
-            sh = bp & 7
-            w = np.int32(cache[byte]) >> sh
-            if sh + bits > 8:
-                w |= np.int32(cache[byte + 1]) << (8 - sh)
-            out[j0 + k] = norm * lut[j0 + k, w & mask]
+        if state_bits > 0:
+            state = 0
+            for k in range(dim):
+                w = (_code_at(cache, off, k, bits) << state_bits) | state
+                out[j0 + k] = norm * lut[g, w]
+                state = w >> bits
+        else:
+            for k in range(dim):
+                out[j0 + k] = norm * lut[j0 + k, _code_at(cache, off, k, bits)]
         j0 += dim
 
 
@@ -161,15 +183,73 @@ def _put_half(cache, off, v):
 
 
 @njit(inline="always", cache=True)
-def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, work, resid):
+def _viterbi(u, table, bits, state_bits, cost, nxt, back, path):
+    """Trellis codes of one row ``u`` [n] of unit-scale coordinates into ``path`` [n]: the
+    reference's search (``tq_vllm.trellis.encode``) with its float32 arithmetic, branch
+    order and ties. Scratch: ``cost``, ``nxt`` float32 ``[2**S]``, ``back`` uint8
+    ``[n, 2**S]``."""
+    dim = u.shape[0]
+    nc = 1 << bits
+    nh = 1 << (state_bits - bits)
+    n_states = 1 << state_bits
+    for p in range(n_states):
+        cost[p] = np.float32(np.inf)
+    cost[0] = np.float32(0.0)
+    for i in range(dim):
+        x = u[i]
+        for c in range(nc):
+            for hi in range(nh):
+                best = np.float32(np.inf)
+                arg = 0
+                w0 = (c << state_bits) | (hi << bits)
+                p0 = hi << bits
+                for t in range(nc):
+                    e = x - table[w0 | t]
+                    tot = cost[p0 | t] + e * e
+                    if tot < best:
+                        best = tot
+                        arg = t
+                nxt[(c << (state_bits - bits)) | hi] = best
+                back[i, (c << (state_bits - bits)) | hi] = arg
+        for p in range(n_states):
+            cost[p] = nxt[p]
+    state = 0
+    best = np.float32(np.inf)
+    for p in range(n_states):
+        if cost[p] < best:
+            best = cost[p]
+            state = p
+    for i in range(dim - 1, -1, -1):
+        path[i] = state >> (state_bits - bits)
+        state = ((state & (nh - 1)) << bits) | back[i, state]
+
+
+@njit(parallel=True, cache=True)
+def trellis_encode_kernel(u, table, bits, state_bits, codes):
+    """Trellis codes ``codes`` uint8 [R, n] of unit-scale rows ``u`` float32 [R, n] (one
+    channel group each) for the decode table ``table`` float32 [2**(S + bits)]."""
+    rows, dim = u.shape
+    n_states = 1 << state_bits
+    for r in prange(rows):
+        cost = np.empty(n_states, dtype=np.float32)
+        nxt = np.empty(n_states, dtype=np.float32)
+        back = np.empty((dim, n_states), dtype=np.uint8)
+        _viterbi(u[r], table, bits, state_bits, cost, nxt, back, codes[r])
+
+
+@njit(inline="always", cache=True)
+def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, work, resid,
+                   tcodes, t, hh):
     """Quantize one rotated vector ``y`` [d] into the (zeroed) slot at byte ``slot``.
 
     Returns (norms saturated to the fp16 maximum, float32 residual norm ``‖y − ŷ‖`` —
     computed for QJL or when ``resid`` — else 0). ``work`` is a [d] float32 scratch row
-    (the reconstruction, then the residual)."""
+    (the reconstruction, then the residual); ``tcodes[t, hh]`` [d] the vector's trellis
+    codes, searched beforehand (:func:`trellis_encode_kernel`; not read for scalar codes)."""
     want_r = resid or desc[2] >= 0
     d = y.shape[0]
     ngroups = desc[1]
+    state_bits = desc[3 + 3 * ngroups]
     saturated = 0
     j0 = 0
     for g in range(ngroups):
@@ -182,17 +262,24 @@ def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, w
         n = np.float32(math.sqrt(ss))
         inv = n if n > np.float32(1e-30) else np.float32(1e-30)
         cn = 0.0
+        state = 0
         for k in range(dim):
-            u = y[j0 + k] / inv
-            code = 0
-            for i in range(bounds.shape[1]):
-                if bounds[g, i] < u:
-                    code += 1
+            if state_bits > 0:
+                code = np.int64(tcodes[t, hh, j0 + k])
+                w = (code << state_bits) | state
+                c = lut[g, w]
+                state = w >> bits
+            else:
+                u = y[j0 + k] / inv
+                code = 0
+                for i in range(bounds.shape[1]):
+                    if bounds[g, i] < u:
+                        code += 1
+                c = lut[j0 + k, code]
             bp = k * bits
             cache[seg + (bp >> 3)] |= (code << (bp & 7)) & 0xFF
             if (bp & 7) + bits > 8:
                 cache[seg + (bp >> 3) + 1] |= code >> (8 - (bp & 7))
-            c = lut[j0 + k, code]
             work[j0 + k] = c
             cn += np.float64(c) * np.float64(c)
         if norm_correction:
@@ -233,13 +320,15 @@ def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, w
 @njit(parallel=True, cache=True)
 def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, s_tok,
                  block_size, slot_bytes, kdesc, k_bounds, k_lut, k_nc, sketch, vdesc, v_bounds,
-                 v_lut, v_nc, saturated):
+                 v_lut, v_nc, k_codes, k_alt_codes, v_codes, saturated):
     """Quantize rotated K/V ``[N, H, d]`` and write slots ``slots[N]`` (all valid).
 
     With ``has_off`` each key is also encoded from ``yk_alt`` (``y + R_h o``) and that
     encoding, flagged, replaces the first (the slot's leading ``k_bytes``) when its
     residual is strictly smaller. The slot is zeroed first, so padding stays zero;
-    ``saturated[i]`` counts the kept norms of token i clamped to the fp16 range."""
+    ``saturated[i]`` counts the kept norms of token i clamped to the fp16 range.
+    Trellis codes come searched (uint8 ``[N, H, d]`` each of ``k_codes``, ``k_alt_codes``,
+    ``v_codes``; read only for a tensor with trellis codes)."""
     n, h, d = yk.shape
     for task in prange(n * h):
         t = task // h
@@ -250,16 +339,16 @@ def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, 
             cache[base + i] = 0
         work = np.empty(d, dtype=np.float32)
         sat, gamma = _encode_tensor(yk[t, hh], base, cache, kdesc, k_bounds, k_lut, k_nc,
-                                    sketch, work, has_off)
+                                    sketch, work, has_off, k_codes, t, hh)
         if has_off:
             alt = np.zeros(k_bytes, dtype=np.uint8)
             sat_alt, gamma_alt = _encode_tensor(yk_alt[t, hh], 0, alt, kdesc, k_bounds, k_lut,
-                                                k_nc, sketch, work, True)
+                                                k_nc, sketch, work, True, k_alt_codes, t, hh)
             if gamma_alt < gamma:
                 for i in range(k_bytes):
                     cache[base + i] = alt[i]
                 cache[base + kdesc[0] + 1] |= 0x80
                 sat = sat_alt
         sat_v, _ = _encode_tensor(yv[t, hh], base, cache, vdesc, v_bounds, v_lut, v_nc, sketch,
-                                  work, False)
+                                  work, False, v_codes, t, hh)
         saturated[task] = sat + sat_v

@@ -20,17 +20,23 @@ it shares a step with: the same request gives the same greedy tokens alone, in a
 batch, chunked or not. 512 keeps a 2-core machine busy at batch 1 from 1k tokens on."""
 
 
-@lru_cache(maxsize=None)
-def _desc(layout: TensorLayout) -> np.ndarray:
-    """Kernel descriptor of one of K/V (see :mod:`tq_vllm.kernels.cpu_numba`)."""
+def _desc(tq: TensorQuantizer, books: torch.Tensor) -> np.ndarray:
+    """Kernel descriptor of one of K/V (see :mod:`tq_vllm.kernels.cpu_numba`); ``books``
+    is what :func:`_codebooks` gives it (its row stride, for trellis tables)."""
+    layout = tq.layout
     vals = [layout.norms.offset, len(layout.codes), layout.signs.offset if layout.signs else -1]
     for seg, bits, dim in zip(layout.codes, layout.group_bits, layout.group_dims):
         vals += [seg.offset, bits, dim]
+    trellis = tq.tables is not None
+    vals += [tq.codec.trellis, books.stride(0) if trellis else 0]
     return np.asarray(vals, dtype=np.int64)
 
 
 def _codebooks(tq: TensorQuantizer) -> torch.Tensor:
-    """Per-group 16-entry codebooks ``[G, 16]`` (zero padded) for the native kernel."""
+    """What the native kernel reads for one of K/V: per-group 16-entry codebooks ``[G, 16]``
+    (zero padded), or the trellis decode tables ``[G, 2**(S + max bits)]``."""
+    if tq.tables is not None:
+        return tq.trellis_tables().contiguous()
     groups = tq.group_codebooks()
     books = torch.zeros(groups.shape[0], 16)
     books[:, : groups.shape[1]] = groups.cpu()
@@ -52,9 +58,12 @@ class _Tables:
         d = codec.key.head_dim
         lay = codec.preset.layout(d)
         self.layout = lay
-        self.kdesc, self.vdesc = _desc(lay.key), _desc(lay.value)
         self.k_books = _codebooks(codec.key)
         self.v_books = _codebooks(codec.value)
+        self.kdesc, self.vdesc = _desc(codec.key, self.k_books), _desc(codec.value, self.v_books)
+        # the Numba kernels' centroids: per coordinate [d, W], or the trellis tables
+        self.k_lut = (self.k_books if codec.key.tables is not None else codec.key.lut).numpy()
+        self.v_lut = (self.v_books if codec.value.tables is not None else codec.value.lut).numpy()
         self.rot_k = codec.key.rot.float().contiguous()
         self.rot_v = codec.value.rot.float().contiguous()
         sk = codec.key.kernel_sketch()
@@ -126,13 +135,46 @@ def num_splits(max_len: int) -> int:
     return max(1, -(-max_len // SPLIT_TOKENS))
 
 
+_NO_CODES = np.zeros((1, 1, 1), dtype=np.uint8)
+
+
+def trellis_search(u: torch.Tensor, table: torch.Tensor, bits: int, state_bits: int) -> torch.Tensor:
+    """Trellis codes uint8 ``[R, n]`` of unit-scale rows ``u`` float32 ``[R, n]`` for the
+    decode table ``table`` ``[2**(S + bits)]``: :func:`tq_vllm.trellis.encode`'s codes, by
+    the native kernel where it is built, else the Numba one."""
+    u, table = u.float().contiguous(), table.float().contiguous()
+    out = torch.empty(u.shape, dtype=torch.uint8)
+    search = cpu_native.load_trellis()
+    if search is None:
+        cpu_numba.trellis_encode_kernel(u.numpy(), table.numpy(), bits, state_bits, out.numpy())
+    elif search(u.data_ptr(), u.shape[0], u.shape[1], bits, state_bits, table.data_ptr(),
+                out.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError(f"native trellis search rejected {bits}-bit codes with "
+                           f"{state_bits} state bits over {u.shape[1]} coordinates")
+    return out
+
+
+def _trellis_codes(tq: TensorQuantizer, y: torch.Tensor) -> np.ndarray:
+    """Trellis codes uint8 ``[N, H, d]`` of rotated vectors ``y`` ``[N, H, d]``, searched
+    per channel group on the codec's own unit coordinates; a placeholder for scalar codes
+    (the store kernel finds those itself)."""
+    if tq.tables is None:
+        return _NO_CODES
+    codes = torch.empty(y.shape, dtype=torch.uint8)
+    for g, (start, dg) in enumerate(tq.group_spans()):
+        u = tq.group_unit(y, g)[1].reshape(-1, dg)
+        found = trellis_search(u, tq.tables[g], tq.layout.group_bits[g], tq.codec.trellis)
+        codes[..., start:start + dg] = found.view(*y.shape[:-1], dg)
+    return codes.numpy()
+
+
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
           slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
     """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped).
 
     Same bits as :func:`tq_vllm.reference.tq_store`: the rotation and the
-    non-finite policy are the codec's own (:meth:`tq_vllm.codec.TensorQuantizer.rotate_finite`), the
-    rest is one Numba pass.
+    non-finite policy are the codec's own (:meth:`tq_vllm.codec.TensorQuantizer.rotate_finite`),
+    trellis codes are searched first (:func:`_trellis_codes`), the rest is one Numba pass.
     """
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
     sm = slot_mapping.to(torch.int64)
@@ -156,9 +198,11 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     cpu_numba.store_kernel(
         yk.numpy(), yk_alt.numpy(), tab.has_off, lay.key.nbytes, yv.numpy(),
         sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc,
-        tab.k_bounds, codec.key.lut.numpy(), codec.key.codec.norm_correction,
-        tab.sketch64, tab.vdesc, tab.v_bounds, codec.value.lut.numpy(),
-        codec.value.codec.norm_correction, saturated.numpy())
+        tab.k_bounds, tab.k_lut, codec.key.codec.norm_correction,
+        tab.sketch64, tab.vdesc, tab.v_bounds, tab.v_lut,
+        codec.value.codec.norm_correction, _trellis_codes(codec.key, yk),
+        _trellis_codes(codec.key, yk_alt) if tab.has_off else _NO_CODES,
+        _trellis_codes(codec.value, yv), saturated.numpy())
     n_sat = int(saturated.sum())
     if n_sat:
         codec.key.stats["saturated_norms"] += n_sat
@@ -221,7 +265,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     cpu_numba.decode_kernel(
         flat, sb, sh, st, table.numpy(), seq.numpy(), q_rot.numpy(), q_sk.numpy(), q_off.numpy(),
         tab.has_off, float(scale),
-        tab.kdesc, codec.key.lut.numpy(), tab.qjl_scale, tab.vdesc, codec.value.lut.numpy(),
+        tab.kdesc, tab.k_lut, tab.qjl_scale, tab.vdesc, tab.v_lut,
         num_kv, kv_cache.shape[2], splits, SPLIT_TOKENS, acc.numpy(), m.numpy(), l.numpy())
     w = torch.exp(m - m.amax(-1, keepdim=True))  # empty splits have m = -inf → weight 0
     o_rot, den = torch.zeros(b, hq, d), torch.zeros(b, hq, 1)

@@ -32,7 +32,7 @@ def shrunk_qjl_preset(kind):
 
 def trellis_preset(state_bits, name="tq3.5-mse"):
     """``name`` with its K and V codes as bitshift-trellis codes of ``state_bits`` state bits
-    (0: scalar codes); issue 7's A/B, which only the PyTorch reference runs."""
+    (0: scalar codes), for the state counts and bases the named presets do not cover."""
     base = PRESETS[name]
     return base.model_copy(update={part: getattr(base, part).model_copy(update={"trellis": state_bits})
                                    for part in ("key", "value")})

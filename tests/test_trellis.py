@@ -1,6 +1,5 @@
 """Bitshift-trellis codes (tq_vllm.trellis): decoding rule, optimal encoding, distortion,
-and the codec's use of them; like 5-bit codes, reference only (the fast kernels refuse
-them)."""
+and the codec's use of them (the CPU kernels' equivalence: tests/kernels/test_cpu_ops.py)."""
 
 import itertools
 import math
@@ -55,7 +54,7 @@ def test_viterbi_finds_the_best_sequence():
 @pytest.mark.parametrize("bits,dim,min_gain_db", [(3, 32, 1.5), (2, 32, 1.0)])
 def test_trellis_beats_lloyd_max_at_equal_bits(bits, dim, min_gain_db):
     """Held-out unit vectors: 64 states give ≥ 1–1.5 dB less distortion than the Lloyd–Max
-    codebook of the same bits (measured 1.62 / 1.19 dB; 1.94 / 1.48 at 64 coordinates,
+    codebook of the same bits (measured 1.62 / 1.19 dB; 1.93 / 1.49 at 64 coordinates,
     where the fixed start state costs less) and stay above the rate-distortion bound."""
     d_tr = trellis.distortion(bits, 6, dim)
     d_lm = codebook.mse_distortion(bits, dim)
@@ -96,10 +95,17 @@ def test_codec_with_trellis_codes_beats_scalar_codes():
     torch.testing.assert_close(tr.key.decode_rotated(enc), want)
 
 
-def test_kernels_refuse_trellis_codes():
-    """The fast kernels read scalar codebooks: asking for them names the reason."""
-    with pytest.raises(ValueError, match="PyTorch reference only"):
-        _trellis_codec(5).key.group_codebooks()
+def test_scalar_codebooks_refused_for_trellis_codes():
+    """The Triton kernels read scalar codebooks: asking a trellis codec for them names the
+    reason; the CPU kernels' tables hold each group's trellis table, zero padded."""
+    codec = _trellis_codec(5)
+    with pytest.raises(ValueError, match="Triton kernels read scalar codebooks"):
+        codec.key.group_codebooks()
+    tabs = codec.key.trellis_tables()  # split 4/3-bit groups: 2**9 and 2**8 entries
+    assert tabs.shape == (2, 1 << 9)
+    assert torch.equal(tabs[1, : 1 << 8], codec.key.tables[1]) and not tabs[1, 1 << 8:].any()
+    with pytest.raises(ValueError, match="scalar codes"):
+        _trellis_codec(0).key.trellis_tables()
 
 
 def test_kernels_refuse_five_bit_codes():

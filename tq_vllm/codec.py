@@ -12,7 +12,8 @@ Encoding ``x`` (``[N, H, d]``):
    (Lloyd–Max codebook for dimension ``d_g``); the stored norm is ``n_g`` (or
    ``n_g / ‖c[idx]‖`` with norm correction) rounded to fp16. With ``TensorCodec.trellis``
    the codes are instead the Viterbi path of a bitshift trellis (:mod:`tq_vllm.trellis`:
-   same bits, each code decoded with the stream bits before it; PyTorch reference only).
+   same bits, each code decoded with the stream bits before it; the PyTorch reference and
+   the CPU kernels).
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
    from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16. Variants
    (``TensorCodec.qjl_rows / qjl_group / qjl_shrink``, issue 7's A/B): ``m = rows · n``
@@ -172,24 +173,41 @@ class TensorQuantizer:
     def head_dim(self) -> int:
         return self.layout.head_dim
 
-    def group_codebooks(self) -> torch.Tensor:
-        """Centroids ``[G, W]`` of each channel group: the row ``lut`` repeats for every
-        coordinate of the group, which is what the fast kernels read. Raises if ``lut``
-        differs between coordinates of a group (the kernels would read it wrong)."""
-        if self.tables is not None:
-            raise ValueError(f"the fast kernels read scalar codebooks; trellis codes "
-                             f"(trellis={self.codec.trellis}) run in the PyTorch reference only: "
-                             f"use a preset without trellis for serving")
+    def _check_kernel_bits(self) -> None:
         if max(self.layout.group_bits) > KERNEL_MAX_CODE_BITS:
             raise ValueError(f"the fast kernels decode codes of at most {KERNEL_MAX_CODE_BITS} "
                              f"bits; {max(self.layout.group_bits)}-bit codes run in the PyTorch "
                              f"reference only")
+
+    def group_codebooks(self) -> torch.Tensor:
+        """Centroids ``[G, W]`` of each channel group: the row ``lut`` repeats for every
+        coordinate of the group, which is what the fast kernels read. Raises if ``lut``
+        differs between coordinates of a group (the kernels would read it wrong), and for
+        trellis codes (:meth:`trellis_tables` is what the CPU kernels read for those)."""
+        if self.tables is not None:
+            raise ValueError(f"the Triton kernels read scalar codebooks; trellis codes "
+                             f"(trellis={self.codec.trellis}) run in the PyTorch reference and "
+                             f"the CPU kernels only: on a GPU use a preset without trellis")
+        self._check_kernel_bits()
         starts = torch.tensor([0, *self.layout.group_dims[:-1]]).cumsum(0).to(self.lut.device)
         books = self.lut[starts]
         if not torch.equal(books[self.group_id], self.lut):
             raise ValueError("the fast kernels read one codebook per channel group, but this "
                              "quantizer's centroid table differs between coordinates of a group")
         return books
+
+    def trellis_tables(self) -> torch.Tensor:
+        """Trellis decode tables ``[G, 2**(S + max bits)]`` float32 (group ``g``'s table in
+        its first ``2**(S + bits_g)`` entries, zeros after), what the CPU kernels read.
+        Raises for scalar codes and for codes wider than the kernels take."""
+        if self.tables is None:
+            raise ValueError("this quantizer has scalar codes: read group_codebooks()")
+        self._check_kernel_bits()
+        width = 1 << (self.codec.trellis + max(self.layout.group_bits))
+        out = torch.zeros(len(self.tables), width)
+        for g, t in enumerate(self.tables):
+            out[g, : t.numel()] = t.cpu()
+        return out
 
     def kernel_sketch(self) -> torch.Tensor | None:
         """The ``[d, d]`` QJL sketch the fast kernels read (one row per coordinate, whole
@@ -266,14 +284,22 @@ class TensorQuantizer:
         """Centroid values ``[N, H, d]`` (unit-norm scale) for codes ``[N, H, d]``."""
         if self.tables is not None:
             return torch.cat([self._trellis_values(codes[..., a:a + dg], g)
-                              for g, (a, dg) in enumerate(self._group_spans())], -1)
+                              for g, (a, dg) in enumerate(self.group_spans())], -1)
         lut = self.lut.expand(*codes.shape[:-1], *self.lut.shape)
         return torch.gather(lut, -1, codes.long().unsqueeze(-1)).squeeze(-1)
 
-    def _group_spans(self) -> list[tuple[int, int]]:
+    def group_spans(self) -> list[tuple[int, int]]:
         """(first coordinate, size) of each channel group."""
         dims = self.layout.group_dims
         return [(sum(dims[:g]), dg) for g, dg in enumerate(dims)]
+
+    def group_unit(self, y: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm float32 ``[N, H]``, unit-scale coordinates float32 ``[N, H, d_g]``) of
+        channel group ``g`` of rotated vectors ``y`` ``[N, H, d]``: what its codes quantize."""
+        a, dg = self.group_spans()[g]
+        yg = y[..., a:a + dg]
+        n = _norm(yg)
+        return n, yg / n.clamp_min(_TINY)[..., None]
 
     def _trellis_values(self, codes: torch.Tensor, g: int) -> torch.Tensor:
         return trellis.decode(codes, self.tables[g], self.layout.group_bits[g], self.codec.trellis)
@@ -331,17 +357,14 @@ class TensorQuantizer:
         residual is computed for QJL keys and for the offset choice."""
         codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
         norms = []
-        start = 0
-        for g, dg in enumerate(self.layout.group_dims):
-            yg = y[..., start:start + dg]
-            n = _norm(yg)
-            idx, vals = self._group_codes(yg / n.clamp_min(_TINY)[..., None], g, start)
+        for g, (start, dg) in enumerate(self.group_spans()):
+            n, unit = self.group_unit(y, g)
+            idx, vals = self._group_codes(unit, g, start)
             codes[..., start:start + dg] = idx
             if self.codec.norm_correction:
                 c_norm = _norm(vals)
                 n = torch.where(c_norm > 0, n / c_norm.clamp_min(_TINY), n)
             norms.append(n)
-            start += dg
         signs = resid = None
         if self.codec.qjl or self.offset_rot is not None:
             partial = torch.stack(norms, -1).clamp(max=FP16_MAX).to(torch.float16)  # counted later

@@ -14,6 +14,10 @@ Families at each budget ``b`` (bits per coordinate of codes) in {4, 3.5, 3, 2.5}
                more bits for keys than values (``RECOMMENDED_BITS``, averaging ``b``),
                plus the calibrated transforms of ``RECOMMENDED_TRANSFORM``.
 
+``tq{b}-trellis``  ``tq{b}`` with bitshift-trellis codes (:data:`TRELLIS_STATE_BITS`):
+               the same bytes, decoded with the stream bits before each code
+               (``tq_vllm.trellis``); CPU kernels and the PyTorch reference only.
+
 Above them, ``tq4.5`` (:data:`QJL_RECOMMENDED`): ``tq4`` with the key residual's QJL
 sketch on top (orthonormal rows, the term scaled by its optimal factor) — 5 bits of key
 codes where the kernels' codebooks stop at 4.
@@ -235,7 +239,7 @@ class Preset(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    family: Literal["mse", "qjl", "recommended"]
+    family: Literal["mse", "qjl", "recommended", "trellis"]
     budget: str
     key: TensorCodec
     value: TensorCodec
@@ -342,6 +346,16 @@ the sketch a 1-bit quantizer of the rotated residual; the paper's Gaussian, unbi
 would add more noise than it removes."""
 
 
+TRELLIS_STATE_BITS = 6
+"""State bits of the ``tq{b}-trellis`` codes: 64 states, 1.2–2.1 dB less distortion than
+the Lloyd–Max codes of the same bits (``tq_vllm.trellis``); decode tables of
+``2**(6 + 4)`` floats (4 KiB) per channel group, which stay in L1 beside a tile."""
+
+
+def _trellis(codec: TensorCodec) -> TensorCodec:
+    return codec.model_copy(update={"trellis": TRELLIS_STATE_BITS})
+
+
 def _build_presets() -> dict[str, Preset]:
     out: dict[str, Preset] = {}
     for b in BUDGETS:
@@ -354,6 +368,11 @@ def _build_presets() -> dict[str, Preset]:
                      key=mse_codec(kb, norm_correction=True),
                      value=mse_codec(vb, norm_correction=True), transform=RECOMMENDED_TRANSFORM)
         out[mse.name], out[qjl.name], out[rec.name] = mse, qjl, rec
+    for b in BUDGETS:
+        rec = out[f"tq{b}"]
+        out[f"tq{b}-trellis"] = rec.model_copy(update={
+            "name": f"tq{b}-trellis", "family": "trellis", "key": _trellis(rec.key),
+            "value": _trellis(rec.value)})
     out[QJL_RECOMMENDED.name] = QJL_RECOMMENDED
     return out
 

@@ -21,10 +21,12 @@ is what makes it a candidate for the decode kernels. The ``2**(S + R)`` table en
 trained by generalized Lloyd iterations (Viterbi assignment, then each entry the mean of
 the coordinates it decoded) on uniformly random unit vectors of the group's dimension.
 
-Measured on such vectors (:func:`distortion`), 64 states: 2.12 / 1.94 / 1.48 dB below the
-Lloyd–Max codebook at 4 / 3 / 2 bits on 64 coordinates, 1.71 / 1.62 / 1.19 dB on 32;
-docs/quality.md (seventh round) has what it does to perplexity.
-Only the PyTorch reference runs these codes; the fast kernels refuse them by name.
+Measured on such vectors (:func:`distortion`), 64 states: 2.13 / 1.93 / 1.49 dB below the
+Lloyd–Max codebook at 4 / 3 / 2 bits on 64 coordinates, 1.72 / 1.62 / 1.19 dB on 32;
+docs/quality.md (seventh and eighth rounds) has what it does to perplexity.
+The CPU kernels decode them (a sequential table lookup per coordinate) and store them by
+the same Viterbi search (``kernels/cpu_numba.py``, bit for bit); the Triton kernels refuse
+them by name.
 """
 
 from __future__ import annotations
@@ -52,18 +54,23 @@ def encode(y: torch.Tensor, table: torch.Tensor, bits: int, state_bits: int) -> 
 
     State ``p`` (the last ``S`` stream bits) splits as ``(hi << R) | t``; code ``c`` leads to
     ``(c << (S − R)) | hi`` through the window ``(c << S) | p``, so the table read as
-    ``[c, hi, t]`` holds every branch's value and a step is a broadcast, not a gather."""
+    ``[c, hi, t]`` holds every branch's value and a step is a broadcast, not a gather.
+
+    The arithmetic is fixed so that a kernel reproduces the codes bit for bit: each branch
+    costs ``cost[p] + e·e`` with ``e = y_i − value`` (float32, each operation rounded once,
+    no fused multiply-add), a state keeps its first predecessor ``t`` of least cost (strict
+    ``<``), and the path ends in the first state of least cost."""
     _check(bits, state_bits)
     n_rows, n = y.shape
     nc, nh = 1 << bits, 1 << (state_bits - bits)
-    val = table.to(y.device).view(nc, nh, nc)  # [c, hi, t]
-    val_sq, val_m2 = val * val, -2.0 * val
+    val = table.to(y.device).float().view(nc, nh, nc)  # [c, hi, t]
     cost = torch.full((n_rows, nh, nc), float("inf"), device=y.device)  # [N, hi, t]
     cost[:, 0, 0] = 0.0
     back = torch.empty((n, n_rows, nc * nh), dtype=torch.uint8, device=y.device)
     for i in range(n):
-        total = torch.addcmul(cost[:, None] + val_sq, y[:, i, None, None, None], val_m2)
-        best, arg = total.min(-1)  # over t: [N, c, hi]
+        err = y[:, i, None, None, None] - val  # [N, c, hi, t]
+        total = cost[:, None] + err * err
+        best, arg = total.min(-1)  # over t, first of least cost: [N, c, hi]
         back[i] = arg.view(n_rows, -1)
         cost = best.view(n_rows, nh, nc)  # new state (c << (S − R)) | hi, read as [hi', t']
     state = cost.view(n_rows, -1).argmin(-1)

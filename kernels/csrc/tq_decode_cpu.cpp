@@ -11,7 +11,9 @@
 // sign bits read as a 1-bit group with codebook {-1, +1} against the sketched queries
 // (scaled by c * ||r||); then one online-softmax update per
 // tile, and the values are decoded chunk by chunk straight into the accumulators.
-// Nothing dequantized is ever stored.
+// Nothing dequantized is ever stored, except with trellis codes (tq_vllm.trellis: a code
+// decodes with the stream bits before it, a table lookup per coordinate): those tiles are
+// decoded into a stack scratch of TILE tokens first, as prefill does for every tile.
 // Keys with the offset choice: the first key norm's sign bit flags a key stored with
 // its offset o; norms are read as magnitudes and a flagged key's logit loses <q, o>
 // (q_off, per query head, from the launcher).
@@ -32,6 +34,7 @@ constexpr int MAX_G = 16;   // largest supported query heads per KV head
 struct Desc {
   int64_t norm_off, ngroups, sign_off;
   int64_t seg_off[2], bits[2], dim[2];
+  int64_t trellis, tab_stride;  // trellis state bits S and table row stride (0: scalar codes)
 };
 
 Desc read_desc(const int64_t* p) {
@@ -44,6 +47,8 @@ Desc read_desc(const int64_t* p) {
     d.bits[g] = p[4 + 3 * g];
     d.dim[g] = p[5 + 3 * g];
   }
+  d.trellis = p[3 + 3 * d.ngroups];
+  d.tab_stride = p[4 + 3 * d.ngroups];
   return d;
 }
 
@@ -199,11 +204,14 @@ struct Codebooks {
   VI shifts[2];
   Book sign;      // QJL sign bits as a 1-bit group: code 0 -> -1, 1 -> +1 (keys with QJL)
   VI sign_shifts;
+  const float* tables;  // trellis codes: decode tables [ngroups][tab_stride], else null
 };
 
+// books: [ngroups][16] codebooks, or for trellis codes the decode tables [ngroups][tab_stride]
 Codebooks make_codebooks(const Desc& d, const float* books) {
   Codebooks c{};
-  for (int g = 0; g < d.ngroups; ++g) {
+  c.tables = d.trellis ? books : nullptr;
+  for (int g = 0; g < d.ngroups && !d.trellis; ++g) {
     // the codebook repeated with period 2^bits: lookups read only the index's low bits
     // (3 per permute on AVX2, 4 on AVX-512) and codes are not masked, so the bits above
     // a code (its neighbours') must not change the entry
@@ -313,11 +321,47 @@ inline void unpack_group(const uint8_t* seg, int dim, const Book& cb, VI shifts,
   for (int k = 0; k < dim; k += W) storeu(dst + k, centroids<B>(seg, k, cb, shifts));
 }
 
+// Trellis codes (tq_vllm.trellis): code k of the group decodes to tab[w_k], the window w_k
+// being stream bits [B k - S, B k + B) (zeros before the group's start). Eight codes of B
+// bits are B bytes of the stream; with the 32 stream bits before them (`hist`) in the low
+// half of a 64-bit word, each window is one variable shift and mask, with no dependency
+// between codes, and eight table lookups are two 4-lane gathers (AVX2, both builds).
+template <int B>
+inline void unpack_trellis(const uint8_t* seg, int dim, int S, const float* tab, float* dst) {
+  const __m256i step = _mm256_set_epi64x(3 * B, 2 * B, B, 0);
+  const __m256i sh_lo = _mm256_add_epi64(_mm256_set1_epi64x(32 - S), step);
+  const __m256i sh_hi = _mm256_add_epi64(sh_lo, _mm256_set1_epi64x(4 * B));
+  const __m256i mask = _mm256_set1_epi64x((int64_t(1) << (S + B)) - 1);
+  uint32_t hist = 0;
+  for (int k = 0; k < dim; k += 8) {
+    const uint32_t cur = load_le<B>(seg + B * (k / 8));
+    const __m256i ext = _mm256_set1_epi64x((int64_t)(((uint64_t)cur << 32) | hist));
+    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_lo), mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_hi), mask);
+    _mm256_storeu_ps(dst + k, _mm256_set_m128(_mm256_i64gather_ps(tab, hi, 4),
+                                              _mm256_i64gather_ps(tab, lo, 4)));
+    if constexpr (B == 4) hist = cur;
+    else hist = (hist >> (8 * B)) | (cur << (32 - 8 * B));
+  }
+}
+
 inline void unpack(const uint8_t* slot, const Desc& dd, const Codebooks& c, float* dst) {
   int j = 0;
   for (int g = 0; g < dd.ngroups; ++g) {
     const uint8_t* seg = slot + dd.seg_off[g];
     const int dim = (int)dd.dim[g];
+    if (dd.trellis) {
+      const int S = (int)dd.trellis;
+      const float* tab = c.tables + g * dd.tab_stride;
+      switch (dd.bits[g]) {
+        case 1: unpack_trellis<1>(seg, dim, S, tab, dst + j); break;
+        case 2: unpack_trellis<2>(seg, dim, S, tab, dst + j); break;
+        case 3: unpack_trellis<3>(seg, dim, S, tab, dst + j); break;
+        default: unpack_trellis<4>(seg, dim, S, tab, dst + j); break;
+      }
+      j += dim;
+      continue;
+    }
     switch (dd.bits[g]) {
       case 1: unpack_group<1>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
       case 2: unpack_group<2>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
@@ -513,12 +557,25 @@ void attend(const Step& P, int64_t task) {
   float m[MAX_G], l[MAX_G];
   init_state(G, P.d, acc, m, l);
   const int64_t* row = P.block_table + b * P.bt_stride;
+  // trellis codes decode sequentially (each code needs the ones before it): the tile is
+  // decoded into scratch first, as prefill does, and read back by the same arithmetic
+  const bool scr = P.kd.trellis || P.vd.trellis;
+  alignas(64) float kscr[TILE * MAX_D];
+  alignas(64) float vscr[TILE * MAX_D];
   for (int64_t tt = t0; tt < t1; tt += TILE) {
     const int n = (int)std::min<int64_t>(TILE, t1 - tt);
     const uint8_t* tile = tile_at(P, row, h, tt);
     const uint8_t* slots[TILE];
     for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
-    tile_step<GT, false>(P, slots, n, nullptr, nullptr, b * P.Hq + h * G, acc, m, l);
+    if (scr) {
+      for (int i = 0; i < n; ++i) {
+        unpack(slots[i], P.kd, P.kc, kscr + i * P.d);
+        unpack(slots[i], P.vd, P.vc, vscr + i * P.d);
+      }
+      tile_step<GT, true>(P, slots, n, kscr, vscr, b * P.Hq + h * G, acc, m, l);
+    } else {
+      tile_step<GT, false>(P, slots, n, nullptr, nullptr, b * P.Hq + h * G, acc, m, l);
+    }
   }
   write_split(P, b, h * G, sp, G, acc, m, l);
 }
@@ -592,9 +649,13 @@ int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_to
   if (H <= 0 || Hq % H || d % 16 || d > MAX_D || Hq / H > MAX_G || block_size % TILE ||
       split_tokens % TILE)
     return -1;
-  for (const int64_t* desc : {kdesc_p, vdesc_p})
+  for (const int64_t* desc : {kdesc_p, vdesc_p}) {
     for (int64_t g = 0; g < desc[1]; ++g)
       if (desc[5 + 3 * g] % W) return -1;  // a group must be whole vectors
+    const int64_t S = desc[3 + 3 * desc[1]], stride = desc[4 + 3 * desc[1]];
+    for (int64_t g = 0; g < desc[1] && S; ++g)  // every window inside its table row
+      if (S < desc[4 + 3 * g] || S > 10 || stride < (int64_t(1) << (S + desc[4 + 3 * g]))) return -1;
+  }
   return 0;
 }
 
@@ -646,7 +707,113 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
   merge(step, rows, rot_v, out, num_threads);
 }
 
+// ------------------------------------------------------------------- trellis search
+// Viterbi search of tq_vllm.trellis.encode over the 2^S states, with its arithmetic: each
+// branch costs cost[p] + e * e, e = u_i - value (float32, each operation rounded once:
+// the library is built with -ffp-contract=off), a new state keeps its first predecessor
+// t of least cost (strict <, t ascending) and the path ends in the first state of least
+// cost, so the codes are the reference's bit for bit. Lanes are the 2^R codes c of the
+// new states (c << (S - R)) | hi, so the minimum over t is a vertical compare and blend
+// per 8 lanes; `tabT` is the table transposed to [p = (hi << R) | t][c].
+constexpr int TRELLIS_LANES = 8;  // AVX2 float lanes (both builds): R >= 3 fills whole vectors
+
+template <int R>
+void trellis_row(const float* u, int dim, int S, const float* tab, const float* tabT,
+                 float* cost, float* nxt, uint8_t* back, uint8_t* out) {
+  constexpr int NC = 1 << R;
+  const int nh = 1 << (S - R), ns = 1 << S;
+  std::fill(cost, cost + ns, INFINITY);
+  cost[0] = 0.f;
+  for (int i = 0; i < dim; ++i) {
+    uint8_t* bk = back + (int64_t)i * ns;
+    for (int hi = 0; hi < nh; ++hi) {
+      alignas(32) float best[NC];
+      alignas(32) int arg[NC];
+      if constexpr (NC >= TRELLIS_LANES) {
+        constexpr int NV = NC / TRELLIS_LANES;
+        const __m256 x = _mm256_set1_ps(u[i]);
+        __m256 b[NV], a[NV];
+        for (int v = 0; v < NV; ++v) {
+          b[v] = _mm256_set1_ps(INFINITY);
+          a[v] = _mm256_setzero_ps();
+        }
+        for (int t = 0; t < NC; ++t) {
+          const int p = (hi << R) | t;
+          const __m256 cp = _mm256_set1_ps(cost[p]);
+          const __m256 tv = _mm256_castsi256_ps(_mm256_set1_epi32(t));
+          for (int v = 0; v < NV; ++v) {
+            const __m256 e = _mm256_sub_ps(x, _mm256_loadu_ps(tabT + p * NC + v * TRELLIS_LANES));
+            const __m256 tot = _mm256_add_ps(cp, _mm256_mul_ps(e, e));
+            const __m256 lt = _mm256_cmp_ps(tot, b[v], _CMP_LT_OQ);
+            b[v] = _mm256_blendv_ps(b[v], tot, lt);
+            a[v] = _mm256_blendv_ps(a[v], tv, lt);
+          }
+        }
+        for (int v = 0; v < NV; ++v) {
+          _mm256_store_ps(best + v * TRELLIS_LANES, b[v]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(arg + v * TRELLIS_LANES), _mm256_castps_si256(a[v]));
+        }
+      } else {
+        for (int c = 0; c < NC; ++c) {
+          best[c] = INFINITY;
+          arg[c] = 0;
+          for (int t = 0; t < NC; ++t) {
+            const float e = u[i] - tab[(c << S) | (hi << R) | t];
+            const float tot = cost[(hi << R) | t] + e * e;
+            if (tot < best[c]) {
+              best[c] = tot;
+              arg[c] = t;
+            }
+          }
+        }
+      }
+      for (int c = 0; c < NC; ++c) {
+        nxt[(c << (S - R)) | hi] = best[c];
+        bk[(c << (S - R)) | hi] = (uint8_t)arg[c];
+      }
+    }
+    std::swap(cost, nxt);
+  }
+  int state = 0;
+  for (int p = 1; p < ns; ++p)
+    if (cost[p] < cost[state]) state = p;
+  for (int i = dim - 1; i >= 0; --i) {
+    out[i] = (uint8_t)(state >> (S - R));
+    state = ((state & (nh - 1)) << R) | back[(int64_t)i * ns + state];
+  }
+}
+
 }  // namespace
+
+// Trellis codes of `rows` unit-scale rows u [rows, dim] (one channel group each) for the
+// decode table `table` [2^(S + bits)]: codes [rows, dim] uint8, as tq_vllm.trellis.encode.
+// Returns 0, or -1 for bits outside 1..4, S outside bits..10 or dim outside 1..MAX_D.
+extern "C" int tq_trellis_encode_cpu(const float* u, int64_t rows, int64_t dim, int64_t bits,
+                                     int64_t S, const float* table, uint8_t* codes,
+                                     int num_threads) {
+  if (bits < 1 || bits > 4 || S < bits || S > 10 || dim < 1 || dim > MAX_D) return -1;
+  const int NC = 1 << bits, ns = 1 << S;
+  std::vector<float> tabT((size_t)ns * NC);
+  for (int p = 0; p < ns; ++p)
+    for (int c = 0; c < NC; ++c) tabT[(size_t)p * NC + c] = table[(c << S) | p];
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> cost(ns), nxt(ns);
+    std::vector<uint8_t> back((size_t)dim * ns);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ur = u + r * dim;
+      uint8_t* out = codes + r * dim;
+      switch (bits) {
+        case 1: trellis_row<1>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
+        case 2: trellis_row<2>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
+        case 3: trellis_row<3>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
+        default: trellis_row<4>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
+      }
+    }
+  }
+  return 0;
+}
 
 // Decode attention for B sequences, one query token each.
 //   q [B, Hq, d] float32 (original domain); q_off [B, Hq] <q, o> or null (no key offset)

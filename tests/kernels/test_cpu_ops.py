@@ -40,7 +40,8 @@ def _reference(q, cache, table, seq_lens, q_lens, codec, dtype):
     return tq_paged_attention(q.to(dtype).float(), cache, table, torch.tensor(seq_lens), qsl, codec, 0.3), qsl
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq3", "tq2.5-mse", "tq4-qjl", "tq4.5"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq3", "tq2.5-mse", "tq4-qjl", "tq4.5",
+                                  "tq3-trellis"])
 @pytest.mark.parametrize("dim,gqa,block_size", [(64, 3, 16), (64, 1, 32), (128, 7, 16),
                                                   (128, 8, 128), (256, 2, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -89,7 +90,7 @@ def test_decode_is_deterministic(impl):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq2.5-mse", "tq4.5"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq2.5-mse", "tq4.5", "tq2.5-trellis"])
 @pytest.mark.parametrize("dim,gqa,block_size", [(64, 3, 16), (128, 7, 32)])
 def test_prefill_matches_reference(impl, name, dim, gqa, block_size):
     seq_lens = [37, 50, 129]
@@ -103,7 +104,7 @@ def test_prefill_matches_reference(impl, name, dim, gqa, block_size):
     assert (out - ref).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("name", ["tq3.5", "tq4-qjl"])
+@pytest.mark.parametrize("name", ["tq3.5", "tq4-qjl", "tq3.5-trellis"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gqa", [3, 7, 9])  # paired chunks, single chunks, the generic body
 def test_prefill_rows_equal_decode_steps_bit_for_bit(impl, name, dtype, gqa):
@@ -149,7 +150,8 @@ def test_launcher_rejects_non_contiguous_slots():
                        torch.empty(1, 3, 64))
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5-mse", "tq4-qjl", "tq3.5-qjl", "tq2.5-qjl", "tq4.5"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5-mse", "tq4-qjl", "tq3.5-qjl", "tq2.5-qjl", "tq4.5",
+                                  "tq3-trellis", "tq2.5-trellis"])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_store_bit_exact_with_reference(name, dim, dtype):
@@ -254,15 +256,53 @@ def test_kernels_refuse_reference_only_sketches(kw):
         triton_ops._tables(codec.key)
 
 
-def test_kernels_refuse_trellis_codes_before_writing():
-    """Trellis codes (issue 7's A/B, tq_vllm.trellis) run in the PyTorch reference only:
-    the store refuses them by name and leaves the cache untouched."""
-    preset = trellis_preset(5)
+@pytest.mark.parametrize("bits,state_bits,dim", [(4, 6, 64), (3, 6, 32), (2, 6, 64), (1, 5, 32),
+                                                 (4, 4, 16), (3, 10, 16), (2, 7, 128)])
+def test_trellis_search_matches_reference(impl, bits, state_bits, dim):
+    """The store's trellis search (native SIMD or Numba) returns the reference's Viterbi
+    codes bit for bit: same float32 arithmetic, branch order and ties (a zero row included:
+    every branch of its first step ties)."""
+    from tq_vllm import trellis
+
+    gen = torch.Generator().manual_seed(bits * dim + state_bits)
+    tab = torch.randn(1 << (state_bits + bits), generator=gen) / dim ** 0.5
+    u = torch.randn(300, dim, generator=gen)
+    u = u / u.norm(dim=-1, keepdim=True)
+    u[7] = 0.0
+    got = cpu_ops.trellis_search(u, tab, bits, state_bits)
+    assert torch.equal(got, trellis.encode(u, tab, bits, state_bits))
+
+
+def test_trellis_codes_with_a_qjl_sketch_match_reference(impl):
+    """Trellis codes under ``tq4.5``'s shrunk QJL sketch: the residual the signs sketch is
+    the trellis reconstruction's, stored and read back bit for bit."""
+    from tq_vllm.reference import tq_store
+
+    preset = trellis_preset(6, "tq4.5")
+    seq_lens = [70, 33]
+    codec, cache, table, _, _ = build_cache(preset, 64, 2, 16, seq_lens)
+    q = torch.randn(2, 6, 64)
+    out = torch.empty_like(q)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out)
+    ref, _ = _reference(q, cache, table, seq_lens, [1, 1], codec, torch.float32)
+    assert (out - ref).abs().max().item() <= ATOL
+    k, v = torch.randn(50, 2, 64), torch.randn(50, 2, 64)
+    a = torch.zeros(4, 2, 16, preset.layout(64).slot_bytes, dtype=torch.uint8)
+    b = a.clone()
+    tq_store(k, v, a, torch.arange(50), codec)
+    cpu_ops.store(k, v, b, torch.arange(50), codec)
+    assert torch.equal(a, b)
+
+
+def test_kernels_refuse_what_they_cannot_read_before_writing():
+    """5-bit codes (issue 7's reference-only A/B) are refused by the CPU store by name, the
+    cache left untouched; the Triton kernels refuse trellis codes by name."""
+    preset = PRESETS["tq4-mse"].model_copy(update={"key": mse_codec("5"), "value": mse_codec("5")})
     codec = LayerCodec.create(preset, 64, 2)
     cache = torch.zeros(2, 2, 16, preset.layout(64).slot_bytes, dtype=torch.uint8)
     kv = torch.randn(3, 2, 64)
-    with pytest.raises(ValueError, match="PyTorch reference only"):
+    with pytest.raises(ValueError, match="at most 4 bits"):
         cpu_ops.store(kv, kv, cache, torch.tensor([0, 1, 2]), codec)
     assert not cache.any()
-    with pytest.raises(ValueError, match="PyTorch reference only"):
-        triton_ops._tables(codec.key)
+    with pytest.raises(ValueError, match="Triton kernels read scalar codebooks"):
+        triton_ops._tables(LayerCodec.create(PRESETS["tq3-trellis"], 64, 2).key)

@@ -112,6 +112,14 @@ def test_report_rows():
     assert "+5.13% ± 2.89" in row and "3,700" in row and "| 50% | 0% |" in row
 
 
+def test_every_dtype_has_a_report_family():
+    """The table and plot name each dtype's family: every preset the plugin serves has one."""
+    from tq_vllm.config import PRESET_NAMES
+
+    families = {lm_eval_quality.family(n) for n in ["auto", "fp8", *PRESET_NAMES]}
+    assert "trellis codes (tq{b}-trellis)" in families and len(families) == 6
+
+
 def test_fidelity_causal_attention_is_sdpa():
     import attention_fidelity
 
