@@ -104,8 +104,19 @@ def test_key_offset_choice_needs_key_mean_removal():
 
     with pytest.raises(ValueError, match="needs key_mean"):
         KVTransform(key_offset_choice=True)
-    assert all(p.transform.key_offset_choice == (p.family == "recommended")
+    assert all(p.transform.key_offset_choice == (p.family in ("recommended", "trellis"))
                for p in PRESETS.values())
+
+
+@pytest.mark.parametrize("budget", ["4", "3.5", "3", "2.5"])
+def test_trellis_presets_are_their_scalar_twins_with_trellis_codes(budget):
+    """``tq{b}-trellis`` = ``tq{b}`` with 6-state-bit trellis K and V codes: the same
+    transforms and the same slot bytes at every head size."""
+    rec, tr = PRESETS[f"tq{budget}"], PRESETS[f"tq{budget}-trellis"]
+    assert tr.key == rec.key.model_copy(update={"trellis": 6})
+    assert tr.value == rec.value.model_copy(update={"trellis": 6})
+    assert tr.transform == rec.transform and tr.seed == rec.seed
+    assert all(tr.layout(d) == rec.layout(d) for d in (64, 128, 256))
 
 
 def test_qjl_options_need_a_qjl_sketch_and_size_it():

@@ -260,8 +260,8 @@ def test_kernels_refuse_reference_only_sketches(kw):
                                                  (4, 4, 16), (3, 10, 16), (2, 7, 128)])
 def test_trellis_search_matches_reference(impl, bits, state_bits, dim):
     """The store's trellis search (native SIMD or Numba) returns the reference's Viterbi
-    codes bit for bit: same float32 arithmetic, branch order and ties (a zero row included:
-    every branch of its first step ties)."""
+    codes bit for bit: same float32 arithmetic, branch order and ties (the unreachable
+    states of the first steps, whose branches all cost inf, and a zero row included)."""
     from tq_vllm import trellis
 
     gen = torch.Generator().manual_seed(bits * dim + state_bits)
