@@ -24,9 +24,9 @@ the coordinates it decoded) on uniformly random unit vectors of the group's dime
 Measured on such vectors (:func:`distortion`), 64 states: 2.13 / 1.93 / 1.49 dB below the
 Lloyd–Max codebook at 4 / 3 / 2 bits on 64 coordinates, 1.72 / 1.62 / 1.19 dB on 32;
 docs/quality.md (seventh and eighth rounds) has what it does to perplexity.
-The CPU kernels decode them (a sequential table lookup per coordinate) and store them by
-the same Viterbi search (``kernels/cpu_numba.py``, bit for bit); the Triton kernels refuse
-them by name.
+The CPU kernels decode them (a table lookup per coordinate, from its window) and search
+them with :func:`encode`'s arithmetic, bit for bit (``kernels/cpu_ops.trellis_search``:
+native C++ or Numba); the Triton kernels refuse them by name.
 """
 
 from __future__ import annotations
