@@ -64,7 +64,7 @@ from textdata import paul_graham_essays  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tq_vllm.calibration import calibrated_codec  # noqa: E402
-from tq_vllm.config import Preset, TensorCodec, get_preset, mse_codec  # noqa: E402
+from tq_vllm.config import Preset, get_preset, mse_codec, with_trellis  # noqa: E402
 from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
 from tq_vllm.tools.models import fetch_model  # noqa: E402
@@ -130,11 +130,7 @@ def variant_preset(variant: dict) -> Preset:
     if "qorth" in o:
         preset = preset.model_copy(update={"sketch": "orthogonal"})
     if variant["trellis"]:
-        preset = preset.model_copy(update={
-            part: getattr(preset, part).model_copy(update={"trellis": variant["trellis"]})
-            for part in ("key", "value")})
-        for part in (preset.key, preset.value):  # model_copy skips validation: a too-small S
-            TensorCodec.model_validate(part.model_dump())
+        preset = with_trellis(preset, variant["trellis"])
     update = {k: v for opt in o for k, v in OPTION_TRANSFORM.get(opt, {}).items()}
     return preset.model_copy(update={"transform": preset.transform.model_copy(update=update)})
 

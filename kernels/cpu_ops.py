@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tq_vllm.codec import LayerCodec, TensorQuantizer
-from tq_vllm.config import TensorLayout
 from tq_vllm.kernels import cpu_native, cpu_numba
 
 SPLIT_TOKENS = 512

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tq_vllm.codec import LayerCodec
-from tq_vllm.config import PRESETS
+from tq_vllm.config import PRESETS, with_trellis
 from tq_vllm.reference import dequantize_sequence, exact_attention, tq_paged_attention, tq_store
 
 
@@ -33,9 +33,7 @@ def shrunk_qjl_preset(kind):
 def trellis_preset(state_bits, name="tq3.5-mse"):
     """``name`` with its K and V codes as bitshift-trellis codes of ``state_bits`` state bits
     (0: scalar codes), for the state counts and bases the named presets do not cover."""
-    base = PRESETS[name]
-    return base.model_copy(update={part: getattr(base, part).model_copy(update={"trellis": state_bits})
-                                   for part in ("key", "value")})
+    return with_trellis(PRESETS[name], state_bits)
 
 
 def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32,

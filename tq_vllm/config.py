@@ -352,8 +352,13 @@ the Lloyd–Max codes of the same bits (``tq_vllm.trellis``); decode tables of
 ``2**(6 + 4)`` floats (4 KiB) per channel group, which stay in L1 beside a tile."""
 
 
-def _trellis(codec: TensorCodec) -> TensorCodec:
-    return codec.model_copy(update={"trellis": TRELLIS_STATE_BITS})
+def with_trellis(preset: Preset, state_bits: int, **update) -> Preset:
+    """``preset`` with its K and V codes as bitshift-trellis codes of ``state_bits`` state
+    bits (0: scalar codes), both codecs validated; ``update`` sets other fields (``name``)."""
+    codecs = {part: TensorCodec.model_validate({**getattr(preset, part).model_dump(),
+                                                "trellis": state_bits})
+              for part in ("key", "value")}
+    return preset.model_copy(update={**codecs, **update})
 
 
 def _build_presets() -> dict[str, Preset]:
@@ -370,9 +375,8 @@ def _build_presets() -> dict[str, Preset]:
         out[mse.name], out[qjl.name], out[rec.name] = mse, qjl, rec
     for b in BUDGETS:
         rec = out[f"tq{b}"]
-        out[f"tq{b}-trellis"] = rec.model_copy(update={
-            "name": f"tq{b}-trellis", "family": "trellis", "key": _trellis(rec.key),
-            "value": _trellis(rec.value)})
+        out[f"tq{b}-trellis"] = with_trellis(rec, TRELLIS_STATE_BITS, name=f"tq{b}-trellis",
+                                             family="trellis")
     out[QJL_RECOMMENDED.name] = QJL_RECOMMENDED
     return out
 
