@@ -4,7 +4,8 @@ Reads JSON written by ``eval/ppl_strict.py --json`` (one file per model) and gro
 the variants by name: the paper's TurboQuant_prod (``tq{b}-qjl``), the same codes with
 the QJL term fixed (``tq{b}-qjl+qorth+qshrink``), the paper's TurboQuant_mse
 (``tq{b}-mse``), an emulation of vLLM's in-tree recipe (``+gauss`` variants with
-``@ends=2``) and ours (``tq{b}`` and ``tq4.5``).
+``@ends=2``), vLLM's ``fp8`` cache (emulated: e4m3, scale 1) and ours (``tq{b}`` and
+``tq4.5``; ``tq{b}-trellis``). The y axis is linear below 1% (a Δ can be ≤ 0 there).
 
     python eval/plot_quality.py smollm2.json qwen.json --out docs/quality_pareto.png
 """
@@ -22,7 +23,9 @@ FAMILIES = {
     "QJL done right (orthonormal rows, shrunk)": re.compile(r"^tq[\d.]+-qjl\+qorth\+qshrink$"),
     "paper TurboQuant_mse": re.compile(r"^tq[\d.]+-mse$"),
     "vLLM in-tree recipe (emulated)": re.compile(r"\+gauss.*@ends=2$"),
+    "vLLM fp8 cache (emulated)": re.compile(r"^fp8$"),
     "tq-vllm recommended (tq{b})": re.compile(r"^tq[\d.]+$"),
+    "tq-vllm trellis codes (tq{b}-trellis)": re.compile(r"^tq[\d.]+-trellis$"),
 }
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                          if pattern.search(r["variant"]) and "delta_pct" in r)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=family)
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("bits per coordinate (K+V average, norms incl., exact layers at 16)")
         ax.set_ylabel("perplexity increase vs exact (%)")
         ax.set_title(f"{data['model']}: strict mode, {data['docs']} × {data['tokens']} tokens")

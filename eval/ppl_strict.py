@@ -29,7 +29,8 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
     ends=N   first and last N layers stay exact (counted at 16 bits)
     sink=N   the first N tokens of each document stay exact (attention sinks)
     trellis=S  K and V as bitshift-trellis codes with S state bits (``tq_vllm.trellis``:
-             same bits, 1.2–2.1 dB less distortion at S = 6; the PyTorch reference only)
+             same bits, 1.2–2.1 dB less distortion at S = 6; ``tq{b}-trellis`` is
+             ``tq{b}@trellis=6``); searched by the CPU kernel where it builds
     jitter=S realization S: float noise of 5e-7 (relative) on every quantized layer's
              attention output, about what the serving kernels differ from SDPA by; the
              quantizer turns it into other code choices downstream, so Δ perplexity moves
@@ -38,7 +39,8 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
              a single draw, and a recipe tuned on it fits its noise (docs/quality.md).
 
 PRESET is a preset name (the recommended ``tq{b}`` bring their own calibrated transforms,
-as in vLLM), ``auto``, or ``kKvV`` (e.g. ``k4v3``): MSE keys at K and values at V bits per
+as in vLLM), ``auto``, ``fp8`` (vLLM's fp8 KV cache emulated: K and V cast to
+float8 e4m3 with vLLM's default scale 1.0, saturating at ±448), or ``kKvV`` (e.g. ``k4v3``): MSE keys at K and values at V bits per
 coordinate (fractional → split halves); ``k3qv4`` adds a QJL sketch of the key residual
 (the paper's TurboQuant_prod keys), ``k3q2v4`` with 2 sketch rows per coordinate,
 ``k3.5qov4`` sketching only the outlier half's residual (QJL A/B, docs/quality.md).
@@ -63,11 +65,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from textdata import paul_graham_essays  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tq_vllm.calibration import calibrated_codec  # noqa: E402
+from tq_vllm import trellis  # noqa: E402
+from tq_vllm.calibration import LayerTransform, calibrated_codec  # noqa: E402
 from tq_vllm.config import Preset, get_preset, mse_codec, with_trellis  # noqa: E402
 from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
 from tq_vllm.tools.models import fetch_model  # noqa: E402
+
+FP8_MAX = 448.0
+"""Largest finite float8 e4m3 value: vLLM's fp8 cache stores with saturation."""
+
+
+class Fp8Cast:
+    """vLLM's ``fp8`` KV cache (e4m3, scale 1.0) as an encode → decode pair."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float()
+
+
+class Fp8Codec:
+    """Stand-in for a ``LayerCodec`` (``.key``/``.value`` encode and decode) for ``fp8``."""
+
+    key = value = Fp8Cast()
+
+
+def use_native_trellis_search() -> bool:
+    """Search trellis codes with the CPU kernel (bit-identical to :func:`trellis.encode`,
+    tests/kernels/test_cpu_ops.py, and ~100× faster) where the native library builds."""
+    from tq_vllm.kernels import cpu_native, cpu_ops
+
+    if cpu_native.load_trellis() is None:
+        return False
+    trellis.encode = cpu_ops.trellis_search
+    return True
+
 
 OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kchoice",
            "nokchoice", "kexact", "vexact", "qshrink", "qorth")
@@ -139,6 +173,8 @@ def build_layers(variant: dict, num_layers: int, head_dim: int, calib) -> dict:
     """``{layer: (codec, transform)}`` exactly as the vLLM backend builds them."""
     if variant["preset"] == "auto":
         return {}
+    if variant["preset"] == "fp8":
+        return {i: (Fp8Codec(), LayerTransform()) for i in range(num_layers)}
     preset = variant_preset(variant)
     n = variant["ends"]
     layers = {}
@@ -156,8 +192,8 @@ def run_variant(model, variant: dict, head_dim: int, calib):
 
 
 def bits_per_coord(variant: dict, num_layers: int, head_dim: int) -> float:
-    if variant["preset"] == "auto":
-        return 16.0
+    if variant["preset"] in ("auto", "fp8"):
+        return 16.0 if variant["preset"] == "auto" else 8.0
     kb, vb = get_variant_preset(variant["preset"]).bits_per_coord(head_dim)
     n = variant["ends"]
     quant = num_layers - 2 * n
@@ -264,8 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             specs += [f"{spec}@jitter={j}" for j in range(1, args.realizations + 1)]
     variants = [parse_variant(s) for s in specs]
     for v in variants:  # refuse a bad spec before the first long run
-        if v["preset"] != "auto":
+        if v["preset"] == "fp8" and (v["opts"] or v["trellis"] or v["ends"]):
+            raise SystemExit(f"{v['spec']}: fp8 takes no options (only @sink and @jitter)")
+        if v["preset"] not in ("auto", "fp8"):
             variant_preset(v)
+    if any(v["trellis"] or "trellis" in v["preset"] for v in variants):
+        how = "CPU kernel" if use_native_trellis_search() else "PyTorch reference (slow)"
+        print(f"trellis codes searched by the {how}", flush=True)
     if not any(v["preset"] == "auto" for v in variants):
         variants.insert(0, parse_variant("auto"))
     variants.sort(key=lambda v: v["preset"] != "auto")  # exact first: the reference

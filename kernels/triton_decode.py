@@ -20,6 +20,11 @@ LSB-first code stream (``C0``/``C1``) and of the QJL sign bits (``SIGN``).
 Keys with the offset choice (``K_OFF``): norms are read as magnitudes; the first key
 norm's sign bit flags a key stored with its offset ``o``, whose logit then loses
 ``⟨q, o⟩`` (one float per query head, ``qo_ptr``, from the launcher).
+
+Trellis codes (``K_TS``/``V_TS`` state bits, 0 for scalar codes; :mod:`tq_vllm.trellis`):
+the codebook rows are the groups' decode tables, read at each code's window — the code
+and the ``TS`` stream bits before it, cut from a run's word and the word of the run
+before it (:func:`unpack_windows`); everything after the lookup is the scalar path.
 """
 
 import triton
@@ -35,6 +40,18 @@ def load_half(ptr, mask):
 
 
 @triton.jit
+def _words(base, run_mask, s_byte, OFF: tl.constexpr, BITS: tl.constexpr, DH: tl.constexpr):
+    """int32 ``[N, DH/8]``: run ``w`` of 8 ``BITS``-bit codes at byte ``OFF + w·BITS`` of
+    the slots at ``base`` ``[N]``, gathered into one word (0 where ``run_mask`` is off)."""
+    w8 = tl.arange(0, DH // 8)
+    k = tl.arange(0, 4)
+    byte = OFF + w8[:, None] * BITS + k[None, :]  # [DH/8, 4]
+    m = run_mask[:, :, None] & (k < BITS)[None, None, :]
+    b = tl.load(base[:, None, None] + (byte * s_byte)[None, :, :], mask=m, other=0).to(tl.int32)
+    return tl.sum(b << (8 * k)[None, None, :], axis=2)  # disjoint bytes
+
+
+@triton.jit
 def unpack_codes(base, mask, s_byte, OFF: tl.constexpr, BITS: tl.constexpr,
                  N: tl.constexpr, DH: tl.constexpr):
     """``DH`` consecutive ``BITS``-bit LSB-first codes at byte ``OFF`` of the slots at
@@ -43,37 +60,71 @@ def unpack_codes(base, mask, s_byte, OFF: tl.constexpr, BITS: tl.constexpr,
     8 codes are exactly ``BITS`` bytes: each such run is gathered into one int32 word
     (``BITS`` ≤ 4) and split by shifts, so a code costs a fraction of a byte load and
     no straddle logic (a per-code byte load cost 255 registers and 12.5% occupancy)."""
-    w8 = tl.arange(0, DH // 8)
-    k = tl.arange(0, 4)
-    byte = OFF + w8[:, None] * BITS + k[None, :]  # [DH/8, 4]
-    m = mask[:, None, None] & (k < BITS)[None, None, :]
-    b = tl.load(base[:, None, None] + (byte * s_byte)[None, :, :], mask=m, other=0).to(tl.int32)
-    word = tl.sum(b << (8 * k)[None, None, :], axis=2)  # [N, DH/8]: disjoint bytes
+    runs = mask[:, None] & (tl.arange(0, DH // 8) >= 0)[None, :]
+    word = _words(base, runs, s_byte, OFF, BITS, DH)
     codes = (word[:, :, None] >> (BITS * tl.arange(0, 8))[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(codes, (N, DH))
 
 
 @triton.jit
+def unpack_windows(base, mask, s_byte, OFF: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr,
+                   DH: tl.constexpr, TS: tl.constexpr, FIRST: tl.constexpr):
+    """Trellis windows int32 ``[N, DH]`` of the ``DH`` ``BITS``-bit codes at byte ``OFF``
+    (:func:`tq_vllm.trellis.windows`): code ``k``'s stream bits ``[BITS·k − TS, BITS·k +
+    BITS)``, zeros before the group's start (``FIRST``: this half starts its group; else
+    its first run continues the half before).
+
+    A run's word above the word of the run before it (``16·BITS`` bits in int64) holds
+    every window of the run: one shift and mask per code, as :func:`unpack_codes` splits
+    a word (``TS ≤ 8·BITS``: the launcher checks)."""
+    w8 = tl.arange(0, DH // 8)
+    runs = mask[:, None] & (w8 >= 0)[None, :]
+    word = _words(base, runs, s_byte, OFF, BITS, DH)
+    if FIRST:
+        runs = runs & (w8 > 0)[None, :]
+    prev = _words(base, runs, s_byte, OFF - BITS, BITS, DH)
+    low = prev.to(tl.int64) & ((1 << (8 * BITS)) - 1)  # int32 → int64 sign-extends 4-byte runs
+    ext = (word.to(tl.int64) << (8 * BITS)) | low  # [N, DH/8]
+    shift = 8 * BITS - TS + BITS * tl.arange(0, 8)
+    win = (ext[:, :, None] >> shift[None, None, :]) & ((1 << (TS + BITS)) - 1)
+    return tl.reshape(win.to(tl.int32), (N, DH))
+
+
+@triton.jit
+def unpack_group(base, mask, s_byte, OFF: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr,
+                 DH: tl.constexpr, TS: tl.constexpr, FIRST: tl.constexpr):
+    """What a half reads from its codebook or table row: codes (``TS`` = 0) or trellis
+    windows, int32 ``[N, DH]``."""
+    if TS:
+        out = unpack_windows(base, mask, s_byte, OFF, BITS, N, DH, TS, FIRST)
+    else:
+        out = unpack_codes(base, mask, s_byte, OFF, BITS, N, DH)
+    return out
+
+
+@triton.jit
 def decode_half(base, mask, s_byte, lut_ptr, HALF: tl.constexpr, N: tl.constexpr,
                 D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
-                W: tl.constexpr, NORM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+                W: tl.constexpr, NORM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                TS: tl.constexpr):
     """Rotated-domain MSE reconstruction ``[N, D/2]`` of coordinates
     ``[HALF·D/2, (HALF+1)·D/2)`` of the slots at ``base`` ``[N]`` (masked tokens: 0);
-    ``lut_ptr``: the group codebooks ``[NG, W]``.
+    ``lut_ptr``: the group codebooks ``[NG, W]``, or with trellis codes (``TS`` state
+    bits, 0: scalar codes) the group decode tables ``[NG, W]`` read at each code's window.
     With two channel groups the halves are the groups; with one, the group's stream
     is cut in the middle (``D/2`` codes of ``B0`` bits are whole bytes)."""
     DH: tl.constexpr = D // 2
     if NG == 2:
+        nrm = load_half(base + (NORM + 2 * HALF) * s_byte, mask)
         if HALF == 0:
-            codes = unpack_codes(base, mask, s_byte, C0, B0, N, DH)
-            nrm = load_half(base + NORM * s_byte, mask)
+            codes = unpack_group(base, mask, s_byte, C0, B0, N, DH, TS, True)
         else:
-            codes = unpack_codes(base, mask, s_byte, C1, B1, N, DH)
-            nrm = load_half(base + (NORM + 2) * s_byte, mask)
+            codes = unpack_group(base, mask, s_byte, C1, B1, N, DH, TS, True)
     else:
-        codes = unpack_codes(base, mask, s_byte, C0 + HALF * (DH * B0 // 8), B0, N, DH)
         nrm = load_half(base + NORM * s_byte, mask)
-    row = HALF if NG == 2 else 0  # the codebook of the half's group
+        codes = unpack_group(base, mask, s_byte, C0 + HALF * (DH * B0 // 8), B0, N, DH, TS,
+                             HALF == 0)
+    row = HALF if NG == 2 else 0  # the codebook (table) of the half's group
     cent = tl.load(lut_ptr + row * W + codes)
     return tl.abs(nrm)[:, None] * cent  # a key norm's sign bit is the offset flag
 
@@ -107,9 +158,9 @@ def tq_decode_kernel(
     D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_W: tl.constexpr,
     K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr, K_SIGN: tl.constexpr,
-    K_QJL: tl.constexpr, K_OFF: tl.constexpr,
+    K_QJL: tl.constexpr, K_OFF: tl.constexpr, K_TS: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
-    V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
+    V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr, V_TS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Grid ``(B, H, S)``: tokens ``[s·split_tokens, (s+1)·split_tokens)`` of sequence
@@ -146,10 +197,10 @@ def tq_decode_kernel(
         blk = tl.load(row + pos // block_size, mask=valid, other=0).to(tl.int64)
         base = cache_ptr + blk * s_blk + head_off + (pos % block_size).to(tl.int64) * s_tok
         k0 = decode_half(base, valid, s_byte, lutk_ptr, 0, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
-                         K_NORM, K_C0, K_C1)
+                         K_NORM, K_C0, K_C1, K_TS)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         k1 = decode_half(base, valid, s_byte, lutk_ptr, 1, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
-                         K_NORM, K_C0, K_C1)
+                         K_NORM, K_C0, K_C1, K_TS)
         s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         if K_QJL:
             pm0 = qjl_half(base, valid, s_byte, 0, BLOCK_N, D, K_SIGN)
@@ -165,10 +216,10 @@ def tq_decode_kernel(
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         v0 = decode_half(base, valid, s_byte, lutv_ptr, 0, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
-                         V_NORM, V_C0, V_C1)
+                         V_NORM, V_C0, V_C1, V_TS)
         acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=DOT_PREC)
         v1 = decode_half(base, valid, s_byte, lutv_ptr, 1, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
-                         V_NORM, V_C0, V_C1)
+                         V_NORM, V_C0, V_C1, V_TS)
         acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT_PREC)
         m = m_new
 

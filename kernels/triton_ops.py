@@ -57,6 +57,7 @@ from tq_vllm.kernels.triton_decode import tq_decode_kernel, tq_reduce_kernel
 from tq_vllm.kernels.triton_prefill import tq_prefill_kernel
 from tq_vllm.kernels.triton_rotate import tq_rotate_kernel
 from tq_vllm.kernels.triton_store import tq_store_kernel
+from tq_vllm.kernels.triton_trellis import tq_trellis_search_kernel
 from tq_vllm.reference import check_cache
 
 STORE_BLOCK_T = 16
@@ -138,6 +139,22 @@ def num_splits(max_len: int) -> int:
     return max(1, -(-max_len // DECODE_SPLIT_TOKENS))
 
 
+TRELLIS_SEARCH_BLOCK_R = {"cuda": 8, "cpu": 64}
+"""Rows per trellis search program by device: on a GPU a step holds ``BLOCK_R × 2^(S+R)``
+branch costs (8 × 1024 at S = 6, R = 4: 32 fp32 registers a thread at
+:data:`TRELLIS_SEARCH_WARPS`; not yet timed on a GPU); the interpreter (CPU tensors, CI)
+pays ~10 ms of Python per program and step whatever its size, so it takes 64 rows a
+program. Rows are independent: the codes do not depend on the blocking."""
+
+TRELLIS_SEARCH_WARPS = 8
+"""Warps per trellis search program (see :data:`TRELLIS_SEARCH_BLOCK_R`)."""
+
+TRELLIS_SEARCH_ROWS = 8192
+"""Rows per trellis search launch: each row keeps a predecessor byte per state and
+coordinate for its backward pass (4 KiB at S = 6 and 64 coordinates), so a long prefill
+is searched in chunks of at most 32 MiB of scratch."""
+
+
 # ---------------------------------------------------------------------------- tables
 
 def _tensor_consts(prefix: str, lay: TensorLayout, tq: TensorQuantizer) -> dict[str, object]:
@@ -155,9 +172,14 @@ def _tensor_consts(prefix: str, lay: TensorLayout, tq: TensorQuantizer) -> dict[
         raise ValueError(f"Triton kernels unpack 8 codes from one 32-bit word and split the "
                          f"head dim in halves of whole bytes: need ≤ 4 code bits and a head "
                          f"size divisible by 16, got {lay.group_bits} bits, d = {lay.head_dim}")
+    ts = tq.codec.trellis
+    if ts > 8 * b1:
+        raise ValueError(f"Triton kernels read a trellis window from a run of 8 codes and the "
+                         f"run before it: need at most {8 * b1} state bits for {b1}-bit codes, "
+                         f"got {ts}")
     return {f"{prefix}_NG": ng, f"{prefix}_B0": b0, f"{prefix}_B1": b1,
-            f"{prefix}_W": int(tq.lut.shape[1]), f"{prefix}_NORM": lay.norms.offset,
-            f"{prefix}_C0": c0, f"{prefix}_C1": c1}
+            f"{prefix}_W": int(_tables(tq)[0].shape[1]), f"{prefix}_NORM": lay.norms.offset,
+            f"{prefix}_C0": c0, f"{prefix}_C1": c1, f"{prefix}_TS": ts}
 
 
 def _tables(tq: TensorQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -167,12 +189,15 @@ def _tables(tq: TensorQuantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     The kernels read one codebook per channel group (row ``g`` of the first table,
     :meth:`TensorQuantizer.group_codebooks`, which raises if ``lut``'s rows differ inside
     a group), not the codec's per-coordinate ``lut [d, W]``: a gather from a 16-entry row
-    hits one cache line per warp, one from ``lut`` up to 16."""
+    hits one cache line per warp, one from ``lut`` up to 16. With trellis codes the rows
+    are the groups' decode tables (:meth:`TensorQuantizer.trellis_tables`, ``W`` =
+    ``2^(S + bits)``), read at each code's window."""
     key = (tq.lut.device, tq.lut.data_ptr())
     cached = getattr(tq, "_triton_tables", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    books = tq.group_codebooks().float().contiguous()
+    books = (tq.group_codebooks() if tq.tables is None else tq.trellis_tables())
+    books = books.float().to(tq.lut.device).contiguous()
     bnd = torch.full((len(tq.bounds), 16), float("inf"), dtype=torch.float32)
     for g, b in enumerate(tq.bounds):
         bnd[g, : b.numel()] = b.float().cpu()
@@ -274,6 +299,46 @@ def _kernel_consts(codec: LayerCodec) -> dict[str, object]:
 
 # ---------------------------------------------------------------------------- store
 
+def trellis_search(u: torch.Tensor, table: torch.Tensor, bits: int, state_bits: int) -> torch.Tensor:
+    """Trellis codes uint8 ``[R, n]`` of unit-scale rows ``u`` float32 ``[R, n]`` for the
+    decode table ``table`` ``[2**(S + bits)]`` on the same device:
+    :func:`tq_vllm.trellis.encode`'s codes, bit for bit."""
+    if u.dim() != 2 or u.dtype != torch.float32:
+        raise ValueError(f"trellis_search: u must be float32 [R, n], got {u.dtype} {tuple(u.shape)}")
+    if not 1 <= bits <= state_bits or table.numel() != 1 << (state_bits + bits):
+        raise ValueError(f"trellis_search: a table of 2^(S + bits) = {1 << (state_bits + bits)} "
+                         f"entries and 1 ≤ bits ≤ S are needed, got {table.numel()} entries, "
+                         f"bits {bits}, S {state_bits}")
+    _check_device("table", table, u.device)
+    u, table = u.contiguous(), table.float().contiguous()
+    rows, n = u.shape
+    codes = torch.empty(rows, n, dtype=torch.uint8, device=u.device)
+    back = torch.empty(min(rows, TRELLIS_SEARCH_ROWS), n, 1 << state_bits, dtype=torch.uint8,
+                       device=u.device)
+    block_r = TRELLIS_SEARCH_BLOCK_R["cpu" if u.device.type == "cpu" else "cuda"]
+    for r0 in range(0, rows, TRELLIS_SEARCH_ROWS):
+        r1 = min(rows, r0 + TRELLIS_SEARCH_ROWS)
+        tq_trellis_search_kernel[(triton.cdiv(r1 - r0, block_r),)](
+            u[r0:r1], table, back, codes[r0:r1], r1 - r0, n, R=bits, S=state_bits,
+            BLOCK_R=block_r, num_warps=TRELLIS_SEARCH_WARPS,
+            enable_fp_fusion=False,  # cost + e·e rounded twice, as the reference
+        )
+    return codes
+
+
+def _trellis_inputs(tq: TensorQuantizer, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8, unit values float32), both ``[T, H, d]`` contiguous, of rotated vectors
+    ``y`` ``[T, H, d]`` for a trellis quantizer: each channel group's Viterbi path on the
+    codec's own unit coordinates and its decoded values, what the store kernel writes
+    and corrects the norms by."""
+    codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+    for g, (start, dg) in enumerate(tq.group_spans()):
+        u = tq.group_unit(y, g)[1].reshape(-1, dg)
+        found = trellis_search(u, tq.tables[g], tq.layout.group_bits[g], tq.codec.trellis)
+        codes[..., start:start + dg] = found.view(*y.shape[:-1], dg)
+    return codes, tq.unit_values(codes).float().contiguous()
+
+
 def _rotate_for_store(x: torch.Tensor, tq: TensorQuantizer) -> torch.Tensor:
     """``R_h x`` float32 ``[T, H, d]`` with non-finite vectors zeroed first (codec policy),
     computed by the codec's own rotation op."""
@@ -324,6 +389,11 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     for p, tlay, tq in (("K", lay.key, codec.key), ("V", lay.value, codec.value)):
         consts[f"{p}_NBND"] = (1 << max(tlay.group_bits)) - 1  # boundaries of the widest group
         consts[f"{p}_NCORR"] = bool(tq.codec.norm_correction)
+    none = (yk, yk)  # placeholders: given codes are read only for trellis tensors
+    given_k = _trellis_inputs(codec.key, yk) if consts["K_TS"] else none
+    given_ka = (_trellis_inputs(codec.key, yka) if consts["K_TS"] and consts["K_OFF"]
+                else given_k)
+    given_v = _trellis_inputs(codec.value, yv) if consts["V_TS"] else none
     s0, s1, s2, s3 = _cache_strides(kv_cache)
     grid = (triton.cdiv(t, STORE_BLOCK_T), h)
     tq_store_kernel[grid](
@@ -331,6 +401,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache, s0, s1, s2, s3,
         t, h, block_size, num_blocks * block_size,
         lutk, bndk, sketch if sketch is not None else lutk, lutv, bndv,
+        *given_k, *given_ka, *given_v,
         BLOCK_T=STORE_BLOCK_T, SK_COLS=SKETCH_COLS,
         enable_fp_fusion=False,  # keep y − n·c unfused, as the reference computes it
         **consts,

@@ -29,9 +29,9 @@ def tq_prefill_kernel(
     BLOCK_N: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_W: tl.constexpr,
     K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr, K_SIGN: tl.constexpr,
-    K_QJL: tl.constexpr, K_OFF: tl.constexpr,
+    K_QJL: tl.constexpr, K_OFF: tl.constexpr, K_TS: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
-    V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
+    V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr, V_TS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """Grid ``(W, H)``."""
@@ -71,10 +71,10 @@ def tq_prefill_kernel(
         blk = tl.load(row + pos // block_size, mask=valid, other=0).to(tl.int64)
         base = cache_ptr + blk * s_blk + head_off + (pos % block_size).to(tl.int64) * s_tok
         k0 = decode_half(base, valid, s_byte, lutk_ptr, 0, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
-                         K_NORM, K_C0, K_C1)
+                         K_NORM, K_C0, K_C1, K_TS)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         k1 = decode_half(base, valid, s_byte, lutk_ptr, 1, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
-                         K_NORM, K_C0, K_C1)
+                         K_NORM, K_C0, K_C1, K_TS)
         s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         if K_QJL:
             pm0 = qjl_half(base, valid, s_byte, 0, BLOCK_N, D, K_SIGN)
@@ -92,10 +92,10 @@ def tq_prefill_kernel(
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         v0 = decode_half(base, valid, s_byte, lutv_ptr, 0, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
-                         V_NORM, V_C0, V_C1)
+                         V_NORM, V_C0, V_C1, V_TS)
         acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=DOT_PREC)
         v1 = decode_half(base, valid, s_byte, lutv_ptr, 1, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
-                         V_NORM, V_C0, V_C1)
+                         V_NORM, V_C0, V_C1, V_TS)
         acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT_PREC)
         m = m_new
 

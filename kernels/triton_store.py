@@ -19,7 +19,11 @@ bit for bit, given the same rotated input:
   ``S r`` comes from a float64 ``tl.dot`` of float32 inputs, as in the codec;
 * key offset choice (``OFF``): the key is also encoded from ``y + R_h o`` (added by the
   launcher, as the codec adds it) and that encoding is kept, flagged in the first
-  norm's sign bit, where its residual norm is strictly smaller.
+  norm's sign bit, where its residual norm is strictly smaller;
+* trellis codes (``TS`` state bits): the launcher searches them
+  (:mod:`tq_vllm.kernels.triton_trellis`) and passes codes and unit values; norms, norm
+  correction, residuals, the offset choice and the packing are the scalar codes' own
+  (a trellis stream is packed as the scalar codes are).
 
 Tensor descriptors (all ``tl.constexpr``), per K/V: ``NG`` groups of ``D // NG``
 channels, code bits ``B0``/``B1`` (``B0 ≥ B1``), byte offsets of the norms
@@ -81,19 +85,28 @@ def _corrected(n, cent_sq, sel):
 
 
 @triton.jit
-def _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, NG: tl.constexpr, NBND: tl.constexpr,
-              W: tl.constexpr, NCORR: tl.constexpr):
+def _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, given_code, given_cent, rows, row_mask,
+              NG: tl.constexpr, NBND: tl.constexpr, W: tl.constexpr, NCORR: tl.constexpr,
+              TS: tl.constexpr):
     """Codes ``[R, D]``, their unit centroids, and the group norms to store (``s0``, ``s1``
-    ``[R]`` float32, corrected with ``NCORR``) of rotated vectors ``y`` ``[R, D]``."""
+    ``[R]`` float32, corrected with ``NCORR``) of rotated vectors ``y`` ``[R, D]``. Trellis
+    codes (``TS`` > 0) come searched, with their unit values, from ``given_code`` /
+    ``given_cent`` (``[T·H, D]``, rows ``rows``)."""
     y64 = y.to(tl.float64)
     sq = y64 * y64
     n0 = _norm(sq, ~in1)
     n1 = n0
     if NG == 2:
         n1 = _norm(sq, in1)
-    n_j = tl.where(in1, n1[:, None], n0[:, None])
-    code = _bucket(tl.math.div_rn(y, tl.maximum(n_j, _TINY)), bnd_ptr + gid[None, :] * 16, NBND)
-    cent = tl.load(lut_ptr + gid[None, :] * W + code)  # unit-norm centroid, group codebook [NG, W]
+    if TS:
+        at = rows[:, None] + j[None, :]
+        code = tl.load(given_code + at, mask=row_mask[:, None], other=0).to(tl.int32)
+        cent = tl.load(given_cent + at, mask=row_mask[:, None], other=0.0)
+    else:
+        n_j = tl.where(in1, n1[:, None], n0[:, None])
+        code = _bucket(tl.math.div_rn(y, tl.maximum(n_j, _TINY)), bnd_ptr + gid[None, :] * 16,
+                       NBND)
+        cent = tl.load(lut_ptr + gid[None, :] * W + code)  # unit centroid, group codebook [NG, W]
     s0 = n0
     s1 = n1
     if NCORR:
@@ -113,28 +126,33 @@ def _residual(y, cent, s0, s1, in1):
 
 @triton.jit
 def _encode_tensor(y_ptr, ya_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_ptr,
+                   code_ptr, cent_ptr, codea_ptr, centa_ptr,
                    D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
                    NBND: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                    C0: tl.constexpr, C1: tl.constexpr, SIGN: tl.constexpr, QJL: tl.constexpr,
-                   NCORR: tl.constexpr, OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-                   SK_COLS: tl.constexpr):
+                   NCORR: tl.constexpr, OFF: tl.constexpr, TS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr):
     """Encode ``BLOCK_T`` rotated vectors of one of K/V and write their slot fields; with
-    ``OFF``, also from ``ya`` (``y + R_h o``), keeping the encoding of smaller residual."""
+    ``OFF``, also from ``ya`` (``y + R_h o``), keeping the encoding of smaller residual.
+    Trellis codes (``TS``) of ``y`` / ``ya`` come searched: ``code_ptr``/``cent_ptr``,
+    ``codea_ptr``/``centa_ptr``."""
     DG: tl.constexpr = D // NG
     j = tl.arange(0, D)
     gid = j // DG
     in1 = (gid == 1)[None, :]  # coordinate belongs to the second group
     every = (j >= 0)[None, :]
     y = tl.load(y_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
-    code, cent, s0, s1 = _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, NG, NBND, W, NCORR)
+    code, cent, s0, s1 = _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, code_ptr, cent_ptr, row_off,
+                                   row_mask, NG, NBND, W, NCORR, TS)
     r = y
     if QJL or OFF:
         r = _residual(y, cent, s0, s1, in1)
     flag = s0 != s0  # all False (norms are never NaN)
     if OFF:
         ya = tl.load(ya_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
-        code_a, cent_a, s0_a, s1_a = _quantize(ya, j, gid, in1, lut_ptr, bnd_ptr, NG, NBND, W,
-                                               NCORR)
+        code_a, cent_a, s0_a, s1_a = _quantize(ya, j, gid, in1, lut_ptr, bnd_ptr, codea_ptr,
+                                               centa_ptr, row_off, row_mask, NG, NBND, W,
+                                               NCORR, TS)
         r_a = _residual(ya, cent_a, s0_a, s1_a, in1)
         r64 = r.to(tl.float64)
         ra64 = r_a.to(tl.float64)
@@ -184,13 +202,17 @@ def tq_store_kernel(
     cache_ptr, s_blk, s_head, s_tok, s_byte,  # uint8 cache and its element strides
     num_tokens, num_heads, block_size, num_slots,
     lutk_ptr, bndk_ptr, sketch_ptr, lutv_ptr, bndv_ptr,  # codec tables (see launcher)
+    # trellis codes (uint8) and unit values (float32), [T, H, D] each: K, K + R_h o, V
+    # (read only for a tensor with K_TS / V_TS > 0)
+    kc_ptr, kv_ptr, kac_ptr, kav_ptr, vc_ptr, vv_ptr,
     D: tl.constexpr, BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_NBND: tl.constexpr,
     K_W: tl.constexpr, K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr,
     K_SIGN: tl.constexpr, K_QJL: tl.constexpr, K_NCORR: tl.constexpr, K_OFF: tl.constexpr,
+    K_TS: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_NBND: tl.constexpr,
     V_W: tl.constexpr, V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
-    V_NCORR: tl.constexpr,
+    V_NCORR: tl.constexpr, V_TS: tl.constexpr,
 ):
     """Grid ``(cdiv(T, BLOCK_T), H)``: tokens ``[pid0·BLOCK_T, …)`` of KV head ``pid1``."""
     h = tl.program_id(1)
@@ -203,8 +225,9 @@ def tq_store_kernel(
            + (slot % block_size) * s_tok)
     row_off = (t.to(tl.int64) * num_heads + h) * D
     _encode_tensor(yk_ptr, yka_ptr, row_off, row_mask, dst, s_byte, lutk_ptr, bndk_ptr,
-                   sketch_ptr, D, K_NG, K_B0, K_B1, K_NBND, K_W, K_NORM, K_C0, K_C1, K_SIGN,
-                   K_QJL, K_NCORR, K_OFF, BLOCK_T, SK_COLS)
+                   sketch_ptr, kc_ptr, kv_ptr, kac_ptr, kav_ptr, D, K_NG, K_B0, K_B1, K_NBND,
+                   K_W, K_NORM, K_C0, K_C1, K_SIGN, K_QJL, K_NCORR, K_OFF, K_TS, BLOCK_T,
+                   SK_COLS)
     _encode_tensor(yv_ptr, yv_ptr, row_off, row_mask, dst, s_byte, lutv_ptr, bndv_ptr,
-                   sketch_ptr, D, V_NG, V_B0, V_B1, V_NBND, V_W, V_NORM, V_C0, V_C1, 0, False,
-                   V_NCORR, False, BLOCK_T, SK_COLS)
+                   sketch_ptr, vc_ptr, vv_ptr, vc_ptr, vv_ptr, D, V_NG, V_B0, V_B1, V_NBND,
+                   V_W, V_NORM, V_C0, V_C1, 0, False, V_NCORR, False, V_TS, BLOCK_T, SK_COLS)

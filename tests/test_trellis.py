@@ -96,10 +96,10 @@ def test_codec_with_trellis_codes_beats_scalar_codes():
 
 
 def test_scalar_codebooks_refused_for_trellis_codes():
-    """The Triton kernels read scalar codebooks: asking a trellis codec for them names the
-    reason; the CPU kernels' tables hold each group's trellis table, zero padded."""
+    """A trellis codec has no scalar codebooks (asking names what to read instead); the
+    kernels' tables hold each group's trellis table, zero padded."""
     codec = _trellis_codec(5)
-    with pytest.raises(ValueError, match="Triton kernels read scalar codebooks"):
+    with pytest.raises(ValueError, match="read trellis_tables"):
         codec.key.group_codebooks()
     tabs = codec.key.trellis_tables()  # split 4/3-bit groups: 2**9 and 2**8 entries
     assert tabs.shape == (2, 1 << 9)

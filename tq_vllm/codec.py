@@ -183,11 +183,10 @@ class TensorQuantizer:
         """Centroids ``[G, W]`` of each channel group: the row ``lut`` repeats for every
         coordinate of the group, which is what the fast kernels read. Raises if ``lut``
         differs between coordinates of a group (the kernels would read it wrong), and for
-        trellis codes (:meth:`trellis_tables` is what the CPU kernels read for those)."""
+        trellis codes (:meth:`trellis_tables` is what the kernels read for those)."""
         if self.tables is not None:
-            raise ValueError(f"the Triton kernels read scalar codebooks; trellis codes "
-                             f"(trellis={self.codec.trellis}) run in the PyTorch reference and "
-                             f"the CPU kernels only: on a GPU use a preset without trellis")
+            raise ValueError(f"trellis codes (trellis={self.codec.trellis}) have no scalar "
+                             f"codebooks: read trellis_tables()")
         self._check_kernel_bits()
         starts = torch.tensor([0, *self.layout.group_dims[:-1]]).cumsum(0).to(self.lut.device)
         books = self.lut[starts]
@@ -198,7 +197,7 @@ class TensorQuantizer:
 
     def trellis_tables(self) -> torch.Tensor:
         """Trellis decode tables ``[G, 2**(S + max bits)]`` float32 (group ``g``'s table in
-        its first ``2**(S + bits_g)`` entries, zeros after), what the CPU kernels read.
+        its first ``2**(S + bits_g)`` entries, zeros after), what the kernels read.
         Raises for scalar codes and for codes wider than the kernels take."""
         if self.tables is None:
             raise ValueError("this quantizer has scalar codes: read group_codebooks()")

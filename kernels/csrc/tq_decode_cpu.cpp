@@ -712,74 +712,89 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
 // branch costs cost[p] + e * e, e = u_i - value (float32, each operation rounded once:
 // the library is built with -ffp-contract=off), a new state keeps its first predecessor
 // t of least cost (strict <, t ascending) and the path ends in the first state of least
-// cost, so the codes are the reference's bit for bit. Lanes are the 2^R codes c of the
-// new states (c << (S - R)) | hi, so the minimum over t is a vertical compare and blend
-// per 8 lanes; `tabT` is the table transposed to [p = (hi << R) | t][c].
-constexpr int TRELLIS_LANES = 8;  // AVX2 float lanes (both builds): R >= 3 fills whole vectors
+// cost, so the codes are the reference's bit for bit.
+// The forward pass keeps only each state's least cost (a minimum is the same float in any
+// order, so the 2^R branches into a state reduce through independent chains); every
+// step's costs are kept, and the backward pass recomputes the 2^R branches into the one
+// state on the path and takes the first that reproduces its cost: the reference's
+// predecessor. Lanes are the 2^R codes c of the new states (c << (S - R)) | hi, so a
+// step's costs are stored as [hi][c] ("lane order", `lane_of` maps a state there); `tabT`
+// is the table transposed to [p = (hi << R) | t][c].
+constexpr int TRELLIS_LANES = 8;   // AVX2 float lanes (both builds): R >= 3 fills whole vectors
+constexpr int TRELLIS_CHAINS = 4;  // independent minimum chains per vector: hide the latency
+
+// Cost of the branch from state p (cost `cp`) into code c's window: the reference's rounding.
+inline float trellis_branch(float cp, float u, float value) {
+  const float e = u - value;
+  return cp + e * e;
+}
 
 template <int R>
 void trellis_row(const float* u, int dim, int S, const float* tab, const float* tabT,
-                 float* cost, float* nxt, uint8_t* back, uint8_t* out) {
+                 const int* lane_of, float* hist, uint8_t* out) {
   constexpr int NC = 1 << R;
   const int nh = 1 << (S - R), ns = 1 << S;
-  std::fill(cost, cost + ns, INFINITY);
-  cost[0] = 0.f;
+  std::fill(hist, hist + ns, INFINITY);
+  hist[lane_of[0]] = 0.f;
   for (int i = 0; i < dim; ++i) {
-    uint8_t* bk = back + (int64_t)i * ns;
+    const float* prev = hist + (int64_t)i * ns;
+    float* cur = hist + (int64_t)(i + 1) * ns;
     for (int hi = 0; hi < nh; ++hi) {
-      alignas(32) float best[NC];
-      alignas(32) int arg[NC];
       if constexpr (NC >= TRELLIS_LANES) {
         constexpr int NV = NC / TRELLIS_LANES;
         const __m256 x = _mm256_set1_ps(u[i]);
-        __m256 b[NV], a[NV];
-        for (int v = 0; v < NV; ++v) {
-          b[v] = _mm256_set1_ps(INFINITY);
-          a[v] = _mm256_setzero_ps();
-        }
-        for (int t = 0; t < NC; ++t) {
-          const int p = (hi << R) | t;
-          const __m256 cp = _mm256_set1_ps(cost[p]);
-          const __m256 tv = _mm256_castsi256_ps(_mm256_set1_epi32(t));
-          for (int v = 0; v < NV; ++v) {
-            const __m256 e = _mm256_sub_ps(x, _mm256_loadu_ps(tabT + p * NC + v * TRELLIS_LANES));
-            const __m256 tot = _mm256_add_ps(cp, _mm256_mul_ps(e, e));
-            const __m256 lt = _mm256_cmp_ps(tot, b[v], _CMP_LT_OQ);
-            b[v] = _mm256_blendv_ps(b[v], tot, lt);
-            a[v] = _mm256_blendv_ps(a[v], tv, lt);
-          }
-        }
-        for (int v = 0; v < NV; ++v) {
-          _mm256_store_ps(best + v * TRELLIS_LANES, b[v]);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(arg + v * TRELLIS_LANES), _mm256_castps_si256(a[v]));
-        }
-      } else {
-        for (int c = 0; c < NC; ++c) {
-          best[c] = INFINITY;
-          arg[c] = 0;
-          for (int t = 0; t < NC; ++t) {
-            const float e = u[i] - tab[(c << S) | (hi << R) | t];
-            const float tot = cost[(hi << R) | t] + e * e;
-            if (tot < best[c]) {
-              best[c] = tot;
-              arg[c] = t;
+        __m256 m[NV][TRELLIS_CHAINS];
+        for (int v = 0; v < NV; ++v)
+          for (int k = 0; k < TRELLIS_CHAINS; ++k) m[v][k] = _mm256_set1_ps(INFINITY);
+#pragma GCC unroll 16
+        for (int t0 = 0; t0 < NC; t0 += TRELLIS_CHAINS) {
+#pragma GCC unroll 4
+          for (int k = 0; k < TRELLIS_CHAINS; ++k) {
+            const int p = (hi << R) | (t0 + k);
+            const __m256 cp = _mm256_broadcast_ss(prev + lane_of[p]);
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) {
+              const __m256 e = _mm256_sub_ps(x, _mm256_loadu_ps(tabT + p * NC + v * TRELLIS_LANES));
+              const __m256 tot = _mm256_add_ps(cp, _mm256_mul_ps(e, e));
+              m[v][k] = _mm256_min_ps(m[v][k], tot);
             }
           }
         }
-      }
-      for (int c = 0; c < NC; ++c) {
-        nxt[(c << (S - R)) | hi] = best[c];
-        bk[(c << (S - R)) | hi] = (uint8_t)arg[c];
+        for (int v = 0; v < NV; ++v) {
+          __m256 r = m[v][0];
+          for (int k = 1; k < TRELLIS_CHAINS; ++k) r = _mm256_min_ps(r, m[v][k]);
+          _mm256_storeu_ps(cur + hi * NC + v * TRELLIS_LANES, r);
+        }
+      } else {
+        for (int c = 0; c < NC; ++c) {
+          float best = INFINITY;
+          for (int t = 0; t < NC; ++t) {
+            const int p = (hi << R) | t;
+            best = std::min(best, trellis_branch(prev[lane_of[p]], u[i], tab[(c << S) | p]));
+          }
+          cur[hi * NC + c] = best;
+        }
       }
     }
-    std::swap(cost, nxt);
   }
+  const float* last = hist + (int64_t)dim * ns;
   int state = 0;
-  for (int p = 1; p < ns; ++p)
-    if (cost[p] < cost[state]) state = p;
+  for (int s = 1; s < ns; ++s)
+    if (last[lane_of[s]] < last[lane_of[state]]) state = s;
   for (int i = dim - 1; i >= 0; --i) {
-    out[i] = (uint8_t)(state >> (S - R));
-    state = ((state & (nh - 1)) << R) | back[(int64_t)i * ns + state];
+    const float* prev = hist + (int64_t)i * ns;
+    const int c = state >> (S - R), hi = state & (nh - 1);
+    const float target = hist[(int64_t)(i + 1) * ns + lane_of[state]];
+    int first = 0;  // a non-finite row (the store never sends one) falls back to t = 0
+    for (int t = 0; t < NC; ++t) {
+      const int p = (hi << R) | t;
+      if (trellis_branch(prev[lane_of[p]], u[i], tab[(c << S) | p]) == target) {
+        first = t;
+        break;
+      }
+    }
+    out[i] = (uint8_t)c;
+    state = (hi << R) | first;
   }
 }
 
@@ -792,23 +807,25 @@ extern "C" int tq_trellis_encode_cpu(const float* u, int64_t rows, int64_t dim, 
                                      int64_t S, const float* table, uint8_t* codes,
                                      int num_threads) {
   if (bits < 1 || bits > 4 || S < bits || S > 10 || dim < 1 || dim > MAX_D) return -1;
-  const int NC = 1 << bits, ns = 1 << S;
+  const int NC = 1 << bits, ns = 1 << S, nh = ns / NC;
   std::vector<float> tabT((size_t)ns * NC);
-  for (int p = 0; p < ns; ++p)
+  std::vector<int> lane_of(ns);
+  for (int p = 0; p < ns; ++p) {
+    lane_of[p] = (p & (nh - 1)) * NC + (p >> (S - bits));
     for (int c = 0; c < NC; ++c) tabT[(size_t)p * NC + c] = table[(c << S) | p];
+  }
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> cost(ns), nxt(ns);
-    std::vector<uint8_t> back((size_t)dim * ns);
+    std::vector<float> hist((size_t)(dim + 1) * ns);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* ur = u + r * dim;
       uint8_t* out = codes + r * dim;
       switch (bits) {
-        case 1: trellis_row<1>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
-        case 2: trellis_row<2>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
-        case 3: trellis_row<3>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
-        default: trellis_row<4>(ur, (int)dim, (int)S, table, tabT.data(), cost.data(), nxt.data(), back.data(), out); break;
+        case 1: trellis_row<1>(ur, (int)dim, (int)S, table, tabT.data(), lane_of.data(), hist.data(), out); break;
+        case 2: trellis_row<2>(ur, (int)dim, (int)S, table, tabT.data(), lane_of.data(), hist.data(), out); break;
+        case 3: trellis_row<3>(ur, (int)dim, (int)S, table, tabT.data(), lane_of.data(), hist.data(), out); break;
+        default: trellis_row<4>(ur, (int)dim, (int)S, table, tabT.data(), lane_of.data(), hist.data(), out); break;
       }
     }
   }

@@ -295,8 +295,8 @@ def test_trellis_codes_with_a_qjl_sketch_match_reference(impl):
 
 
 def test_kernels_refuse_what_they_cannot_read_before_writing():
-    """5-bit codes (issue 7's reference-only A/B) are refused by the CPU store by name, the
-    cache left untouched; the Triton kernels refuse trellis codes by name."""
+    """5-bit codes (issue 7's reference-only A/B) are refused by the CPU and Triton stores
+    by name, the cache left untouched."""
     preset = PRESETS["tq4-mse"].model_copy(update={"key": mse_codec("5"), "value": mse_codec("5")})
     codec = LayerCodec.create(preset, 64, 2)
     cache = torch.zeros(2, 2, 16, preset.layout(64).slot_bytes, dtype=torch.uint8)
@@ -304,5 +304,6 @@ def test_kernels_refuse_what_they_cannot_read_before_writing():
     with pytest.raises(ValueError, match="at most 4 bits"):
         cpu_ops.store(kv, kv, cache, torch.tensor([0, 1, 2]), codec)
     assert not cache.any()
-    with pytest.raises(ValueError, match="Triton kernels read scalar codebooks"):
-        triton_ops._tables(LayerCodec.create(PRESETS["tq3-trellis"], 64, 2).key)
+    with pytest.raises(ValueError, match="at most 4 bits"):
+        triton_ops.store(kv, kv, cache, torch.tensor([0, 1, 2]), codec)
+    assert not cache.any()

@@ -43,6 +43,8 @@ CASES = [
     ("tq2.5-mse", 64, 3, 32, torch.bfloat16),
     ("tq3-qjl", 64, 7, 16, torch.float32),
     ("tq4.5", 64, 3, 16, torch.bfloat16),  # 4-bit keys + orthonormal shrunk QJL + offsets
+    ("tq3-trellis", 64, 3, 16, torch.float32),  # trellis windows, two channel groups
+    ("tq3.5-trellis", 64, 7, 32, torch.bfloat16),  # one group: a window across the halves
 ]
 IDS = [f"{n}-d{d}-g{g}-bs{b}-{str(t)[6:]}" for n, d, g, b, t in CASES]
 

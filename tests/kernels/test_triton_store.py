@@ -17,6 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
 
+from tq_vllm import trellis  # noqa: E402
 from tq_vllm.codec import LayerCodec  # noqa: E402
 from tq_vllm.config import PRESETS  # noqa: E402
 from tq_vllm.kernels import triton_ops  # noqa: E402
@@ -86,7 +87,8 @@ def _offset_choice(preset):
     return preset.model_copy(update={"transform": tf})
 
 
-@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5", "tq3.5-qjl", "tq4.5"])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5", "tq3.5-qjl", "tq4.5",
+                                  "tq3-trellis", "tq2.5-trellis"])
 def test_store_bit_exact_with_key_offset_choice(name, device):
     """Keys near ``−o`` are stored with their offset (flag in the first norm's sign bit),
     the rest as given: both encodings, the choice and the flag match the reference."""
@@ -103,6 +105,21 @@ def test_store_bit_exact_with_key_offset_choice(name, device):
     kk, _ = unpack_slots(preset.layout(dim), _by_slot(got)[sm])
     flags = codec.key.offset_flags(kk.norms)
     assert flags[::4].all() and not flags.all()
+
+
+@pytest.mark.parametrize("bits,state_bits,n", [(4, 6, 32), (3, 6, 16), (2, 6, 24), (1, 4, 16),
+                                                (2, 10, 8), (4, 4, 16)])
+def test_trellis_search_matches_reference(bits, state_bits, n, device):
+    """The Viterbi kernel's codes are :func:`trellis.encode`'s bit for bit (ties included:
+    a zero row and repeated rows), for every code width and state counts 4–10."""
+    gen = torch.Generator().manual_seed(bits * 100 + state_bits)
+    tab = torch.randn(1 << (state_bits + bits), generator=gen) * 0.2
+    u = torch.randn(6, n, generator=gen) * n ** -0.5
+    u[2] = 0.0
+    u[4] = u[1]
+    want = trellis.encode(u, tab, bits, state_bits)
+    got = triton_ops.trellis_search(*_on(device, u, tab), bits, state_bits)
+    assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.parametrize("name,dim", [("tq3.5-qjl", 256), ("tq4-mse", 256)])

@@ -270,3 +270,38 @@ def test_ppl_strict_variant_settings_and_realization_summary(capsys):
     ppl_strict.print_realizations(rows)
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tq4 ")][0]
     assert "+1.00% / 0.0200" in line and "+2.00% ± 0.71 / 0.0220" in line and "(2 " in line
+
+
+def test_ppl_strict_fp8_is_vllms_saturating_e4m3_cache():
+    """``fp8`` emulates vLLM's fp8 cache (e4m3, scale 1): e4m3 values round-trip, others
+    land on the nearest one (3 mantissa bits), beyond ±448 saturates; every layer is
+    quantized at 8 bits; options are refused by name."""
+    import ppl_strict
+
+    cast = ppl_strict.Fp8Codec().key
+    x = torch.tensor([[[0.0, 1.0, -1.125, 448.0, 1000.0, -1e6, 1.0 + 2 ** -5, 3e-3]]])
+    y = cast.decode(cast.encode(x))
+    # 1 + 2^-5 is under half an e4m3 step (2^-3) from 1; 3e-3 is 1.54 subnormal steps (2^-9)
+    assert y.tolist() == [[[0.0, 1.0, -1.125, 448.0, 448.0, -448.0, 1.0, 2 ** -8]]]
+    v = ppl_strict.parse_variant("fp8")
+    layers = ppl_strict.build_layers(v, 3, 64, calib=None)
+    assert sorted(layers) == [0, 1, 2] and ppl_strict.bits_per_coord(v, 3, 64) == 8.0
+
+
+def test_ppl_strict_trellis_search_runs_on_the_cpu_kernel():
+    """Where the native library builds, the emulation searches trellis codes with it: the
+    same codes as the reference (tests/kernels/test_cpu_ops.py), far faster."""
+    import ppl_strict
+
+    from tq_vllm import trellis
+    from tq_vllm.kernels import cpu_native
+
+    ref = trellis.encode
+    try:
+        native = ppl_strict.use_native_trellis_search()
+        assert native == (cpu_native.load_trellis() is not None)
+        tab = torch.randn(1 << 9) * 0.2
+        u = torch.randn(5, 16) * 0.25
+        assert torch.equal(trellis.encode(u, tab, 3, 6), ref(u, tab, 3, 6))
+    finally:
+        trellis.encode = ref
