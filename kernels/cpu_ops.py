@@ -155,14 +155,7 @@ def _trellis_codes(tq: TensorQuantizer, y: torch.Tensor) -> np.ndarray:
     """Trellis codes uint8 ``[N, H, d]`` of rotated vectors ``y`` ``[N, H, d]``, searched
     per channel group on the codec's own unit coordinates; a placeholder for scalar codes
     (the store kernel finds those itself)."""
-    if tq.tables is None:
-        return _NO_CODES
-    codes = torch.empty(y.shape, dtype=torch.uint8)
-    for g, (start, dg) in enumerate(tq.group_spans()):
-        u = tq.group_unit(y, g)[1].reshape(-1, dg)
-        found = trellis_search(u, tq.tables[g], tq.layout.group_bits[g], tq.codec.trellis)
-        codes[..., start:start + dg] = found.view(*y.shape[:-1], dg)
-    return codes.numpy()
+    return _NO_CODES if tq.tables is None else tq.trellis_codes(y, trellis_search).numpy()
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

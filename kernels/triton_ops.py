@@ -331,11 +331,7 @@ def _trellis_inputs(tq: TensorQuantizer, y: torch.Tensor) -> tuple[torch.Tensor,
     ``y`` ``[T, H, d]`` for a trellis quantizer: each channel group's Viterbi path on the
     codec's own unit coordinates and its decoded values, what the store kernel writes
     and corrects the norms by."""
-    codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
-    for g, (start, dg) in enumerate(tq.group_spans()):
-        u = tq.group_unit(y, g)[1].reshape(-1, dg)
-        found = trellis_search(u, tq.tables[g], tq.layout.group_bits[g], tq.codec.trellis)
-        codes[..., start:start + dg] = found.view(*y.shape[:-1], dg)
+    codes = tq.trellis_codes(y, trellis_search)
     return codes, tq.unit_values(codes).float().contiguous()
 
 

@@ -12,8 +12,8 @@ Encoding ``x`` (``[N, H, d]``):
    (Lloyd–Max codebook for dimension ``d_g``); the stored norm is ``n_g`` (or
    ``n_g / ‖c[idx]‖`` with norm correction) rounded to fp16. With ``TensorCodec.trellis``
    the codes are instead the Viterbi path of a bitshift trellis (:mod:`tq_vllm.trellis`:
-   same bits, each code decoded with the stream bits before it; the PyTorch reference and
-   the CPU kernels).
+   same bits, each code decoded with the stream bits before it; the PyTorch reference,
+   the CPU and the Triton kernels).
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
    from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16. Variants
    (``TensorCodec.qjl_rows / qjl_group / qjl_shrink``, issue 7's A/B): ``m = rows · n``
@@ -299,6 +299,21 @@ class TensorQuantizer:
         yg = y[..., a:a + dg]
         n = _norm(yg)
         return n, yg / n.clamp_min(_TINY)[..., None]
+
+    def trellis_codes(self, y: torch.Tensor, search=None) -> torch.Tensor:
+        """Trellis codes uint8 ``[N, H, d]`` of rotated vectors ``y`` ``[N, H, d]``: each
+        channel group's Viterbi path on its unit coordinates (:meth:`group_unit`), found by
+        ``search(u [R, d_g], table, bits, state_bits)`` — :func:`trellis.encode` unless a
+        kernel passes its own (bit-identical) search."""
+        if self.tables is None:
+            raise ValueError("this quantizer has scalar codes: no trellis search")
+        search = search or trellis.encode
+        codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+        for g, (start, dg) in enumerate(self.group_spans()):
+            u = self.group_unit(y, g)[1].reshape(-1, dg)
+            found = search(u, self.tables[g], self.layout.group_bits[g], self.codec.trellis)
+            codes[..., start:start + dg] = found.view(*y.shape[:-1], dg)
+        return codes
 
     def _trellis_values(self, codes: torch.Tensor, g: int) -> torch.Tensor:
         return trellis.decode(codes, self.tables[g], self.layout.group_bits[g], self.codec.trellis)

@@ -26,7 +26,7 @@ Lloyd–Max codebook at 4 / 3 / 2 bits on 64 coordinates, 1.72 / 1.62 / 1.19 dB 
 docs/quality.md (seventh and eighth rounds) has what it does to perplexity.
 The CPU kernels decode them (a table lookup per coordinate, from its window) and search
 them with :func:`encode`'s arithmetic, bit for bit (``kernels/cpu_ops.trellis_search``:
-native C++ or Numba); the Triton kernels refuse them by name.
+native C++ or Numba), and so do the Triton kernels (``kernels/triton_trellis.py``).
 """
 
 from __future__ import annotations
