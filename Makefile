@@ -28,7 +28,7 @@ demo: model
 	$(PY) -m tq_vllm.tools.demo --model $(MODEL)
 
 test: model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)

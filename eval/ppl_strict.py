@@ -40,10 +40,13 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
 
 PRESET is a preset name (the recommended ``tq{b}`` bring their own calibrated transforms,
 as in vLLM), ``auto``, ``fp8`` (vLLM's fp8 KV cache emulated: K and V cast to
-float8 e4m3 with vLLM's default scale 1.0, saturating at ±448), or ``kKvV`` (e.g. ``k4v3``): MSE keys at K and values at V bits per
-coordinate (fractional → split halves); ``k3qv4`` adds a QJL sketch of the key residual
-(the paper's TurboQuant_prod keys), ``k3q2v4`` with 2 sketch rows per coordinate,
-``k3.5qov4`` sketching only the outlier half's residual (QJL A/B, docs/quality.md).
+float8 e4m3 with vLLM's default scale 1.0, saturating at ±448), vLLM 0.32's own
+per-token-head caches ``int4_per_token_head``, ``int8_per_token_head``,
+``fp8_per_token_head`` (emulated: :class:`PerTokenHeadCast`), or ``kKvV`` (e.g. ``k4v3``):
+MSE keys at K and values at V bits per coordinate (fractional → split halves); ``k3qv4``
+adds a QJL sketch of the key residual (the paper's TurboQuant_prod keys), ``k3q2v4`` with 2
+sketch rows per coordinate, ``k3.5qov4`` sketching only the outlier half's residual (QJL
+A/B, docs/quality.md).
 
     python eval/ppl_strict.py --model smollm2 --docs 8 auto tq4-mse tq4-mse+nc+kmean
 """
@@ -68,6 +71,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from tq_vllm import trellis  # noqa: E402
 from tq_vllm.calibration import LayerTransform, calibrated_codec  # noqa: E402
 from tq_vllm.config import Preset, get_preset, mse_codec, with_trellis  # noqa: E402
+from tq_vllm.rotation import hadamard  # noqa: E402
 from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
 from tq_vllm.tools.models import fetch_model  # noqa: E402
@@ -90,6 +94,77 @@ class Fp8Codec:
     """Stand-in for a ``LayerCodec`` (``.key``/``.value`` encode and decode) for ``fp8``."""
 
     key = value = Fp8Cast()
+
+
+PER_TOKEN_HEAD = {"int4_per_token_head": 4, "int8_per_token_head": 8, "fp8_per_token_head": 8}
+"""vLLM 0.32's per-token-head KV cache dtypes and their code bits (each token and KV head
+also stores a float32 scale: 32 / head_dim more bits per coordinate)."""
+
+VLLM_RHT_SEED = 0x9E3779B9
+"""Seed of the ±1 signs of vLLM's randomized Hadamard transform for ``int4_per_token_head``
+(``vllm/v1/attention/ops/int4_per_token_head.py``, ``_get_rht_signs``)."""
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """vLLM's rounding before an integer store: ``x ± 0.5`` truncated toward zero."""
+    return torch.where(x >= 0, x + 0.5, x - 0.5).trunc()
+
+
+class PerTokenHeadCast:
+    """vLLM 0.32's ``{int4,int8,fp8}_per_token_head`` KV caches as an encode → decode pair,
+    one float32 scale per token and KV head (``triton_reshape_and_cache_flash.py``,
+    ``int4_per_token_head.py``). int8 / fp8: symmetric, scale ``max|x| / 127`` (``/ 448``),
+    codes ``x · (1 / scale)`` rounded half away from zero and clamped to [−128, 127] (int8)
+    or clamped to ±448 and cast to e4m3 (fp8). int4: the head vector rotated first by vLLM's
+    randomized Hadamard transform (``H · (signs ⊙ x)``, H unnormalised), then asymmetric codes
+    0..15 from its min and max with a zero point, which vLLM keeps in the scale's 4 low
+    mantissa bits (cleared again to decode); decoded vectors are rotated back."""
+
+    def __init__(self, kind: str):
+        if kind not in PER_TOKEN_HEAD:
+            raise ValueError(f"unknown per-token-head cache {kind!r}; choose from "
+                             f"{sorted(PER_TOKEN_HEAD)}")
+        self.kind = kind.split("_")[0]  # int4 / int8 / fp8
+
+    @staticmethod
+    def _rht(d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(VLLM_RHT_SEED)
+        signs = 2.0 * torch.bernoulli(torch.full((d,), 0.5), generator=gen) - 1.0
+        return signs, hadamard(d).float()
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes ``[N, H, d]``, float32 scales ``[N, H, 1]``) of ``x`` ``[N, H, d]``."""
+        x = x.float()
+        if self.kind == "int4":
+            signs, h = self._rht(x.shape[-1])
+            y = (x * signs) @ h
+            lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15.0).clamp_min(1e-6)
+            zp = _round_half_away(-lo / scale).clamp(0.0, 15.0)
+            q = _round_half_away(y * (1.0 / scale) + zp).clamp(0.0, 15.0)
+            packed = (scale.view(torch.int32) & -16) | zp.to(torch.int32)
+            return q - zp, packed.view(torch.float32)
+        qmax = 127.0 if self.kind == "int8" else FP8_MAX
+        scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-6)
+        q = x * (1.0 / scale)
+        if self.kind == "int8":
+            return _round_half_away(q).clamp(-128.0, 127.0), scale
+        return q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+    def decode(self, enc: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, scale = enc
+        if self.kind != "int4":
+            return q.float() * scale
+        y = q * (scale.view(torch.int32) & -16).view(torch.float32)
+        signs, h = self._rht(y.shape[-1])
+        return (y @ h) * signs / y.shape[-1]
+
+
+class PerTokenHeadCodec:
+    """Stand-in for a ``LayerCodec`` for vLLM's per-token-head caches."""
+
+    def __init__(self, kind: str):
+        self.key = self.value = PerTokenHeadCast(kind)
 
 
 def use_native_trellis_search() -> bool:
@@ -175,6 +250,9 @@ def build_layers(variant: dict, num_layers: int, head_dim: int, calib) -> dict:
         return {}
     if variant["preset"] == "fp8":
         return {i: (Fp8Codec(), LayerTransform()) for i in range(num_layers)}
+    if variant["preset"] in PER_TOKEN_HEAD:
+        codec = PerTokenHeadCodec(variant["preset"])
+        return {i: (codec, LayerTransform()) for i in range(num_layers)}
     preset = variant_preset(variant)
     n = variant["ends"]
     layers = {}
@@ -194,6 +272,8 @@ def run_variant(model, variant: dict, head_dim: int, calib):
 def bits_per_coord(variant: dict, num_layers: int, head_dim: int) -> float:
     if variant["preset"] in ("auto", "fp8"):
         return 16.0 if variant["preset"] == "auto" else 8.0
+    if variant["preset"] in PER_TOKEN_HEAD:
+        return PER_TOKEN_HEAD[variant["preset"]] + 32 / head_dim
     kb, vb = get_variant_preset(variant["preset"]).bits_per_coord(head_dim)
     n = variant["ends"]
     quant = num_layers - 2 * n
@@ -278,6 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
+    specs = list(args.variants)
+    for spec in args.variants:
+        if spec != "auto" and "jitter=" not in spec:
+            specs += [f"{spec}@jitter={j}" for j in range(1, args.realizations + 1)]
+    variants = [parse_variant(s) for s in specs]
+    for v in variants:  # refuse a bad spec before loading anything
+        vllm_cache = v["preset"] == "fp8" or v["preset"] in PER_TOKEN_HEAD
+        if vllm_cache and (v["opts"] or v["trellis"] or v["ends"]):
+            raise SystemExit(f"{v['spec']}: {v['preset']} takes no options "
+                             "(only @sink and @jitter)")
+        if v["preset"] != "auto" and not vllm_cache:
+            variant_preset(v)
     tok, model, head_dim = load_model(args.model)
     cfg = model.config
     nl = cfg.num_hidden_layers
@@ -294,16 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     with hf_attention.capture(model) as calib:
         for chunk in chunks:
             model(chunk[None])
-    specs = list(args.variants)
-    for spec in args.variants:
-        if spec != "auto" and "jitter=" not in spec:
-            specs += [f"{spec}@jitter={j}" for j in range(1, args.realizations + 1)]
-    variants = [parse_variant(s) for s in specs]
-    for v in variants:  # refuse a bad spec before the first long run
-        if v["preset"] == "fp8" and (v["opts"] or v["trellis"] or v["ends"]):
-            raise SystemExit(f"{v['spec']}: fp8 takes no options (only @sink and @jitter)")
-        if v["preset"] not in ("auto", "fp8"):
-            variant_preset(v)
     if any(v["trellis"] or "trellis" in v["preset"] for v in variants):
         how = "CPU kernel" if use_native_trellis_search() else "PyTorch reference (slow)"
         print(f"trellis codes searched by the {how}", flush=True)

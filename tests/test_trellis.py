@@ -10,6 +10,8 @@ import torch
 from tq_vllm import codebook, trellis
 from tq_vllm.config import TensorCodec, get_preset, mse_codec
 from tq_vllm.codec import LayerCodec
+from tq_vllm.kernels import cpu_ops
+from tq_vllm.tools.trellis_tables import preset_shapes
 
 from test_reference import trellis_preset  # tests/ on sys.path (rootdir conftest)
 
@@ -69,6 +71,26 @@ def test_table_is_deterministic():
     assert torch.equal(a, trellis.table(2, 4, 16))
 
 
+def test_shipped_tables_cover_every_trellis_preset():
+    """Every channel group of every ``tq{b}-trellis`` preset (all head sizes) reads a
+    shipped table of the current recipe, and :func:`trellis.table` returns it."""
+    shipped = trellis.shipped_tables()
+    shapes = preset_shapes()
+    assert sorted(shipped) == sorted(trellis.table_key(*s) for s in shapes)
+    for bits, state_bits, dim in shapes:
+        tab = shipped[trellis.table_key(bits, state_bits, dim)]
+        assert tab.dtype == torch.float32 and tab.shape == (1 << (bits + state_bits),)
+        assert torch.equal(trellis.table(bits, state_bits, dim), tab)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_shipped_tables_are_what_training_gives(bits):
+    """A shipped table equals a fresh :func:`trellis.train_table` bit for bit (searched by
+    the CPU kernel, which returns :func:`trellis.encode`'s codes: tests/kernels)."""
+    fresh = trellis.train_table(bits, 6, 32, search=cpu_ops.trellis_search)
+    assert torch.equal(fresh, trellis.shipped_tables()[trellis.table_key(bits, 6, 32)])
+
+
 def test_bad_state_bits_rejected():
     with pytest.raises(ValueError, match="set trellis ≥ 4"):
         TensorCodec(bits_hi=4, bits_lo=4, split=False, trellis=3)
@@ -85,7 +107,7 @@ def test_codec_with_trellis_codes_beats_scalar_codes():
     vectors than the scalar codes of the same bytes, and the decoded vectors are what
     ``unit_values`` gives for the stored codes."""
     x = torch.randn(400, 2, 64, generator=torch.Generator().manual_seed(5))
-    tr, sc = _trellis_codec(5), _trellis_codec(0)
+    tr, sc = _trellis_codec(6), _trellis_codec(0)
     for a, b in ((tr.key, sc.key), (tr.value, sc.value)):
         err_tr = ((a.decode(a.encode(x)) - x) ** 2).sum() / (x ** 2).sum()
         err_sc = ((b.decode(b.encode(x)) - x) ** 2).sum() / (x ** 2).sum()
@@ -98,12 +120,12 @@ def test_codec_with_trellis_codes_beats_scalar_codes():
 def test_scalar_codebooks_refused_for_trellis_codes():
     """A trellis codec has no scalar codebooks (asking names what to read instead); the
     kernels' tables hold each group's trellis table, zero padded."""
-    codec = _trellis_codec(5)
+    codec = _trellis_codec(6)
     with pytest.raises(ValueError, match="read trellis_tables"):
         codec.key.group_codebooks()
-    tabs = codec.key.trellis_tables()  # split 4/3-bit groups: 2**9 and 2**8 entries
-    assert tabs.shape == (2, 1 << 9)
-    assert torch.equal(tabs[1, : 1 << 8], codec.key.tables[1]) and not tabs[1, 1 << 8:].any()
+    tabs = codec.key.trellis_tables()  # split 4/3-bit groups: 2**10 and 2**9 entries
+    assert tabs.shape == (2, 1 << 10)
+    assert torch.equal(tabs[1, : 1 << 9], codec.key.tables[1]) and not tabs[1, 1 << 9:].any()
     with pytest.raises(ValueError, match="scalar codes"):
         _trellis_codec(0).key.trellis_tables()
 

@@ -19,7 +19,9 @@ Storage is unchanged — ``R`` bits per coordinate in the same bitstream as scal
 decoding stays one table lookup per coordinate from a window of ``S + R`` stream bits, which
 is what makes it a candidate for the decode kernels. The ``2**(S + R)`` table entries are
 trained by generalized Lloyd iterations (Viterbi assignment, then each entry the mean of
-the coordinates it decoded) on uniformly random unit vectors of the group's dimension.
+the coordinates it decoded) on uniformly random unit vectors of the group's dimension;
+the presets' shapes ship trained (:data:`SHIPPED_TABLES`), any other shape is trained on
+first use.
 
 Measured on such vectors (:func:`distortion`), 64 states: 2.13 / 1.93 / 1.49 dB below the
 Lloyd–Max codebook at 4 / 3 / 2 bits on 64 coordinates, 1.72 / 1.62 / 1.19 dB on 32;
@@ -32,6 +34,7 @@ native C++ or Numba), and so do the Triton kernels (``kernels/triton_trellis.py`
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -107,20 +110,59 @@ def _unit_vectors(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     return (x / x.norm(dim=-1, keepdim=True)).float()
 
 
-@lru_cache(maxsize=None)
-def table(bits: int, state_bits: int, dim: int) -> torch.Tensor:
-    """Trained decode table, float32 ``[2**(S + R)]``, for ``dim``-dimensional unit vectors
-    (deterministic: a fixed seed per shape; cached per process)."""
+RECIPE = f"v1/{TRAIN_VECTORS}x{TRAIN_ITERS}"
+"""Version of the training recipe; shipped tables (:data:`SHIPPED_TABLES`) made by another
+recipe are not used."""
+
+SHIPPED_TABLES = Path(__file__).with_name("trellis_tables.pt")
+"""The trained tables of every ``tq{b}-trellis`` preset's shapes, shipped with the package
+(``python -m tq_vllm.tools.trellis_tables`` writes them; tests retrain two and compare
+bit for bit), so no process spends the time a shape takes to train with :func:`encode`
+(2 cores: 6 / 11 / 23 s at 2 / 3 / 4 bits over 64 channels, 46 s at 4 bits over 128)."""
+
+
+def table_key(bits: int, state_bits: int, dim: int) -> str:
+    """Name of a table in :data:`SHIPPED_TABLES`."""
+    return f"r{bits}s{state_bits}d{dim}"
+
+
+@lru_cache(maxsize=1)
+def shipped_tables() -> dict[str, torch.Tensor]:
+    """The tables in :data:`SHIPPED_TABLES` (empty if it is missing or of another recipe)."""
+    if not SHIPPED_TABLES.is_file():
+        return {}
+    data = torch.load(SHIPPED_TABLES, weights_only=True)
+    if data.pop("recipe", None) != RECIPE:
+        return {}
+    return data
+
+
+def train_table(bits: int, state_bits: int, dim: int, search=None) -> torch.Tensor:
+    """Decode table float32 ``[2**(S + R)]`` trained for ``dim``-dimensional unit vectors by
+    generalized Lloyd iterations (deterministic: a fixed seed per shape). ``search`` has
+    :func:`encode`'s signature and codes (a kernel's bit-identical search is faster)."""
     _check(bits, state_bits)
+    search = search or encode
     gen = torch.Generator().manual_seed(0x7E11 + 1000 * bits + 100 * state_bits + dim)
     tab = torch.randn(1 << (state_bits + bits), generator=gen) / dim ** 0.5
     for _ in range(TRAIN_ITERS):
         y = _unit_vectors(TRAIN_VECTORS, dim, gen)
-        w = windows(encode(y, tab, bits, state_bits), bits, state_bits).flatten()
+        w = windows(search(y, tab, bits, state_bits), bits, state_bits).flatten()
         total = torch.zeros_like(tab).index_add_(0, w, y.flatten())
         count = torch.zeros_like(tab).index_add_(0, w, torch.ones_like(y.flatten()))
         tab = torch.where(count > 0, total / count.clamp_min(1), tab)
     return tab
+
+
+@lru_cache(maxsize=None)
+def table(bits: int, state_bits: int, dim: int) -> torch.Tensor:
+    """Trained decode table, float32 ``[2**(S + R)]``, for ``dim``-dimensional unit vectors:
+    the shipped one where there is one, else :func:`train_table` (cached per process)."""
+    _check(bits, state_bits)
+    shipped = shipped_tables().get(table_key(bits, state_bits, dim))
+    if shipped is not None:
+        return shipped.clone()
+    return train_table(bits, state_bits, dim)
 
 
 def distortion(bits: int, state_bits: int, dim: int, vectors: int = 4096,

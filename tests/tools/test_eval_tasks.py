@@ -288,6 +288,49 @@ def test_ppl_strict_fp8_is_vllms_saturating_e4m3_cache():
     assert sorted(layers) == [0, 1, 2] and ppl_strict.bits_per_coord(v, 3, 64) == 8.0
 
 
+def test_ppl_strict_per_token_head_caches_are_vllms():
+    """``int{4,8}/fp8_per_token_head`` emulate vLLM 0.32's per-token-head caches: int8 codes
+    of ``x · 127 / max|x|`` rounded half away from zero, fp8 the e4m3 cast of ``x · 448 /
+    max|x|``, int4 16 levels between the min and max of the vector rotated by vLLM's own
+    randomized Hadamard transform, the zero point in the scale's 4 low mantissa bits; the
+    float32 scale per token and head is counted in the bits; options are refused."""
+    import ppl_strict
+
+    x = torch.tensor([[[1.0, -0.51, 0.25, 0.0031, -1.0, 0.7, 0.1, -0.3]]])
+    q, scale = ppl_strict.PerTokenHeadCast("int8_per_token_head").encode(x)
+    assert q.tolist() == [[[127, -65, 32, 0, -127, 89, 13, -38]]]
+    assert scale.item() == pytest.approx(1 / 127)
+    fp8 = ppl_strict.PerTokenHeadCast("fp8_per_token_head")
+    q, scale = fp8.encode(x)
+    assert q.dtype == torch.float8_e4m3fn and q.float().abs().max().item() == 448.0
+    assert torch.allclose(fp8.decode((q, scale)), x, rtol=2 ** -4, atol=1e-3)
+
+    int4 = ppl_strict.PerTokenHeadCast("int4_per_token_head")
+    v = torch.randn(200, 2, 64, generator=torch.Generator().manual_seed(0))
+    signs, h = int4._rht(64)
+    y = (v * signs) @ h
+    q, packed = int4.encode(v)
+    zp = packed.view(torch.int32) & 15
+    step = (packed.view(torch.int32) & -16).view(torch.float32)
+    assert ((q + zp).min() >= 0) and ((q + zp).max() <= 15) and (q == q.round()).all()
+    assert ((q * step - y).abs() <= step * (1 + 1e-5)).all()  # within one level (clamped ends)
+    err = ((int4.decode((q, packed)) - v) ** 2).sum() / (v ** 2).sum()
+    assert 0.004 < err < 0.012  # 16 levels over a 64-coordinate Gaussian's range
+    try:
+        from vllm.v1.attention.ops.int4_per_token_head import single_rht
+    except ImportError:
+        single_rht = None
+    if single_rht is not None:  # the rotation is vLLM's, signs and order included
+        assert torch.allclose(single_rht(v), y, atol=1e-4)
+
+    for name, bits in (("int4_per_token_head", 4.5), ("int8_per_token_head", 8.5)):
+        var = ppl_strict.parse_variant(name)
+        assert ppl_strict.bits_per_coord(var, 3, 64) == bits
+        assert sorted(ppl_strict.build_layers(var, 3, 64, calib=None)) == [0, 1, 2]
+    with pytest.raises(SystemExit, match="takes no options"):
+        ppl_strict.main(["int4_per_token_head+nc", "--docs", "1"])
+
+
 def test_ppl_strict_trellis_search_runs_on_the_cpu_kernel():
     """Where the native library builds, the emulation searches trellis codes with it: the
     same codes as the reference (tests/kernels/test_cpu_ops.py), far faster."""
