@@ -59,6 +59,7 @@ import math
 import re
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -127,7 +128,9 @@ class PerTokenHeadCast:
         self.kind = kind.split("_")[0]  # int4 / int8 / fp8
 
     @staticmethod
+    @lru_cache(maxsize=None)
     def _rht(d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(±1 signs ``[d]``, unnormalised Hadamard ``[d, d]``) of vLLM's transform, float32."""
         gen = torch.Generator().manual_seed(VLLM_RHT_SEED)
         signs = 2.0 * torch.bernoulli(torch.full((d,), 0.5), generator=gen) - 1.0
         return signs, hadamard(d).float()

@@ -1,8 +1,8 @@
 """Triton Viterbi search for bitshift-trellis codes (jit code only).
 
-Launcher: :func:`tq_vllm.kernels.triton_ops.trellis_search`. One program per row (one
-channel group of one token and KV head) runs :func:`tq_vllm.trellis.encode` with its
-arithmetic, so the codes are the reference's bit for bit:
+Launcher: :func:`tq_vllm.kernels.triton_ops.trellis_search`. Each program searches
+``BLOCK_R`` rows (a row: one channel group of one token and KV head) with
+:func:`tq_vllm.trellis.encode`'s arithmetic, so the codes are the reference's bit for bit:
 
 * state ``p`` (the last ``S`` stream bits) splits as ``(hi << R) | t``; code ``c`` leads to
   state ``(c << (S − R)) | hi`` through the window ``(c << S) | p``, so the decode table
