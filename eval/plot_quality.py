@@ -6,7 +6,8 @@ the QJL term fixed (``tq{b}-qjl+qorth+qshrink``), the paper's TurboQuant_mse
 (``tq{b}-mse``), an emulation of vLLM's in-tree recipe (``+gauss`` variants with
 ``@ends=2``), vLLM's ``fp8`` cache (emulated: e4m3, scale 1), vLLM 0.32's per-token-head
 caches (``int4_per_token_head``, ``int8_per_token_head``, ``fp8_per_token_head``, emulated)
-and ours (``tq{b}`` and ``tq4.5``; ``tq{b}-trellis``). The y axis is linear below 1% (a Δ
+and ours (``tq{b}`` and ``tq4.5``; ``tq{b}+nofb``, the same with keys rounded to the nearest
+code as until 2026-11-25; ``tq{b}-trellis``). The y axis is linear below 1% (a Δ
 can be ≤ 0 there).
 
     python eval/plot_quality.py smollm2.json qwen.json --out docs/quality_pareto.png
@@ -28,6 +29,7 @@ FAMILIES = {
     "vLLM fp8 cache (emulated)": re.compile(r"^fp8$"),
     "vLLM int4/int8_per_token_head (emulated)": re.compile(r"^int[48]_per_token_head$"),
     "vLLM fp8_per_token_head (emulated)": re.compile(r"^fp8_per_token_head$"),
+    "tq-vllm, keys rounded to the nearest code (tq{b}+nofb)": re.compile(r"^tq[\d.]+\+nofb$"),
     "tq-vllm recommended (tq{b})": re.compile(r"^tq[\d.]+$"),
     "tq-vllm trellis codes (tq{b}-trellis)": re.compile(r"^tq[\d.]+-trellis$"),
 }

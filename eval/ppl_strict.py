@@ -9,7 +9,7 @@ share of positions whose top-1 token agrees (no sign to cancel, unlike Δ perple
 Calibration (for the ``+kmean``/``+ksmooth``/``+vmean``/``+perm`` options): Python's own
 ``pydoc_data`` reference text, disjoint from the evaluation essays.
 
-Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
+Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][+nofb][@ends=N]``::
 
     nc       norm correction (stored norm = ‖x‖ / ‖centroids‖) for K and V
     kmean    key mean removal      ksmooth  key channel smoothing s = rms_k^½
@@ -25,6 +25,8 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][@ends=N]``::
              decodes closer (a flag bit; flagged keys' logits have ⟨q, μ⟩ taken off), so
              the sink, far from the mean, keeps its own small residual (on in ``tq{b}``)
     nokchoice  the offset choice off (A/B against the recommended presets)
+    nofb     keys rounded to the nearest code instead of with feedback (``tq{b}``'s keys
+             round with feedback since 2026-11-25: ``TensorCodec.feedback``)
     kexact / vexact   leave keys / values unquantized (error attribution)
     ends=N   first and last N layers stay exact (counted at 16 bits)
     sink=N   the first N tokens of each document stay exact (attention sinks)
@@ -182,7 +184,7 @@ def use_native_trellis_search() -> bool:
 
 
 OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kchoice",
-           "nokchoice", "kexact", "vexact", "qshrink", "qorth")
+           "nokchoice", "kexact", "vexact", "qshrink", "qorth", "nofb")
 
 
 def parse_variant(spec: str) -> dict:
@@ -241,6 +243,8 @@ def variant_preset(variant: dict) -> Preset:
         preset = preset.model_copy(update={"key": preset.key.model_copy(update={"qjl_shrink": True})})
     if "qorth" in o:
         preset = preset.model_copy(update={"sketch": "orthogonal"})
+    if "nofb" in o:
+        preset = preset.model_copy(update={"key": preset.key.model_copy(update={"feedback": False})})
     if variant["trellis"]:
         preset = with_trellis(preset, variant["trellis"])
     update = {k: v for opt in o for k, v in OPTION_TRANSFORM.get(opt, {}).items()}

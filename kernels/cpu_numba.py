@@ -18,6 +18,11 @@ bits before the code (zero at the group's start). Their codes are searched befor
 store (:func:`trellis_encode_kernel`, or the native kernel: the reference's Viterbi search
 with its float32 arithmetic) and handed to :func:`store_kernel`.
 
+Keys with feedback rounding (``tq_vllm.codec``, the ``tq{b}`` presets) are rounded in the
+store one coordinate at a time, each error fed into the later coordinates through the
+head's ``[d, d]`` matrix ``F`` (``O(d²)`` per key instead of ``O(d)``); decode reads the
+codes as any others.
+
 Keys with the offset choice (``tq_vllm.codec``): the first norm's sign bit (bit 7 of
 byte ``desc[0] + 1``) flags a key stored with its offset; norms are read as magnitudes
 and a flagged key's logit gets ``⟨q, o⟩`` (per query head, from the launcher) taken off.
@@ -239,18 +244,24 @@ def trellis_encode_kernel(u, table, bits, state_bits, codes):
 
 @njit(inline="always", cache=True)
 def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, work, resid,
-                   tcodes, t, hh):
+                   tcodes, t, hh, fb, use_fb, fed):
     """Quantize one rotated vector ``y`` [d] into the (zeroed) slot at byte ``slot``.
 
     Returns (norms saturated to the fp16 maximum, float32 residual norm ``‖y − ŷ‖`` —
     computed for QJL or when ``resid`` — else 0). ``work`` is a [d] float32 scratch row
     (the reconstruction, then the residual); ``tcodes[t, hh]`` [d] the vector's trellis
-    codes, searched beforehand (:func:`trellis_encode_kernel`; not read for scalar codes)."""
+    codes, searched beforehand (:func:`trellis_encode_kernel`; not read for scalar codes).
+    With ``use_fb`` scalar codes round with feedback (``tq_vllm.codec``): coordinate ``j``
+    is rounded from ``fed[j]`` (``y`` plus the earlier coordinates' errors times
+    ``fb[hh, i, j]``, float32, product then difference); ``fed`` is a [d] scratch row."""
     want_r = resid or desc[2] >= 0
     d = y.shape[0]
     ngroups = desc[1]
     state_bits = desc[3 + 3 * ngroups]
     saturated = 0
+    if use_fb:
+        for j in range(d):
+            fed[j] = y[j]
     j0 = 0
     for g in range(ngroups):
         dim = desc[5 + 3 * g]
@@ -270,12 +281,17 @@ def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, w
                 c = lut[g, w]
                 state = w >> bits
             else:
-                u = y[j0 + k] / inv
+                u = (fed[j0 + k] if use_fb else y[j0 + k]) / inv
                 code = 0
                 for i in range(bounds.shape[1]):
                     if bounds[g, i] < u:
                         code += 1
                 c = lut[j0 + k, code]
+                if use_fb:
+                    err = fed[j0 + k] - c * inv
+                    row = fb[hh, j0 + k]
+                    for jj in range(j0 + k + 1, d):
+                        fed[jj] = fed[jj] - err * row[jj]
             bp = k * bits
             cache[seg + (bp >> 3)] |= (code << (bp & 7)) & 0xFF
             if (bp & 7) + bits > 8:
@@ -320,7 +336,7 @@ def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, w
 @njit(parallel=True, cache=True)
 def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, s_tok,
                  block_size, slot_bytes, kdesc, k_bounds, k_lut, k_nc, sketch, vdesc, v_bounds,
-                 v_lut, v_nc, k_codes, k_alt_codes, v_codes, saturated):
+                 v_lut, v_nc, k_codes, k_alt_codes, v_codes, k_fb, k_use_fb, saturated):
     """Quantize rotated K/V ``[N, H, d]`` and write slots ``slots[N]`` (all valid).
 
     With ``has_off`` each key is also encoded from ``yk_alt`` (``y + R_h o``) and that
@@ -328,7 +344,8 @@ def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, 
     residual is strictly smaller. The slot is zeroed first, so padding stays zero;
     ``saturated[i]`` counts the kept norms of token i clamped to the fp16 range.
     Trellis codes come searched (uint8 ``[N, H, d]`` each of ``k_codes``, ``k_alt_codes``,
-    ``v_codes``; read only for a tensor with trellis codes)."""
+    ``v_codes``; read only for a tensor with trellis codes). With ``k_use_fb`` keys round
+    with feedback through ``k_fb`` ``[H, d, d]`` float32 (:func:`_encode_tensor`)."""
     n, h, d = yk.shape
     for task in prange(n * h):
         t = task // h
@@ -338,17 +355,19 @@ def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, 
         for i in range(slot_bytes):
             cache[base + i] = 0
         work = np.empty(d, dtype=np.float32)
+        fed = np.empty(d, dtype=np.float32)
         sat, gamma = _encode_tensor(yk[t, hh], base, cache, kdesc, k_bounds, k_lut, k_nc,
-                                    sketch, work, has_off, k_codes, t, hh)
+                                    sketch, work, has_off, k_codes, t, hh, k_fb, k_use_fb, fed)
         if has_off:
             alt = np.zeros(k_bytes, dtype=np.uint8)
             sat_alt, gamma_alt = _encode_tensor(yk_alt[t, hh], 0, alt, kdesc, k_bounds, k_lut,
-                                                k_nc, sketch, work, True, k_alt_codes, t, hh)
+                                                k_nc, sketch, work, True, k_alt_codes, t, hh,
+                                                k_fb, k_use_fb, fed)
             if gamma_alt < gamma:
                 for i in range(k_bytes):
                     cache[base + i] = alt[i]
                 cache[base + kdesc[0] + 1] |= 0x80
                 sat = sat_alt
         sat_v, _ = _encode_tensor(yv[t, hh], base, cache, vdesc, v_bounds, v_lut, v_nc, sketch,
-                                  work, False, v_codes, t, hh)
+                                  work, False, v_codes, t, hh, k_fb, False, fed)
         saturated[task] = sat + sat_v

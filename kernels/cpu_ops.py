@@ -70,6 +70,9 @@ class _Tables:
         self.k_bounds = _bounds(codec.key.bounds).numpy()
         self.v_bounds = _bounds(codec.value.bounds).numpy()
         self.has_off = codec.key.offset_rot is not None
+        fb = codec.key.feedback
+        self.k_fb = (fb.float().contiguous() if fb is not None else torch.zeros(1, 1, 1)).numpy()
+        self.k_use_fb = fb is not None
 
 
 def tables(codec: LayerCodec) -> _Tables:
@@ -164,7 +167,8 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
     Same bits as :func:`tq_vllm.reference.tq_store`: the rotation and the
     non-finite policy are the codec's own (:meth:`tq_vllm.codec.TensorQuantizer.rotate_finite`),
-    trellis codes are searched first (:func:`_trellis_codes`), the rest is one Numba pass.
+    trellis codes are searched first (:func:`_trellis_codes`), the rest (feedback rounding
+    included) is one Numba pass.
     """
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
     sm = slot_mapping.to(torch.int64)
@@ -192,7 +196,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         tab.sketch64, tab.vdesc, tab.v_bounds, tab.v_lut,
         codec.value.codec.norm_correction, _trellis_codes(codec.key, yk),
         _trellis_codes(codec.key, yk_alt) if tab.has_off else _NO_CODES,
-        _trellis_codes(codec.value, yv), saturated.numpy())
+        _trellis_codes(codec.value, yv), tab.k_fb, tab.k_use_fb, saturated.numpy())
     n_sat = int(saturated.sum())
     if n_sat:
         codec.key.stats["saturated_norms"] += n_sat

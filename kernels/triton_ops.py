@@ -398,8 +398,9 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         t, h, block_size, num_blocks * block_size,
         lutk, bndk, sketch if sketch is not None else lutk, lutv, bndv,
         *given_k, *given_ka, *given_v,
-        BLOCK_T=STORE_BLOCK_T, SK_COLS=SKETCH_COLS,
-        enable_fp_fusion=False,  # keep y − n·c unfused, as the reference computes it
+        codec.key.feedback if codec.key.feedback is not None else yk,  # placeholder without
+        BLOCK_T=STORE_BLOCK_T, SK_COLS=SKETCH_COLS, K_FB=codec.key.feedback is not None,
+        enable_fp_fusion=False,  # keep y − n·c and the feedback unfused, as the reference
         **consts,
     )
 

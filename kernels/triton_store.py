@@ -20,6 +20,10 @@ bit for bit, given the same rotated input:
 * key offset choice (``OFF``): the key is also encoded from ``y + R_h o`` (added by the
   launcher, as the codec adds it) and that encoding is kept, flagged in the first
   norm's sign bit, where its residual norm is strictly smaller;
+* feedback rounding (``FB``, keys of ``tq{b}``): coordinates rounded in turn, each
+  from ``w_i / n_g`` where ``w`` is ``y`` with the earlier errors ``(w_i − c_i·n_g)``
+  times row ``i`` of the head's ``F`` ``[D, D]`` taken off (float32, product then
+  difference, unfused), as ``TensorQuantizer.feedback_codes`` does;
 * trellis codes (``TS`` state bits): the launcher searches them
   (:mod:`tq_vllm.kernels.triton_trellis`) and passes codes and unit values; norms, norm
   correction, residuals, the offset choice and the packing are the scalar codes' own
@@ -85,13 +89,37 @@ def _corrected(n, cent_sq, sel):
 
 
 @triton.jit
-def _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, given_code, given_cent, rows, row_mask,
-              NG: tl.constexpr, NBND: tl.constexpr, W: tl.constexpr, NCORR: tl.constexpr,
-              TS: tl.constexpr):
+def _feedback_codes(y, j, n0, n1, lut_ptr, bnd_ptr, fb_ptr, D: tl.constexpr, NG: tl.constexpr,
+                    NBND: tl.constexpr, W: tl.constexpr):
+    """Codes ``[R, D]`` int32 and unit centroids of rotated vectors ``y`` ``[R, D]`` by
+    feedback rounding with the head's ``F`` at ``fb_ptr`` (``[D, D]`` float32, row-major)."""
+    DG: tl.constexpr = D // NG
+    code = tl.zeros(y.shape, tl.int32)
+    cent = tl.zeros(y.shape, tl.float32)
+    w = y
+    for i in range(D):  # sequential: coordinate i is rounded after the errors before it
+        sel = (j == i)[None, :]
+        w_i = tl.sum(tl.where(sel, w, 0.0), axis=1)  # one nonzero term: exact
+        g = i // DG
+        n_i = tl.maximum(tl.where(g == 1, n1, n0), _TINY)
+        c_i = _bucket(tl.math.div_rn(w_i, n_i), bnd_ptr + g * 16, NBND)
+        v_i = tl.load(lut_ptr + g * W + c_i)
+        err = w_i - v_i * n_i
+        w = w - err[:, None] * tl.load(fb_ptr + i * D + j)[None, :]  # F[i, j] = 0 for j ≤ i
+        code = tl.where(sel, c_i[:, None], code)
+        cent = tl.where(sel, v_i[:, None], cent)
+    return code, cent
+
+
+@triton.jit
+def _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, given_code, given_cent, rows, row_mask, fb_ptr,
+              D: tl.constexpr, NG: tl.constexpr, NBND: tl.constexpr, W: tl.constexpr,
+              NCORR: tl.constexpr, TS: tl.constexpr, FB: tl.constexpr):
     """Codes ``[R, D]``, their unit centroids, and the group norms to store (``s0``, ``s1``
     ``[R]`` float32, corrected with ``NCORR``) of rotated vectors ``y`` ``[R, D]``. Trellis
     codes (``TS`` > 0) come searched, with their unit values, from ``given_code`` /
-    ``given_cent`` (``[T·H, D]``, rows ``rows``)."""
+    ``given_cent`` (``[T·H, D]``, rows ``rows``); with ``FB`` scalar codes round with
+    feedback (:func:`_feedback_codes`)."""
     y64 = y.to(tl.float64)
     sq = y64 * y64
     n0 = _norm(sq, ~in1)
@@ -102,6 +130,8 @@ def _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, given_code, given_cent, rows, ro
         at = rows[:, None] + j[None, :]
         code = tl.load(given_code + at, mask=row_mask[:, None], other=0).to(tl.int32)
         cent = tl.load(given_cent + at, mask=row_mask[:, None], other=0.0)
+    elif FB:
+        code, cent = _feedback_codes(y, j, n0, n1, lut_ptr, bnd_ptr, fb_ptr, D, NG, NBND, W)
     else:
         n_j = tl.where(in1, n1[:, None], n0[:, None])
         code = _bucket(tl.math.div_rn(y, tl.maximum(n_j, _TINY)), bnd_ptr + gid[None, :] * 16,
@@ -126,16 +156,16 @@ def _residual(y, cent, s0, s1, in1):
 
 @triton.jit
 def _encode_tensor(y_ptr, ya_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_ptr,
-                   code_ptr, cent_ptr, codea_ptr, centa_ptr,
+                   code_ptr, cent_ptr, codea_ptr, centa_ptr, fb_ptr,
                    D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
                    NBND: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                    C0: tl.constexpr, C1: tl.constexpr, SIGN: tl.constexpr, QJL: tl.constexpr,
-                   NCORR: tl.constexpr, OFF: tl.constexpr, TS: tl.constexpr,
+                   NCORR: tl.constexpr, OFF: tl.constexpr, TS: tl.constexpr, FB: tl.constexpr,
                    BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr):
     """Encode ``BLOCK_T`` rotated vectors of one of K/V and write their slot fields; with
     ``OFF``, also from ``ya`` (``y + R_h o``), keeping the encoding of smaller residual.
     Trellis codes (``TS``) of ``y`` / ``ya`` come searched: ``code_ptr``/``cent_ptr``,
-    ``codea_ptr``/``centa_ptr``."""
+    ``codea_ptr``/``centa_ptr``; with ``FB`` the head's feedback matrix is at ``fb_ptr``."""
     DG: tl.constexpr = D // NG
     j = tl.arange(0, D)
     gid = j // DG
@@ -143,7 +173,7 @@ def _encode_tensor(y_ptr, ya_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_p
     every = (j >= 0)[None, :]
     y = tl.load(y_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
     code, cent, s0, s1 = _quantize(y, j, gid, in1, lut_ptr, bnd_ptr, code_ptr, cent_ptr, row_off,
-                                   row_mask, NG, NBND, W, NCORR, TS)
+                                   row_mask, fb_ptr, D, NG, NBND, W, NCORR, TS, FB)
     r = y
     if QJL or OFF:
         r = _residual(y, cent, s0, s1, in1)
@@ -151,8 +181,8 @@ def _encode_tensor(y_ptr, ya_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_p
     if OFF:
         ya = tl.load(ya_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
         code_a, cent_a, s0_a, s1_a = _quantize(ya, j, gid, in1, lut_ptr, bnd_ptr, codea_ptr,
-                                               centa_ptr, row_off, row_mask, NG, NBND, W,
-                                               NCORR, TS)
+                                               centa_ptr, row_off, row_mask, fb_ptr, D, NG, NBND,
+                                               W, NCORR, TS, FB)
         r_a = _residual(ya, cent_a, s0_a, s1_a, in1)
         r64 = r.to(tl.float64)
         ra64 = r_a.to(tl.float64)
@@ -205,11 +235,12 @@ def tq_store_kernel(
     # trellis codes (uint8) and unit values (float32), [T, H, D] each: K, K + R_h o, V
     # (read only for a tensor with K_TS / V_TS > 0)
     kc_ptr, kv_ptr, kac_ptr, kav_ptr, vc_ptr, vv_ptr,
+    fbk_ptr,  # float32 [H, D, D]: the keys' feedback matrices (read only with K_FB)
     D: tl.constexpr, BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_NBND: tl.constexpr,
     K_W: tl.constexpr, K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr,
     K_SIGN: tl.constexpr, K_QJL: tl.constexpr, K_NCORR: tl.constexpr, K_OFF: tl.constexpr,
-    K_TS: tl.constexpr,
+    K_TS: tl.constexpr, K_FB: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_NBND: tl.constexpr,
     V_W: tl.constexpr, V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
     V_NCORR: tl.constexpr, V_TS: tl.constexpr,
@@ -225,9 +256,11 @@ def tq_store_kernel(
            + (slot % block_size) * s_tok)
     row_off = (t.to(tl.int64) * num_heads + h) * D
     _encode_tensor(yk_ptr, yka_ptr, row_off, row_mask, dst, s_byte, lutk_ptr, bndk_ptr,
-                   sketch_ptr, kc_ptr, kv_ptr, kac_ptr, kav_ptr, D, K_NG, K_B0, K_B1, K_NBND,
-                   K_W, K_NORM, K_C0, K_C1, K_SIGN, K_QJL, K_NCORR, K_OFF, K_TS, BLOCK_T,
+                   sketch_ptr, kc_ptr, kv_ptr, kac_ptr, kav_ptr,
+                   fbk_ptr + h.to(tl.int64) * D * D, D, K_NG, K_B0, K_B1, K_NBND,
+                   K_W, K_NORM, K_C0, K_C1, K_SIGN, K_QJL, K_NCORR, K_OFF, K_TS, K_FB, BLOCK_T,
                    SK_COLS)
     _encode_tensor(yv_ptr, yv_ptr, row_off, row_mask, dst, s_byte, lutv_ptr, bndv_ptr,
-                   sketch_ptr, vc_ptr, vv_ptr, vc_ptr, vv_ptr, D, V_NG, V_B0, V_B1, V_NBND,
-                   V_W, V_NORM, V_C0, V_C1, 0, False, V_NCORR, False, V_TS, BLOCK_T, SK_COLS)
+                   sketch_ptr, vc_ptr, vv_ptr, vc_ptr, vv_ptr, fbk_ptr, D, V_NG, V_B0, V_B1,
+                   V_NBND, V_W, V_NORM, V_C0, V_C1, 0, False, V_NCORR, False, V_TS, False,
+                   BLOCK_T, SK_COLS)

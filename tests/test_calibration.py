@@ -133,8 +133,10 @@ def test_balanced_smoothing_beats_rms_when_queries_use_other_channels():
     base = get_preset("tq4")
     errors = {}
     for scale in ("rms", "balanced"):
-        preset = base.model_copy(update={"transform": base.transform.model_copy(
-            update={"key_scale": scale, "key_offset_choice": False})})
+        preset = base.model_copy(update={  # nearest rounding: the scale alone
+            "key": base.key.model_copy(update={"feedback": False}),
+            "transform": base.transform.model_copy(
+                update={"key_scale": scale, "key_offset_choice": False})})
         codec, tf = calibrated_codec(preset, stats, d, layer=0)
         stored = tf.keys(k)
         decoded = codec.key.decode(codec.key.encode(stored))
@@ -164,3 +166,43 @@ def test_calibrated_codec_gives_the_offset_choice_the_stored_key_mean():
     assert torch.allclose(tf.stored_key_mean(), tf.k_mean / tf.k_scale)
     plain, _ = calibrated_codec(get_preset("tq4-mse"), stats, 64, layer=0)
     assert plain.key.offset is None
+
+
+def test_feedback_rounding_cuts_the_logit_error_of_held_out_queries():
+    """Keys rounded with feedback against the calibration queries' second moment: on other
+    queries of the same (correlated, anisotropic) law, through the real ``tq4`` codec, the
+    logit RMS error is well below nearest rounding's (0.59–0.62× over three seeds)."""
+    from tq_vllm.calibration import calibrated_codec
+    from tq_vllm.config import get_preset
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 2000, 64
+    mix = torch.randn(d, d, generator=g) * torch.logspace(-1, 0.5, d)
+    k = torch.randn(n, 1, d, generator=g) * torch.linspace(0.5, 2, d)
+    stats = KVStats.from_samples(k, torch.randn(n, 1, d, generator=g),
+                                 torch.randn(n, 2, d, generator=g) @ mix.T)
+    q = torch.randn(n, 2, d, generator=g) @ mix.T  # held out
+    errors = {}
+    for fb in (False, True):
+        base = get_preset("tq4")
+        preset = base.model_copy(update={"key": base.key.model_copy(update={"feedback": fb})})
+        codec, tf = calibrated_codec(preset, stats, d, layer=0)
+        assert (codec.key.feedback is not None) == fb
+        stored = tf.keys(k)
+        err = codec.key.decode(codec.key.encode(stored)) - stored
+        errors[fb] = float(torch.einsum("nhd,nd->nh", tf.queries(q), err[:, 0]).pow(2).mean().sqrt())
+    assert errors[True] < 0.75 * errors[False], errors
+
+
+def test_query_weight_is_the_stored_domain_second_moment():
+    """``q_cov``'s diagonal is ``q_sq``; in the stored domain it is scaled by ``s ⊗ s``."""
+    from tq_vllm.calibration import stored_query_weight
+
+    k, v, q = _sample(d=64)
+    stats = KVStats.from_samples(k.float(), v.float(), q.float())
+    assert torch.allclose(stats.q_cov.diagonal(dim1=-2, dim2=-1), stats.q_sq, rtol=1e-5)
+    tf = LayerTransform.from_stats(stats, key_scale="balanced")
+    qs = tf.queries(q.float())
+    want = torch.einsum("nhd,nhe->hde", qs, qs) / qs.shape[0]
+    want = want.reshape(stats.q_cov.shape[0], -1, 64, 64).sum(1)
+    assert torch.allclose(stored_query_weight(stats, tf), want, rtol=1e-4, atol=1e-5)

@@ -221,6 +221,50 @@ def test_key_offset_needs_a_preset_with_the_choice():
         LayerCodec.create(PRESETS["tq4"], 64, 2, key_offset=torch.zeros(3, 64))
 
 
+@pytest.mark.parametrize("name", ["tq4", "tq3"])
+def test_feedback_with_an_isotropic_weight_is_nearest_rounding(name):
+    """With queries of identity second moment there is nothing to shape: ``F = 0`` and the
+    codes are the nearest ones, bit for bit (the feedback path changes nothing else)."""
+    x = torch.randn(300, 2, 64) * 2
+    eye = torch.eye(64).expand(2, 64, 64)
+    fed = LayerCodec.create(PRESETS[name], 64, 2, layer=3, key_query_weight=eye).key
+    near = LayerCodec.create(PRESETS[name], 64, 2, layer=3).key
+    assert fed.feedback is not None and not fed.feedback.any() and near.feedback is None
+    a, b = fed.encode(x), near.encode(x)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.norms, b.norms)
+
+
+def test_feedback_matrix_is_strictly_upper_and_lowers_the_weighted_error():
+    """``F`` is strictly upper triangular; the weighted error ``eᵀ(R W Rᵀ)e`` of feedback
+    codes is below nearest rounding's on Gaussian vectors for an anisotropic ``W``."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 64, 64, generator=g) * torch.logspace(-1, 1, 64)
+    w = a @ a.mT / 64
+    preset = PRESETS["tq4"].model_copy(update={"transform": PRESETS["tq4"].transform.model_copy(
+        update={"key_offset_choice": False})})
+    fed = LayerCodec.create(preset, 64, 1, key_query_weight=w).key
+    near = LayerCodec.create(preset, 64, 1).key
+    assert torch.equal(fed.feedback, fed.feedback.triu(1))
+    x = torch.randn(2000, 1, 64, generator=g)
+    err = {k: (c.decode(c.encode(x)) - x)[:, 0] for k, c in (("fed", fed), ("near", near))}
+    weighted = {k: float(torch.einsum("nd,de,ne->n", e, w[0], e).mean()) for k, e in err.items()}
+    assert weighted["fed"] < 0.8 * weighted["near"], weighted
+
+
+def test_query_weight_is_checked():
+    with pytest.raises(ValueError, match="rounds keys to the nearest code"):
+        LayerCodec.create(PRESETS["tq4-mse"], 64, 2, key_query_weight=torch.eye(64).repeat(2, 1, 1))
+    with pytest.raises(ValueError, match=r"\[2, 64, 64\]"):
+        LayerCodec.create(PRESETS["tq4"], 64, 2, key_query_weight=torch.eye(64))
+    bad = torch.eye(64).repeat(2, 1, 1)
+    bad[1, 0, 5] = 1.0  # not symmetric
+    with pytest.raises(ValueError, match="symmetric"):
+        LayerCodec.create(PRESETS["tq4"], 64, 2, key_query_weight=bad)
+    bad[1, 0, 5] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        LayerCodec.create(PRESETS["tq4"], 64, 2, key_query_weight=bad)
+
+
 def _qjl_codec(bits, sketch="gaussian", dim=64, **kw):
     """Key quantizer of ``bits``-bit MSE codes plus a QJL sketch with the given options."""
     preset = Preset(name="tq-test", family="qjl", budget="4", sketch=sketch,

@@ -50,7 +50,9 @@ def test_families_and_budgets():
     top = PRESETS["tq4.5"]  # tq4 plus the key residual's shrunk orthonormal QJL sketch
     assert top.family == "recommended" and top.transform == PRESETS["tq4"].transform
     assert top.value == PRESETS["tq4"].value and top.sketch == "orthogonal"
-    assert top.key == PRESETS["tq4"].key.model_copy(update={"qjl": True, "qjl_shrink": True})
+    # feedback rounding shapes the residual the sketch quantizes: off under QJL (measured)
+    assert top.key == PRESETS["tq4"].key.model_copy(update={"qjl": True, "qjl_shrink": True,
+                                                            "feedback": False})
     assert (top.key.code_bits_per_coord + top.value.code_bits_per_coord) / 2 == 4.5
     assert not any(n.startswith("turboquant") for n in PRESET_NAMES)
 
@@ -113,10 +115,21 @@ def test_trellis_presets_are_their_scalar_twins_with_trellis_codes(budget):
     """``tq{b}-trellis`` = ``tq{b}`` with 6-state-bit trellis K and V codes: the same
     transforms and the same slot bytes at every head size."""
     rec, tr = PRESETS[f"tq{budget}"], PRESETS[f"tq{budget}-trellis"]
-    assert tr.key == rec.key.model_copy(update={"trellis": 6})
+    assert tr.key == rec.key.model_copy(update={"trellis": 6, "feedback": False})
     assert tr.value == rec.value.model_copy(update={"trellis": 6})
     assert tr.transform == rec.transform and tr.seed == rec.seed
     assert all(tr.layout(d) == rec.layout(d) for d in (64, 128, 256))
+
+
+def test_feedback_rounding_is_for_scalar_key_codes():
+    """``tq{b}`` keys round with feedback; trellis codes and values cannot, and say so."""
+    assert all(PRESETS[f"tq{b}"].key.feedback for b in ("4", "3.5", "3", "2.5"))
+    assert not any(p.value.feedback for p in PRESETS.values())
+    assert not any(p.key.feedback for p in PRESETS.values() if p.family in ("mse", "qjl", "trellis"))
+    with pytest.raises(ValueError, match="set feedback=False"):
+        TensorCodec(bits_hi=4, bits_lo=4, split=False, trellis=6, feedback=True)
+    with pytest.raises(ValueError, match="keys only"):
+        Preset.model_validate({**PRESETS["tq4"].model_dump(), "value": PRESETS["tq4"].key.model_dump()})
 
 
 def test_qjl_options_need_a_qjl_sketch_and_size_it():

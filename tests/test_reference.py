@@ -13,6 +13,15 @@ def key_offset(preset, kv_heads, dim):
     return 0.5 * torch.randn(kv_heads, dim) if preset.transform.key_offset_choice else None
 
 
+def query_weight(preset, kv_heads, dim):
+    """A random anisotropic, correlated query second moment ``[H, d, d]`` for presets whose
+    keys round with feedback, else None."""
+    if not preset.key.feedback:
+        return None
+    a = torch.randn(kv_heads, dim, dim) * torch.logspace(-1, 1, dim)
+    return a @ a.mT / dim
+
+
 def random_keys(s, kv_heads, dim, offset):
     """Keys ``[s, H, d]``; with an offset every 5th lies near ``−offset`` (a sink far from
     the mean), which the offset choice stores flagged, so both kinds are exercised."""
@@ -41,7 +50,8 @@ def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32,
     """Random K/V of ragged sequences stored by :func:`reference.tq_store` through
     scattered blocks of a cache pre-filled with random bytes. Presets with a calibrated
     split get random outlier halves, presets with the key offset choice a random offset
-    (and keys near it, :func:`random_keys`). Drawn on the CPU (same bits on every
+    (and keys near it, :func:`random_keys`), keys with feedback rounding a random query
+    weight (:func:`query_weight`). Drawn on the CPU (same bits on every
     device), then moved to ``device``.
 
     Returns (codec, cache, block_table int32 [B, M], [(k, v)] per sequence, unused blocks).
@@ -52,7 +62,8 @@ def build_cache(name, dim, kv_heads, block_size, seq_lens, dtype=torch.float32,
              for c in (preset.key, preset.value)]  # calibrated outlier halves: any order
     offset = key_offset(preset, kv_heads, dim)
     codec = LayerCodec.create(preset, dim, kv_heads, layer=3, key_perm=perms[0],
-                              value_perm=perms[1], key_offset=offset)
+                              value_perm=perms[1], key_offset=offset,
+                              key_query_weight=query_weight(preset, kv_heads, dim))
     slot = preset.layout(dim).slot_bytes
     per_seq = [max(1, -(-s // block_size)) for s in seq_lens]
     num_blocks = sum(per_seq) + spare_blocks

@@ -38,6 +38,8 @@ class KVStats:
 
     k_mean, k_sq, v_mean, v_sq: first/second moments of keys and values.
     q_sq: second moment of the queries, summed over the query heads of each KV head.
+    q_cov: ``[H, d, d]``: the queries' full second moment ``E[q qᵀ]``, summed the same way
+    (``q_sq`` is its diagonal); the weight of feedback rounding.
     o_sq: squared column norms of the output projection for each value channel, summed
     over the query heads of each KV head (ones where the model has no ``o_proj``).
     """
@@ -48,8 +50,9 @@ class KVStats:
     v_sq: torch.Tensor
     q_sq: torch.Tensor
     o_sq: torch.Tensor
+    q_cov: torch.Tensor
 
-    FIELDS = ("k_mean", "k_sq", "v_mean", "v_sq", "q_sq", "o_sq")
+    FIELDS = ("k_mean", "k_sq", "v_mean", "v_sq", "q_sq", "o_sq", "q_cov")
 
     @classmethod
     def from_samples(cls, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor | None = None,
@@ -61,11 +64,17 @@ class KVStats:
                              f"{tuple(key.shape)} and {tuple(value.shape)}")
         k, v = _finite(key), _finite(value)
         h, d = k.shape[1:]
-        q_sq = torch.ones(h, d) if query is None else _group(_finite(query).pow(2).mean(0), h)
+        if query is None:
+            q_sq, q_cov = torch.ones(h, d), torch.eye(d).expand(h, d, d).clone()
+        else:
+            q = _finite(query)
+            q_sq = _group(q.pow(2).mean(0), h)
+            q_cov = torch.einsum("nhd,nhe->hde", q, q).div_(q.shape[0])
+            q_cov = q_cov.reshape(h, -1, d, d).sum(1)
         o_sq = torch.ones(h, d)
         if o_proj is not None:
             o_sq = _group(o_proj.float().pow(2).sum(0).reshape(-1, d), h)
-        return cls(k.mean(0), k.pow(2).mean(0), v.mean(0), v.pow(2).mean(0), q_sq, o_sq)
+        return cls(k.mean(0), k.pow(2).mean(0), v.mean(0), v.pow(2).mean(0), q_sq, o_sq, q_cov)
 
     def heads(self, index: torch.Tensor) -> "KVStats":
         """The statistics of KV heads ``index`` ``[h]`` only (a tensor-parallel rank's)."""
@@ -120,6 +129,14 @@ def _uncentre_scale(x: torch.Tensor, mean: torch.Tensor | None,
 def _group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Sum ``[Hq, d]`` over the query heads of each KV head → ``[H, d]``."""
     return x.reshape(num_kv_heads, -1, x.shape[-1]).sum(1)
+
+
+def stored_query_weight(stats: KVStats, transform: "LayerTransform") -> torch.Tensor:
+    """The queries' second moment ``[H, d, d]`` in the stored domain (``q · s`` with the
+    key scale ``s``): what feedback rounding of the stored keys weighs errors by."""
+    w = stats.q_cov.float()
+    s = transform.k_scale
+    return w if s is None else w * s[:, :, None] * s[:, None, :]
 
 
 QUERY_RMS_FLOOR = 1 / 8
@@ -241,10 +258,13 @@ def calibrated(preset: Preset, stats: KVStats) -> tuple[torch.Tensor | None, tor
 def calibrated_codec(preset: Preset, stats: KVStats, head_dim: int,
                      layer: int) -> tuple[LayerCodec, LayerTransform]:
     """(codec, transform) of ``preset`` for one layer's ``stats`` (``H`` KV heads): the
-    calibrated outlier halves and, with ``key_offset_choice``, the stored-domain key mean
-    as the codec's key offset."""
+    calibrated outlier halves, with ``key_offset_choice`` the stored-domain key mean as the
+    codec's key offset, and for keys with feedback rounding the stored-domain query weight
+    (:func:`stored_query_weight`)."""
     kp, vp, tf = calibrated(preset, stats)
     offset = tf.stored_key_mean() if preset.transform.key_offset_choice else None
+    weight = stored_query_weight(stats, tf) if preset.key.feedback else None
     codec = LayerCodec.create(preset, head_dim, int(stats.k_mean.shape[0]), layer=layer,
-                              key_perm=kp, value_perm=vp, key_offset=offset)
+                              key_perm=kp, value_perm=vp, key_offset=offset,
+                              key_query_weight=weight)
     return codec, tf

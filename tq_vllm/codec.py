@@ -13,7 +13,14 @@ Encoding ``x`` (``[N, H, d]``):
    ``n_g / ‖c[idx]‖`` with norm correction) rounded to fp16. With ``TensorCodec.trellis``
    the codes are instead the Viterbi path of a bitshift trellis (:mod:`tq_vllm.trellis`:
    same bits, each code decoded with the stream bits before it; the PyTorch reference,
-   the CPU and the Triton kernels).
+   the CPU and the Triton kernels). With ``TensorCodec.feedback`` (keys of ``tq{b}``) and
+   a query weight set (:meth:`TensorQuantizer.set_query_weight`), scalar codes are
+   chosen one rotated coordinate at a time, ``i = 0 … d−1``: the code nearest to
+   ``w_i / n_g`` (``w`` starts as ``y``), then every later coordinate takes the error in
+   (float32, product then difference) ``w_j −= (w_i − n_g c_i) · F_ij`` — LDLQ: with
+   ``F`` from the Cholesky factor of the damped query weight's inverse this minimises the
+   expected logit error ``E⟨q, y − ŷ⟩²`` greedily rather than ``‖y − ŷ‖``. Decoding is
+   unchanged.
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
    from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16. Variants
    (``TensorCodec.qjl_rows / qjl_group / qjl_shrink``, issue 7's A/B): ``m = rows · n``
@@ -53,8 +60,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tq_vllm import codebook, trellis
-from tq_vllm.config import (KERNEL_MAX_CODE_BITS, Preset, TensorCodec, TensorLayout,
-                             check_head_dim)
+from tq_vllm.config import (FEEDBACK_DAMPING, KERNEL_MAX_CODE_BITS, Preset, TensorCodec,
+                             TensorLayout, check_head_dim)
 from tq_vllm.rotation import (derive_seed, group_rotation, qjl_constant, qjl_shrink_factor,
                                qjl_sketch)
 
@@ -127,6 +134,7 @@ class TensorQuantizer:
     tables: list[torch.Tensor] | None = None  # per group trellis decode table, or None
     offset: torch.Tensor | None = None  # [H, d] key offset o (offset choice), or None
     offset_rot: torch.Tensor | None = None  # [H, d] R_h o
+    feedback: torch.Tensor | None = None  # [H, d, d] strictly upper F (feedback rounding), or None
     stats: dict[str, int] = field(default_factory=lambda: {"nonfinite_vectors": 0,
                                                            "saturated_norms": 0})
 
@@ -230,6 +238,8 @@ class TensorQuantizer:
             self.sketch = self.sketch.to(device)
         if self.offset is not None:
             self.offset, self.offset_rot = self.offset.to(device), self.offset_rot.to(device)
+        if self.feedback is not None:
+            self.feedback = self.feedback.to(device)
         if self.tables is not None:
             self.tables = [t.to(device) for t in self.tables]
         return self
@@ -244,6 +254,32 @@ class TensorQuantizer:
             raise ValueError("key offset has non-finite entries: recalibrate the model")
         self.offset = offset.float().to(self.rot.device).contiguous()
         self.offset_rot = self.rotate(self.offset[None])[0].contiguous()
+        return self
+
+    def set_query_weight(self, weight: torch.Tensor) -> "TensorQuantizer":
+        """Turn on feedback rounding (``TensorCodec.feedback``) for queries of second moment
+        ``weight`` ``[H, d, d]`` (stored domain, summed over each KV head's query heads);
+        returns self. ``F_h`` is the strictly upper part of ``U / diag(U)``, ``U`` the upper
+        Cholesky factor of ``(R_h W_h R_hᵀ + δ·mean(diag)·I)⁻¹`` (:data:`FEEDBACK_DAMPING`),
+        computed in float64 and rounded once to float32."""
+        h, d = self.rot.shape[0], self.head_dim
+        if not self.codec.feedback:
+            raise ValueError("this codec rounds to the nearest code: set feedback=True in its "
+                             "TensorCodec to give it a query weight")
+        if weight.shape != (h, d, d) or not weight.is_floating_point():
+            raise ValueError(f"query weight must be a float [{h}, {d}, {d}] tensor, got "
+                             f"{weight.dtype} {tuple(weight.shape)}")
+        w = weight.double().cpu()
+        if not bool(torch.isfinite(w).all()) or not torch.allclose(w, w.mT, rtol=1e-5, atol=1e-8):
+            raise ValueError("query weight must be finite and symmetric (a second moment of "
+                             "queries): recalibrate the model")
+        rot = self.rot.double().cpu()
+        hr = rot @ w @ rot.mT
+        scale = hr.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        hr = hr + FEEDBACK_DAMPING * scale[:, None, None] * torch.eye(d, dtype=torch.float64)
+        u = torch.linalg.cholesky(torch.linalg.inv(hr), upper=True)
+        f = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1)
+        self.feedback = f.float().to(self.rot.device).contiguous()
         return self
 
     def rotate(self, x: torch.Tensor, head_of: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,6 +351,27 @@ class TensorQuantizer:
             codes[..., start:start + dg] = found.view(*y.shape[:-1], dg)
         return codes
 
+    def feedback_codes(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes uint8, unit-scale values float32), both ``[N, H, d]``, of rotated vectors
+        ``y`` ``[N, H, d]`` by feedback rounding (module docstring); group norms ``n_g``
+        from ``y`` itself, clamped as :meth:`group_unit` does."""
+        if self.feedback is None:
+            raise ValueError("no query weight set: call set_query_weight first")
+        scale = torch.empty_like(y)
+        for g, (a, dg) in enumerate(self.group_spans()):
+            scale[..., a:a + dg] = _norm(y[..., a:a + dg]).clamp_min(_TINY)[..., None]
+        w = y.clone()
+        codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+        vals = torch.empty_like(y)
+        gid = self.group_id.tolist()
+        for i in range(y.shape[-1]):
+            idx = torch.bucketize((w[..., i] / scale[..., i]).contiguous(), self.bounds[gid[i]])
+            c = self.lut[i][idx]
+            codes[..., i], vals[..., i] = idx.to(torch.uint8), c
+            err = w[..., i] - c * scale[..., i]
+            w[..., i + 1:] -= err[..., None] * self.feedback[:, i, i + 1:]
+        return codes, vals
+
     def _trellis_values(self, codes: torch.Tensor, g: int) -> torch.Tensor:
         return trellis.decode(codes, self.tables[g], self.layout.group_bits[g], self.codec.trellis)
 
@@ -370,10 +427,14 @@ class TensorQuantizer:
         ``‖y − ŷ‖`` float32 ``[N, H]`` or None) of rotated vectors ``y`` ``[N, H, d]``; the
         residual is computed for QJL keys and for the offset choice."""
         codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+        fed = self.feedback_codes(y) if self.feedback is not None else None
         norms = []
         for g, (start, dg) in enumerate(self.group_spans()):
             n, unit = self.group_unit(y, g)
-            idx, vals = self._group_codes(unit, g, start)
+            if fed is None:
+                idx, vals = self._group_codes(unit, g, start)
+            else:
+                idx, vals = (t[..., start:start + dg] for t in fed)
             codes[..., start:start + dg] = idx
             if self.codec.norm_correction:
                 c_norm = _norm(vals)
@@ -454,14 +515,21 @@ class LayerCodec:
     @classmethod
     def create(cls, preset: Preset, head_dim: int, num_kv_heads: int, layer: int = 0,
                key_perm: torch.Tensor | None = None, value_perm: torch.Tensor | None = None,
-               key_offset: torch.Tensor | None = None) -> "LayerCodec":
+               key_offset: torch.Tensor | None = None,
+               key_query_weight: torch.Tensor | None = None) -> "LayerCodec":
         """Build the seeded codec of ``layer``; same inputs give bit-identical tables.
 
         key_offset: ``[H, d]`` stored-domain key mean for presets with the key offset
         choice (:meth:`tq_vllm.calibration.LayerTransform.stored_key_mean`); without it
-        such a preset stores every key as given (no flags)."""
+        such a preset stores every key as given (no flags).
+        key_query_weight: ``[H, d, d]`` stored-domain query second moment for presets whose
+        keys round with feedback (:meth:`TensorQuantizer.set_query_weight`); without it
+        they round to the nearest code."""
         if key_offset is not None and not preset.transform.key_offset_choice:
             raise ValueError(f"preset {preset.name} has no key offset choice; pass no key_offset")
+        if key_query_weight is not None and not preset.key.feedback:
+            raise ValueError(f"preset {preset.name} rounds keys to the nearest code; pass no "
+                             f"key_query_weight")
         lay = preset.layout(head_dim)
         seed = derive_seed(preset.seed, "layer", layer)
         common = dict(num_heads=num_kv_heads, seed=seed, codebook_kind=preset.codebook,
@@ -469,6 +537,8 @@ class LayerCodec:
         key = TensorQuantizer.create(preset.key, lay.key, tag="k", perm=key_perm, **common)
         if key_offset is not None:
             key.set_offset(key_offset)
+        if key_query_weight is not None:
+            key.set_query_weight(key_query_weight)
         return cls(preset=preset, key=key,
                    value=TensorQuantizer.create(preset.value, lay.value, tag="v", perm=value_perm,
                                                 **common))

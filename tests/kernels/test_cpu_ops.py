@@ -19,7 +19,8 @@ from tq_vllm.kernels import cpu_native, cpu_ops, triton_ops
 from tq_vllm.reference import tq_paged_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_reference import build_cache, key_offset, shrunk_qjl_preset, trellis_preset  # noqa: E402
+from test_reference import (build_cache, key_offset, query_weight, shrunk_qjl_preset,  # noqa: E402
+                            trellis_preset)
 
 ATOL = 2e-5  # float32 reduction-order noise on O(1) outputs, ~20× observed max
 
@@ -160,7 +161,9 @@ def test_store_bit_exact_with_reference(name, dim, dtype):
     from tq_vllm.reference import tq_store
 
     offset = key_offset(PRESETS[name], 3, dim)
-    codec = LayerCodec.create(PRESETS[name], dim, 3, key_offset=offset)
+    codec = LayerCodec.create(PRESETS[name], dim, 3, key_offset=offset,
+                              key_query_weight=query_weight(PRESETS[name], 3, dim))
+    assert (codec.key.feedback is not None) == PRESETS[name].key.feedback
     slot = PRESETS[name].layout(dim).slot_bytes
     ref = torch.randint(0, 256, (40, 3, 16, slot), dtype=torch.uint8)
     ours = ref.clone()

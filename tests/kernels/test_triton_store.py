@@ -23,6 +23,7 @@ from tq_vllm.config import PRESETS  # noqa: E402
 from tq_vllm.kernels import triton_ops  # noqa: E402
 from tq_vllm.layout import unpack_slots  # noqa: E402
 from tq_vllm.reference import tq_store  # noqa: E402
+from test_reference import query_weight  # noqa: E402  (tests/ is on sys.path: conftest)
 
 FAMILIES = [f"tq{b}-{fam}" for b in ("4", "3.5", "3", "2.5") for fam in ("mse", "qjl")]
 
@@ -91,12 +92,14 @@ def _offset_choice(preset):
                                   "tq3-trellis", "tq2.5-trellis"])
 def test_store_bit_exact_with_key_offset_choice(name, device):
     """Keys near ``−o`` are stored with their offset (flag in the first norm's sign bit),
-    the rest as given: both encodings, the choice and the flag match the reference."""
+    the rest as given: both encodings, the choice and the flag match the reference (the
+    ``tq{b}`` keys with feedback rounding against a random query weight)."""
     heads, dim, t = 2, 64, 40
     preset = PRESETS[name] if PRESETS[name].transform.key_offset_choice else _offset_choice(
         PRESETS[name])
     offset = 0.5 * torch.randn(heads, dim)
-    codec = LayerCodec.create(preset, dim, heads, layer=1, key_offset=offset).to(device)
+    codec = LayerCodec.create(preset, dim, heads, layer=1, key_offset=offset,
+                              key_query_weight=query_weight(preset, heads, dim)).to(device)
     cache = _cache(preset, dim, heads, blocks=4)
     k, v = _inputs(t, heads, dim)
     k[::4] = -offset + 0.3 * torch.randn(10, heads, dim)

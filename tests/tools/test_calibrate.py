@@ -28,7 +28,9 @@ def test_calibration_covers_every_layer_and_head(smollm2_stats):
     for st in stats.values():
         for f in KVStats.FIELDS:
             t = getattr(st, f)
-            assert t.shape == (3, 64) and torch.isfinite(t).all(), f
+            shape = (3, 64, 64) if f == "q_cov" else (3, 64)
+            assert t.shape == shape and torch.isfinite(t).all(), f
+        assert torch.allclose(st.q_cov.diagonal(dim1=-2, dim2=-1), st.q_sq, rtol=1e-4)
         assert (st.k_sq >= st.k_mean.pow(2) - 1e-3).all()  # a second moment bounds the mean
     assert calibrate.calibration_path(path).is_file()
 

@@ -46,7 +46,7 @@ def calibration_token_chunks(tokenizer, num_chunks: int, length: int) -> list[to
     return [ids[i * length:(i + 1) * length] for i in range(num_chunks)]
 
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 """Bump when the statistics or the text change: cached files are keyed by it."""
 NUM_CHUNKS, CHUNK_TOKENS = 4, 1024
 """4 × 1024 tokens of calibration text: about 15 s for a 135M model on 2 CPU cores."""
