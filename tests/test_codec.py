@@ -221,6 +221,18 @@ def test_key_offset_needs_a_preset_with_the_choice():
         LayerCodec.create(PRESETS["tq4"], 64, 2, key_offset=torch.zeros(3, 64))
 
 
+@pytest.mark.parametrize("dim,heads", [(64, 3), (128, 8)])
+def test_rotation_does_not_depend_on_the_batch(dim, heads):
+    """A token's rotated vector — what its codes are chosen from — is the same bits stored
+    alone, in a decode batch or in a prompt (a float32 GEMM of 1–3 rows rounded
+    differently from one of 4 or more: decode steps alone and in a batch got other codes)."""
+    tq = LayerCodec.create(PRESETS["tq3.5"], dim, heads, layer=2).key
+    x = torch.randn(300, heads, dim) * 3
+    full = tq.rotate(x)
+    for start, n in [(0, 1), (5, 1), (7, 2), (11, 3), (20, 4), (31, 17), (100, 64), (0, 299)]:
+        assert torch.equal(tq.rotate(x[start:start + n].contiguous()), full[start:start + n])
+
+
 @pytest.mark.parametrize("name", ["tq4", "tq3"])
 def test_feedback_with_an_isotropic_weight_is_nearest_rounding(name):
     """With queries of identity second moment there is nothing to shape: ``F = 0`` and the

@@ -5,7 +5,8 @@ a list of ``runs`` ({kv_cache_dtype, llm (extra LLM kwargs), prompts, max_tokens
 ignore_eos, batches (optional: list of prompt-index lists submitted one generate call each),
 env (optional: environment variables set before the engine starts), scored_text (optional: a
 text scored teacher-forced, its per-position top-1 token and log p of the actual token
-recorded)}).
+recorded), trace (optional: a path; the first generate call's CPU store and attention
+calls are saved there, :func:`trace_attention`)}).
 Runs share the process one after another, each engine in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no engine-core and worker processes to spawn and
 import per engine, ~20 s each here; ``vllm serve`` in tests/tools/test_serve.py keeps the
@@ -15,6 +16,7 @@ process (``VLLM_PLUGINS`` in the first run's env decides it). vLLM on CPU spawns
 the ``__main__`` guard.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -63,18 +65,69 @@ def run_one(model: str, run: dict) -> dict:
     prompts = run["prompts"]
     batches = run.get("batches") or [list(range(len(prompts)))]
     texts, ids = [None] * len(prompts), [None] * len(prompts)
-    for batch in batches:
-        outs = llm.generate([prompts[i] for i in batch], params, use_tqdm=False)
+    for b, batch in enumerate(batches):
+        with trace_attention(run.get("trace") if b == 0 else None):
+            outs = llm.generate([prompts[i] for i in batch], params, use_tqdm=False)
         for i, o in zip(batch, outs):
             texts[i], ids[i] = o.outputs[0].text, list(o.outputs[0].token_ids)
     cache = llm.llm_engine.vllm_config.cache_config
     result = {"texts": texts, "token_ids": ids, "num_blocks": cache.num_gpu_blocks,
-              "block_size": cache.block_size, "plugin_loaded": "tq_vllm.plugin" in sys.modules}
+              "block_size": cache.block_size, "plugin_loaded": "tq_vllm.plugin" in sys.modules,
+              "trace": run.get("trace")}
     if run.get("scored_text"):
         result.update(score_text(llm, run["scored_text"]))
     del llm
     gc.collect()
     return result
+
+
+TRACE_FIRST_ROWS = 64
+"""Rows kept of each layer's first store and first attention call (the prompts' prefill,
+request 0's rows first); later calls (decode steps) keep row 0, request 0's."""
+
+
+@contextlib.contextmanager
+def trace_attention(path):
+    """Record, per attention layer in call order, the CPU kernels' inputs and outputs —
+    ``("store", key, value)``, ``("prefill" | "decode", q, out)`` (float32) — and save
+    ``{layer: [events]}`` to ``path`` with torch (nothing when ``path`` is None)."""
+    if not path:
+        yield
+        return
+    import torch
+
+    from tq_vllm.kernels import cpu_ops
+
+    layers: dict[int, list] = {}
+    index: dict[int, int] = {}
+    saved = {n: getattr(cpu_ops, n) for n in ("store", "decode", "prefill")}
+
+    def keep(codec, kind, a, b):
+        events = layers.setdefault(index.setdefault(id(codec), len(index)), [])
+        rows = TRACE_FIRST_ROWS if not events or (kind != "store" and len(events) == 1) else 1
+        events.append((kind, a[:rows].float().clone(), b[:rows].float().clone()))
+
+    def store(key, value, kv_cache, slot_mapping, codec):
+        saved["store"](key, value, kv_cache, slot_mapping, codec)
+        keep(codec, "store", key, value)
+
+    def decode(q, kv_cache, block_table, seq_lens, codec, scale, out):
+        saved["decode"](q, kv_cache, block_table, seq_lens, codec, scale, out)
+        keep(codec, "decode", q, out)
+
+    def prefill(q, k, v, kv_cache, block_table, seq_lens_cpu, query_start_loc_cpu, first,
+                codec, scale, out, fresh_exact):
+        saved["prefill"](q, k, v, kv_cache, block_table, seq_lens_cpu, query_start_loc_cpu,
+                         first, codec, scale, out, fresh_exact)
+        keep(codec, "prefill", q, out)
+
+    cpu_ops.store, cpu_ops.decode, cpu_ops.prefill = store, decode, prefill
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(cpu_ops, n, f)
+    torch.save(layers, path)
 
 
 def score_text(llm, text: str) -> dict:

@@ -283,9 +283,14 @@ class TensorQuantizer:
         return self
 
     def rotate(self, x: torch.Tensor, head_of: torch.Tensor | None = None) -> torch.Tensor:
-        """``y = R_h x`` for ``x`` ``[N, Hx, d]`` float32; ``head_of[i]`` maps column i to its KV head."""
+        """``y = R_h x`` float32 for ``x`` ``[N, Hx, d]``; ``head_of[i]`` maps column i to its
+        KV head. Accumulated in float64 (``R_h``'s float32 entries, exactly promoted) and
+        rounded once: a float32 GEMM changes its blocking with ``N`` (1–3 tokens gave other
+        last bits than 4 or more), so a token's codes would depend on the batch it is
+        stored with; float64 sums differ by ~1e-16 relative, which survives the rounding
+        only where a sum lies that close to a float32 rounding point."""
         rot = self.rot if head_of is None else self.rot[head_of]
-        return torch.einsum("nhd,hed->nhe", x, rot)
+        return torch.einsum("nhd,hed->nhe", x.double(), rot.double()).float()
 
     def rotate_finite(self, x: torch.Tensor) -> torch.Tensor:
         """``R_h x`` float32 ``[N, H, d]`` for ``x`` ``[N, H, d]`` (any float dtype) under the
