@@ -13,8 +13,10 @@ SPLIT_TOKENS = 512
 """Decode splits the KV axis into fixed runs of this many tokens (a multiple of the
 native kernel's 16-token tile). Fixed, so how a sequence is split — and so the float
 summation order of its attention — depends on its own length only, never on the batch
-it shares a step with: the same request gives the same greedy tokens alone, in any
-batch, chunked or not. 512 keeps a 2-core machine busy at batch 1 from 1k tokens on."""
+it shares a step with: the same query and cached K/V give the same attention bits alone,
+in any batch, chunked or not (vLLM-CPU's own bf16 layers are not batch-invariant, so the
+inputs themselves may differ: tests/test_backend_vllm.py traces it). 512 keeps a 2-core
+machine busy at batch 1 from 1k tokens on."""
 
 
 def _desc(tq: TensorQuantizer, books: torch.Tensor) -> np.ndarray:

@@ -362,12 +362,16 @@ rounding shapes the residual the sketch then quantizes (SmolLM2, strict, KL 0.01
 vs 0.0110 with feedback)."""
 
 
-FEEDBACK_DAMPING = 0.2
+FEEDBACK_DAMPING = 0.5
 """Feedback rounding weighs key errors by ``H + δ·mean(diag H)·I``, ``H`` the calibration
 queries' second moment: the damping ``δ`` keeps the weight from trusting directions the
-calibration text's queries happened not to use. SmolLM2 ``tq4``, strict, 6 essays, KL to
-exact: nearest rounding 0.0181; δ = 0.001 → 0.0161, 0.01 → 0.0155, 0.1 and 0.3 → 0.0145,
-1 → 0.0149 (docs/quality.md, eleventh round)."""
+calibration text's queries happened not to use — a retrieval query may use them.
+SmolLM2, strict, 6 essays, KL to exact of ``tq4`` / ``tq3.5`` / ``tq3`` / ``tq2.5``:
+nearest rounding 0.0181 / 0.0345 / 0.0576 / 0.1548; δ = 0.2 0.0145 / 0.0303 / 0.0539 /
+0.1344; δ = 0.5 0.0145 / 0.0309 / 0.0542 / 0.1353; δ = 1 0.0152 / 0.0313 / 0.0533 /
+0.1367 (``tq4`` alone: δ = 0.001 → 0.0161, 0.01 → 0.0155). Pass key in 1024 tokens, 20
+prompts (exact 19): ``tq4`` 18 → 19 / 20 / 20, ``tq3.5`` 18 → 17 / 19 / 19 at δ = 0.2 /
+0.5 / 1 (docs/quality.md, eleventh round)."""
 
 
 TRELLIS_STATE_BITS = 6
