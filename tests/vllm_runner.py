@@ -6,7 +6,8 @@ ignore_eos, batches (optional: list of prompt-index lists submitted one generate
 env (optional: environment variables set before the engine starts), scored_text (optional: a
 text scored teacher-forced, its per-position top-1 token and log p of the actual token
 recorded), trace (optional: a path; the first generate call's CPU store and attention
-calls are saved there, :func:`trace_attention`)}).
+calls are saved there, :func:`trace_attention`), nearest_keys (optional: the preset's keys
+rounded to the nearest code instead of with feedback, :func:`nearest_keys`)}).
 Runs share the process one after another, each engine in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no engine-core and worker processes to spawn and
 import per engine, ~20 s each here; ``vllm serve`` in tests/tools/test_serve.py keeps the
@@ -59,7 +60,8 @@ def run_one(model: str, run: dict) -> dict:
     kwargs = dict(model=model, enforce_eager=True, dtype="bfloat16", max_model_len=2048, seed=0,
                   kv_cache_dtype=run.get("kv_cache_dtype", "auto"))
     kwargs.update(run.get("llm", {}))
-    llm = LLM(**kwargs)
+    with nearest_keys(kwargs["kv_cache_dtype"] if run.get("nearest_keys") else None):
+        llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=run.get("max_tokens", 16),
                             ignore_eos=run.get("ignore_eos", False))
     prompts = run["prompts"]
@@ -79,6 +81,27 @@ def run_one(model: str, run: dict) -> dict:
     del llm
     gc.collect()
     return result
+
+
+@contextlib.contextmanager
+def nearest_keys(preset):
+    """While an engine is built, ``preset``'s keys round to the nearest code (its codecs are
+    built then, in this process); nothing when ``preset`` is None. For tests of the
+    scheduler paths (chunked prefill, prefix-cache hits) that compare greedy tokens across
+    schedules: vLLM-CPU's own bf16 layers are not batch-invariant, and feedback rounding
+    carries a code moved by that noise into a key's later codes (docs/reliability.md)."""
+    if not preset:
+        yield
+        return
+    from tq_vllm import config
+
+    saved = config.PRESETS[preset]
+    key = saved.key.model_copy(update={"feedback": False})
+    config.PRESETS[preset] = saved.model_copy(update={"key": key})
+    try:
+        yield
+    finally:
+        config.PRESETS[preset] = saved
 
 
 TRACE_FIRST_ROWS = 64
