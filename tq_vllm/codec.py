@@ -135,6 +135,7 @@ class TensorQuantizer:
     offset: torch.Tensor | None = None  # [H, d] key offset o (offset choice), or None
     offset_rot: torch.Tensor | None = None  # [H, d] R_h o
     feedback: torch.Tensor | None = None  # [H, d, d] strictly upper F (feedback rounding), or None
+    rot64: torch.Tensor | None = None  # [H, d, d] rot's float32 entries in float64 (rotate)
     stats: dict[str, int] = field(default_factory=lambda: {"nonfinite_vectors": 0,
                                                            "saturated_norms": 0})
 
@@ -174,8 +175,10 @@ class TensorQuantizer:
         if codec.trellis:
             tables = [trellis.table(bg, codec.trellis, dg)
                       for dg, bg in zip(layout.group_dims, layout.group_bits)]
-        return cls(codec=codec, layout=layout, rot=rot.float(), lut=lut, bounds=bounds,
-                   group_id=group_id, sketch=sketch, qjl_scale=scale, tables=tables)
+        rot = rot.float()
+        return cls(codec=codec, layout=layout, rot=rot, lut=lut, bounds=bounds,
+                   group_id=group_id, sketch=sketch, qjl_scale=scale, tables=tables,
+                   rot64=rot.double())
 
     @property
     def head_dim(self) -> int:
@@ -232,7 +235,8 @@ class TensorQuantizer:
 
     def to(self, device: torch.device | str) -> "TensorQuantizer":
         """Move the tables to ``device`` (in place); returns self."""
-        self.rot, self.lut, self.group_id = (t.to(device) for t in (self.rot, self.lut, self.group_id))
+        self.rot, self.rot64, self.lut, self.group_id = (
+            t.to(device) for t in (self.rot, self.rot64, self.lut, self.group_id))
         self.bounds = [b.to(device) for b in self.bounds]
         if self.sketch is not None:
             self.sketch = self.sketch.to(device)
@@ -273,7 +277,7 @@ class TensorQuantizer:
         if not bool(torch.isfinite(w).all()) or not torch.allclose(w, w.mT, rtol=1e-5, atol=1e-8):
             raise ValueError("query weight must be finite and symmetric (a second moment of "
                              "queries): recalibrate the model")
-        rot = self.rot.double().cpu()
+        rot = self.rot64.cpu()
         hr = rot @ w @ rot.mT
         scale = hr.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
         hr = hr + FEEDBACK_DAMPING * scale[:, None, None] * torch.eye(d, dtype=torch.float64)
@@ -289,8 +293,8 @@ class TensorQuantizer:
         last bits than 4 or more), so a token's codes would depend on the batch it is
         stored with; float64 sums differ by ~1e-16 relative, which survives the rounding
         only where a sum lies that close to a float32 rounding point."""
-        rot = self.rot if head_of is None else self.rot[head_of]
-        return torch.einsum("nhd,hed->nhe", x.double(), rot.double()).float()
+        rot = self.rot64 if head_of is None else self.rot64[head_of]
+        return torch.einsum("nhd,hed->nhe", x.double(), rot).float()
 
     def rotate_finite(self, x: torch.Tensor) -> torch.Tensor:
         """``R_h x`` float32 ``[N, H, d]`` for ``x`` ``[N, H, d]`` (any float dtype) under the
@@ -356,15 +360,16 @@ class TensorQuantizer:
             codes[..., start:start + dg] = found.view(*y.shape[:-1], dg)
         return codes
 
-    def feedback_codes(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def feedback_codes(self, y: torch.Tensor,
+                       norms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes uint8, unit-scale values float32), both ``[N, H, d]``, of rotated vectors
-        ``y`` ``[N, H, d]`` by feedback rounding (module docstring); group norms ``n_g``
-        from ``y`` itself, clamped as :meth:`group_unit` does."""
+        ``y`` ``[N, H, d]`` by feedback rounding (module docstring); ``norms[g]`` ``[N, H]``
+        is group ``g``'s norm ``n_g`` (:meth:`group_unit`), clamped as it divides there."""
         if self.feedback is None:
             raise ValueError("no query weight set: call set_query_weight first")
         scale = torch.empty_like(y)
-        for g, (a, dg) in enumerate(self.group_spans()):
-            scale[..., a:a + dg] = _norm(y[..., a:a + dg]).clamp_min(_TINY)[..., None]
+        for (a, dg), n in zip(self.group_spans(), norms):
+            scale[..., a:a + dg] = n.clamp_min(_TINY)[..., None]
         w = y.clone()
         codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
         vals = torch.empty_like(y)
@@ -432,10 +437,13 @@ class TensorQuantizer:
         ``‖y − ŷ‖`` float32 ``[N, H]`` or None) of rotated vectors ``y`` ``[N, H, d]``; the
         residual is computed for QJL keys and for the offset choice."""
         codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
-        fed = self.feedback_codes(y) if self.feedback is not None else None
+        spans = self.group_spans()
+        units = [self.group_unit(y, g) for g in range(len(spans))]
+        fed = (self.feedback_codes(y, [n for n, _ in units]) if self.feedback is not None
+               else None)
         norms = []
-        for g, (start, dg) in enumerate(self.group_spans()):
-            n, unit = self.group_unit(y, g)
+        for g, (start, dg) in enumerate(spans):
+            n, unit = units[g]
             if fed is None:
                 idx, vals = self._group_codes(unit, g, start)
             else:
