@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         for chunk in calibration_token_chunks(tok, args.calib_chunks, 1024):
             model(chunk[None])
     specs = ["auto"] + [s for s in args.variants if s != "auto"]
+    if any("trellis" in s for s in specs):  # the CPU kernel's searches, bit-identical
+        ppl_strict.use_native_trellis_search()
     rows = []
     for spec in specs:
         t0 = time.time()

@@ -7,7 +7,8 @@ the QJL term fixed (``tq{b}-qjl+qorth+qshrink``), the paper's TurboQuant_mse
 ``@ends=2``), vLLM's ``fp8`` cache (emulated: e4m3, scale 1), vLLM 0.32's per-token-head
 caches (``int4_per_token_head``, ``int8_per_token_head``, ``fp8_per_token_head``, emulated)
 and ours (``tq{b}`` and ``tq4.5``; ``tq{b}+nofb``, the same with keys rounded to the nearest
-code as until 2026-11-25; ``tq{b}-trellis``). The y axis is linear below 1% (a Δ
+code as until 2026-11-25; ``tq{b}-trellis``, its keys searched against the calibration
+queries since the twelfth round, and ``tq{b}+nofb@trellis=6``, the plain trellis search). The y axis is linear below 1% (a Δ
 can be ≤ 0 there).
 
     python eval/plot_quality.py smollm2.json qwen.json --out docs/quality_pareto.png
@@ -31,7 +32,8 @@ FAMILIES = {
     "vLLM fp8_per_token_head (emulated)": re.compile(r"^fp8_per_token_head$"),
     "tq-vllm, keys rounded to the nearest code (tq{b}+nofb)": re.compile(r"^tq[\d.]+\+nofb$"),
     "tq-vllm recommended (tq{b})": re.compile(r"^tq[\d.]+$"),
-    "tq-vllm trellis codes (tq{b}-trellis)": re.compile(r"^tq[\d.]+-trellis$"),
+    "tq-vllm trellis, plain search (tq{b}+nofb@trellis=6)": re.compile(r"^tq[\d.]+\+nofb@trellis=6$"),
+    "tq-vllm trellis, searched against the queries (tq{b}-trellis)": re.compile(r"^tq[\d.]+-trellis$"),
 }
 
 
@@ -49,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
                              squeeze=False)
     for ax, path in zip(axes[0], args.results):
         data = json.loads(path.read_text())
-        for family, pattern in FAMILIES.items():
+        colors = plt.get_cmap("tab20").colors  # one per family: more families than tab10
+        for k, (family, pattern) in enumerate(FAMILIES.items()):
             pts = sorted((r["bits_per_coord"], r["delta_pct"]) for r in data["results"]
                          if pattern.search(r["variant"]) and "delta_pct" in r)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=family)
+                ax.plot(*zip(*pts), marker="o", label=family, color=colors[(2 * k) % 20 + k // 10])
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("bits per coordinate (K+V average, norms incl., exact layers at 16)")
         ax.set_ylabel("perplexity increase vs exact (%)")

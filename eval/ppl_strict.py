@@ -25,8 +25,10 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][+nofb][@ends=N]``
              decodes closer (a flag bit; flagged keys' logits have ⟨q, μ⟩ taken off), so
              the sink, far from the mean, keeps its own small residual (on in ``tq{b}``)
     nokchoice  the offset choice off (A/B against the recommended presets)
-    nofb     keys rounded to the nearest code instead of with feedback (``tq{b}``'s keys
-             round with feedback since 2026-11-25: ``TensorCodec.feedback``)
+    nofb     keys rounded to the nearest code (trellis: searched for the least ‖y − ŷ‖)
+             instead of against the calibration queries (``tq{b}``'s keys round with
+             feedback since 2026-11-25, ``tq{b}-trellis``'s since the twelfth round:
+             ``TensorCodec.feedback``)
     kexact / vexact   leave keys / values unquantized (error attribution)
     ends=N   first and last N layers stay exact (counted at 16 bits)
     sink=N   the first N tokens of each document stay exact (attention sinks)
@@ -177,9 +179,10 @@ def use_native_trellis_search() -> bool:
     tests/kernels/test_cpu_ops.py, and ~100× faster) where the native library builds."""
     from tq_vllm.kernels import cpu_native, cpu_ops
 
-    if cpu_native.load_trellis() is None:
+    if cpu_native.load_trellis() is None or cpu_native.load_trellis_fed() is None:
         return False
     trellis.encode = cpu_ops.trellis_search
+    trellis.encode_fed = cpu_ops.trellis_search_fed
     return True
 
 

@@ -1,6 +1,7 @@
 """Build and bind the SIMD C++ kernels (``csrc/tq_decode_cpu.cpp``): decode
 (``tq_decode_cpu``) and prefill over the packed cache (``tq_prefill_cpu``), and the
-trellis-code search of the store (``tq_trellis_encode_cpu``).
+trellis-code searches of the store (``tq_trellis_encode_cpu``, and
+``tq_trellis_encode_fed_cpu`` against a query weight).
 
 The source is compiled on first use with the system C++ compiler into a cache
 folder (``$TQ_VLLM_CACHE`` or ``~/.cache/tq_vllm``), keyed by a hash of the
@@ -50,6 +51,7 @@ ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, 
 PREFILL_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I,
                     _F, _F, _P, _P, _P, _P, _P, ctypes.c_int, _I]
 TRELLIS_ARGTYPES = [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]
+TRELLIS_FED_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, ctypes.c_int]
 
 
 def _cpu_flags() -> set[str]:
@@ -116,7 +118,8 @@ def _library():
                        detail[-2000:])
         return None
     for name, argtypes in (("tq_decode_cpu", ARGTYPES), ("tq_prefill_cpu", PREFILL_ARGTYPES),
-                           ("tq_trellis_encode_cpu", TRELLIS_ARGTYPES)):
+                           ("tq_trellis_encode_cpu", TRELLIS_ARGTYPES),
+                           ("tq_trellis_encode_fed_cpu", TRELLIS_FED_ARGTYPES)):
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
@@ -141,3 +144,8 @@ def load_prefill():
 def load_trellis():
     """The bound ``tq_trellis_encode_cpu`` function, or None where :func:`load` gives None."""
     return None if load() is None else _library().tq_trellis_encode_cpu
+
+
+def load_trellis_fed():
+    """The bound ``tq_trellis_encode_fed_cpu`` function, or None where :func:`load` gives None."""
+    return None if load() is None else _library().tq_trellis_encode_fed_cpu

@@ -242,6 +242,77 @@ def trellis_encode_kernel(u, table, bits, state_bits, codes):
         _viterbi(u[r], table, bits, state_bits, cost, nxt, back, codes[r])
 
 
+@njit(parallel=True, cache=True)
+def trellis_encode_fed_kernel(y, norms, head, fb, wt, tables, bits, state_bits, codes):
+    """Trellis codes ``codes`` uint8 [R, d] of rotated rows ``y`` float32 [R, d] searched
+    against a query weight: ``tq_vllm.trellis.encode_fed``'s codes with its float32
+    arithmetic, branch order and ties (the native kernel's fallback). ``norms`` [R, G],
+    ``head`` int64 [R] into ``fb`` [H, d, d] and ``wt`` [H, d], ``tables`` [G, stride],
+    ``bits`` int64 [G]."""
+    rows, d = y.shape
+    groups = bits.shape[0]
+    dg = d // groups
+    ns = 1 << state_bits
+    for r in prange(rows):
+        cost = np.empty(ns, dtype=np.float32)
+        nxt = np.empty(ns, dtype=np.float32)
+        rowfb = np.zeros((ns, d), dtype=np.float32)
+        nextfb = np.zeros((ns, d), dtype=np.float32)
+        carried = np.zeros(d, dtype=np.float32)
+        back = np.empty((dg, ns), dtype=np.uint8)
+        h = head[r]
+        for g in range(groups):
+            R = bits[g]
+            nc = 1 << R
+            nh = 1 << (state_bits - R)
+            a0 = g * dg
+            n = norms[r, g]
+            for p in range(ns):
+                cost[p] = np.float32(np.inf)
+                for j in range(a0, d):
+                    rowfb[p, j] = carried[j]
+            cost[0] = np.float32(0.0)
+            for k in range(dg):
+                i = a0 + k
+                wi = wt[h, i]
+                yi = y[r, i]
+                for c in range(nc):
+                    for hi in range(nh):
+                        best = np.float32(np.inf)
+                        arg = 0
+                        ba = np.float32(0.0)
+                        for t in range(nc):
+                            p = (hi << R) | t
+                            tg = yi - rowfb[p, i]
+                            e = tg - n * tables[g, (c << state_bits) | p]
+                            tot = cost[p] + (wi * e) * e
+                            if tot < best:
+                                best = tot
+                                arg = t
+                                ba = e
+                        q = (c << (state_bits - R)) | hi
+                        nxt[q] = best
+                        back[k, q] = arg
+                        src = (hi << R) | arg
+                        for j in range(i + 1, d):
+                            nextfb[q, j] = rowfb[src, j] + ba * fb[h, i, j]
+                for p in range(ns):
+                    cost[p] = nxt[p]
+                    for j in range(i + 1, d):
+                        rowfb[p, j] = nextfb[p, j]
+            state = 0
+            best = np.float32(np.inf)
+            for p in range(ns):
+                if cost[p] < best:
+                    best = cost[p]
+                    state = p
+            for j in range(d):
+                carried[j] = rowfb[state, j] if j >= a0 + dg else np.float32(0.0)
+            for k in range(dg - 1, -1, -1):
+                codes[r, a0 + k] = state >> (state_bits - R)
+                state = ((state & (nh - 1)) << R) | back[k, state]
+
+
 @njit(inline="always", cache=True)
 def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, work, resid,
                    tcodes, t, hh, fb, use_fb, fed):

@@ -74,7 +74,7 @@ class _Tables:
         self.has_off = codec.key.offset_rot is not None
         fb = codec.key.feedback
         self.k_fb = (fb.float().contiguous() if fb is not None else torch.zeros(1, 1, 1)).numpy()
-        self.k_use_fb = fb is not None
+        self.k_use_fb = fb is not None and codec.key.tables is None  # trellis: searched fed
 
 
 def tables(codec: LayerCodec) -> _Tables:
@@ -156,11 +156,41 @@ def trellis_search(u: torch.Tensor, table: torch.Tensor, bits: int, state_bits: 
     return out
 
 
+def trellis_search_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor,
+                       feedback: torch.Tensor, weight: torch.Tensor, tables: list[torch.Tensor],
+                       bits: list[int], state_bits: int) -> torch.Tensor:
+    """Trellis codes uint8 ``[N, d]`` of rotated rows ``y`` float32 ``[N, d]`` searched
+    against a query weight: :func:`tq_vllm.trellis.encode_fed`'s codes (same arguments), by
+    the native kernel where it is built, else the Numba one."""
+    n, d = y.shape
+    stride = max(t.numel() for t in tables)
+    tab = torch.zeros(len(tables), stride)
+    for g, t in enumerate(tables):
+        tab[g, : t.numel()] = t.float().cpu()
+    y_, nrm, hd, fb, wt, bt = (
+        y.float().contiguous(), norms.float().contiguous(), head.to(torch.int64).contiguous(),
+        feedback.float().contiguous(), weight.float().contiguous(),
+        torch.tensor(bits, dtype=torch.int64))
+    out = torch.empty((n, d), dtype=torch.uint8)
+    search = cpu_native.load_trellis_fed()
+    if search is None:
+        cpu_numba.trellis_encode_fed_kernel(y_.numpy(), nrm.numpy(), hd.numpy(), fb.numpy(),
+                                            wt.numpy(), tab.numpy(), bt.numpy(), state_bits,
+                                            out.numpy())
+    elif search(y_.data_ptr(), n, d, len(tables), bt.data_ptr(), state_bits, tab.data_ptr(),
+              stride, nrm.data_ptr(), hd.data_ptr(), fb.data_ptr(), wt.data_ptr(),
+              out.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError(f"native trellis feedback search rejected {bits}-bit codes with "
+                           f"{state_bits} state bits over {d} coordinates")
+    return out
+
+
 def _trellis_codes(tq: TensorQuantizer, y: torch.Tensor) -> np.ndarray:
     """Trellis codes uint8 ``[N, H, d]`` of rotated vectors ``y`` ``[N, H, d]``, searched
     per channel group on the codec's own unit coordinates; a placeholder for scalar codes
     (the store kernel finds those itself)."""
-    return _NO_CODES if tq.tables is None else tq.trellis_codes(y, trellis_search).numpy()
+    return (_NO_CODES if tq.tables is None
+            else tq.trellis_codes(y, trellis_search, trellis_search_fed).numpy())
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

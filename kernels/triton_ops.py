@@ -57,7 +57,7 @@ from tq_vllm.kernels.triton_decode import tq_decode_kernel, tq_reduce_kernel
 from tq_vllm.kernels.triton_prefill import tq_prefill_kernel
 from tq_vllm.kernels.triton_rotate import tq_rotate_kernel
 from tq_vllm.kernels.triton_store import tq_store_kernel
-from tq_vllm.kernels.triton_trellis import tq_trellis_search_kernel
+from tq_vllm.kernels.triton_trellis import tq_trellis_fed_search_kernel, tq_trellis_search_kernel
 from tq_vllm.reference import check_cache
 
 STORE_BLOCK_T = 16
@@ -326,12 +326,76 @@ def trellis_search(u: torch.Tensor, table: torch.Tensor, bits: int, state_bits: 
     return codes
 
 
+TRELLIS_FED_SCRATCH_BYTES = 64 << 20
+"""Scratch per launch of the search against a query weight: each row keeps two feedback
+rows per state (``2 × 2^S × d`` floats, 32 KiB at S = 6, d = 64), so a long prefill is
+searched in chunks of rows that fit in this many bytes."""
+
+TRELLIS_FED_BLOCK_R = {"cuda": 1, "cpu": 16}
+"""Rows per program of the search against a query weight: on a GPU a step holds a row's
+``2^S × d`` feedback gather (4096 floats at S = 6, d = 64; not yet timed on a GPU); the
+interpreter pays per program and step, so it takes 16 rows."""
+
+
+def trellis_search_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor,
+                       feedback: torch.Tensor, weight: torch.Tensor, tables: list[torch.Tensor],
+                       bits: list[int], state_bits: int) -> torch.Tensor:
+    """Trellis codes uint8 ``[N, d]`` of rotated rows ``y`` float32 ``[N, d]`` searched against
+    a query weight, on ``y``'s device: :func:`tq_vllm.trellis.encode_fed`'s codes (same
+    arguments: ``norms`` ``[N, G]``, ``head`` ``[N]``, ``feedback`` ``[H, d, d]``, ``weight``
+    ``[H, d]``, one table and bit width per group), bit for bit; one launch per group."""
+    if y.dim() != 2 or y.dtype != torch.float32:
+        raise ValueError(f"trellis_search_fed: y must be float32 [N, d], got {y.dtype} {tuple(y.shape)}")
+    n_rows, d = y.shape
+    groups = len(tables)
+    if groups not in (1, 2) or len(bits) != groups or d % groups:
+        raise ValueError(f"trellis_search_fed: 1 or 2 equal channel groups with one bit width "
+                         f"each are needed, got {groups} tables and bits {bits} over {d}")
+    if norms.shape != (n_rows, groups) or head.shape != (n_rows,):
+        raise ValueError(f"trellis_search_fed: norms must be [{n_rows}, {groups}] and head "
+                         f"[{n_rows}], got {tuple(norms.shape)} and {tuple(head.shape)}")
+    h = feedback.shape[0]
+    if feedback.shape != (h, d, d) or weight.shape != (h, d):
+        raise ValueError(f"trellis_search_fed: feedback must be [H, {d}, {d}] and weight "
+                         f"[H, {d}], got {tuple(feedback.shape)} and {tuple(weight.shape)}")
+    for b, tab in zip(bits, tables):
+        if not 1 <= b <= state_bits or tab.numel() != 1 << (state_bits + b):
+            raise ValueError(f"trellis_search_fed: a table of 2^(S + bits) entries and "
+                             f"1 ≤ bits ≤ S are needed, got {tab.numel()} entries, bits {b}, "
+                             f"S {state_bits}")
+    for name, t in (("norms", norms), ("head", head), ("feedback", feedback), ("weight", weight),
+                    *((f"table {g}", tab) for g, tab in enumerate(tables))):
+        _check_device(name, t, y.device)
+    y = y.contiguous()
+    fb, wt = feedback.float().contiguous(), weight.float().contiguous()
+    head = head.to(torch.int64).contiguous()
+    ns, dg = 1 << state_bits, d // groups
+    chunk = max(1, TRELLIS_FED_SCRATCH_BYTES // (2 * ns * d * 4))
+    codes = torch.empty(n_rows, d, dtype=torch.uint8, device=y.device)
+    block_r = TRELLIS_FED_BLOCK_R["cpu" if y.device.type == "cpu" else "cuda"]
+    scratch = torch.empty(min(n_rows, chunk), 2, ns, d, device=y.device)
+    back = torch.empty(min(n_rows, chunk), dg, ns, dtype=torch.uint8, device=y.device)
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        carry = torch.zeros(r1 - r0, d, device=y.device)
+        for g, (b, tab) in enumerate(zip(bits, tables)):
+            carry_out = torch.empty_like(carry)
+            tq_trellis_fed_search_kernel[(triton.cdiv(r1 - r0, block_r),)](
+                y[r0:r1], norms[r0:r1, g].float().contiguous(), head[r0:r1], fb, wt,
+                tab.float().contiguous(), carry, scratch, back, codes[r0:r1], carry_out,
+                r1 - r0, g * dg, D=d, DG=dg, R=b, S=state_bits, BLOCK_R=block_r,
+                enable_fp_fusion=False,  # t − n·value, cost + (w·a)·a, fb + a·F unfused
+            )
+            carry = carry_out
+    return codes
+
+
 def _trellis_inputs(tq: TensorQuantizer, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8, unit values float32), both ``[T, H, d]`` contiguous, of rotated vectors
     ``y`` ``[T, H, d]`` for a trellis quantizer: each channel group's Viterbi path on the
     codec's own unit coordinates and its decoded values, what the store kernel writes
-    and corrects the norms by."""
-    codes = tq.trellis_codes(y, trellis_search)
+    and corrects the norms by (keys with a query weight: :func:`trellis_search_fed`)."""
+    codes = tq.trellis_codes(y, trellis_search, trellis_search_fed)
     return codes, tq.unit_values(codes).float().contiguous()
 
 
@@ -399,7 +463,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         lutk, bndk, sketch if sketch is not None else lutk, lutv, bndv,
         *given_k, *given_ka, *given_v,
         codec.key.feedback if codec.key.feedback is not None else yk,  # placeholder without
-        BLOCK_T=STORE_BLOCK_T, SK_COLS=SKETCH_COLS, K_FB=codec.key.feedback is not None,
+        BLOCK_T=STORE_BLOCK_T, SK_COLS=SKETCH_COLS, K_FB=codec.key.feedback is not None and codec.key.tables is None,
         enable_fp_fusion=False,  # keep y − n·c and the feedback unfused, as the reference
         **consts,
     )

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from tq_vllm.config import PRESET_NAMES, PRESETS, Preset, TensorCodec, get_preset
+from tq_vllm.config import PRESET_NAMES, PRESETS, Preset, TensorCodec, get_preset, with_trellis
 
 # (preset, head_dim) -> (key bytes, value bytes, slot bytes), derived by hand from the
 # byte map in tq_vllm/layout.py: norms 2 B each, codes d_g*b_g/8, QJL signs d/8.
@@ -115,19 +115,20 @@ def test_trellis_presets_are_their_scalar_twins_with_trellis_codes(budget):
     """``tq{b}-trellis`` = ``tq{b}`` with 6-state-bit trellis K and V codes: the same
     transforms and the same slot bytes at every head size."""
     rec, tr = PRESETS[f"tq{budget}"], PRESETS[f"tq{budget}-trellis"]
-    assert tr.key == rec.key.model_copy(update={"trellis": 6, "feedback": False})
+    assert tr.key == rec.key.model_copy(update={"trellis": 6})
     assert tr.value == rec.value.model_copy(update={"trellis": 6})
     assert tr.transform == rec.transform and tr.seed == rec.seed
     assert all(tr.layout(d) == rec.layout(d) for d in (64, 128, 256))
 
 
-def test_feedback_rounding_is_for_scalar_key_codes():
-    """``tq{b}`` keys round with feedback; trellis codes and values cannot, and say so."""
-    assert all(PRESETS[f"tq{b}"].key.feedback for b in ("4", "3.5", "3", "2.5"))
+def test_feedback_rounding_is_for_keys():
+    """``tq{b}`` and ``tq{b}-trellis`` keys round with feedback (scalar codes one coordinate
+    at a time, trellis codes in the search); values cannot, and say so."""
+    assert all(PRESETS[f"tq{b}{f}"].key.feedback for b in ("4", "3.5", "3", "2.5")
+               for f in ("", "-trellis"))
     assert not any(p.value.feedback for p in PRESETS.values())
-    assert not any(p.key.feedback for p in PRESETS.values() if p.family in ("mse", "qjl", "trellis"))
-    with pytest.raises(ValueError, match="set feedback=False"):
-        TensorCodec(bits_hi=4, bits_lo=4, split=False, trellis=6, feedback=True)
+    assert not any(p.key.feedback for p in PRESETS.values() if p.family in ("mse", "qjl"))
+    assert not with_trellis(PRESETS["tq4-mse"], 6).key.feedback  # keeps what the codec had
     with pytest.raises(ValueError, match="keys only"):
         Preset.model_validate({**PRESETS["tq4"].model_dump(), "value": PRESETS["tq4"].key.model_dump()})
 

@@ -140,3 +140,48 @@ def test_kernels_refuse_five_bit_codes():
     assert err5 < 0.5 * codebook.mse_distortion(4, 64)  # 5-bit Lloyd–Max: ~0.0025 vs 0.0091
     with pytest.raises(ValueError, match="at most 4 bits"):
         codec.key.group_codebooks()
+
+
+@pytest.mark.parametrize("bits", [(4,), (4, 3), (3, 2)])
+def test_fed_search_without_feedback_is_the_plain_search(bits):
+    """With ``F = 0``, unit weights and unit norms the fed search is :func:`trellis.encode`
+    on each group, bit for bit (the same costs, ties and start state)."""
+    gen = torch.Generator().manual_seed(sum(bits))
+    dim, state_bits = 64, 6
+    dg = dim // len(bits)
+    tabs = [torch.randn(1 << (state_bits + b), generator=gen) / dg ** 0.5 for b in bits]
+    y = torch.randn(300, dim, generator=gen)
+    y = torch.cat([c / c.norm(dim=-1, keepdim=True) for c in y.chunk(len(bits), -1)], -1)
+    got = trellis.encode_fed(y, torch.ones(300, len(bits)), torch.zeros(300, dtype=torch.long),
+                             torch.zeros(1, dim, dim), torch.ones(1, dim), tabs, list(bits),
+                             state_bits)
+    want = torch.cat([trellis.encode(c.contiguous(), t, b, state_bits)
+                      for c, t, b in zip(y.chunk(len(bits), -1), tabs, bits)], -1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["tq4", "tq3"])
+def test_fed_trellis_codes_cut_the_weighted_error(name):
+    """Against an anisotropic query second moment ``W``, the expected logit error
+    ``eᵀWe`` of ``tq{b}-trellis`` keys searched with feedback is below the plain trellis
+    search's (measured 0.27× / 0.37×) and below scalar feedback rounding's (0.51× / 0.60×)
+    on held-out Gaussian keys."""
+    from tq_vllm.config import PRESETS
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 64, 64, generator=g) * torch.logspace(-1, 1, 64)
+    w = a @ a.mT / 64
+    x = torch.randn(2000, 1, 64, generator=g)
+    err = {}
+    for key, preset_name, weight in (("trellis fed", f"{name}-trellis", w),
+                                     ("trellis", f"{name}-trellis", None),
+                                     ("scalar fed", name, w)):
+        p = PRESETS[preset_name]
+        p = p.model_copy(update={"transform": p.transform.model_copy(
+            update={"key_offset_choice": False})})
+        c = LayerCodec.create(p, 64, 1, key_query_weight=weight).key
+        assert (c.feedback is not None) == (weight is not None)
+        e = (c.decode(c.encode(x)) - x)[:, 0]
+        err[key] = float(torch.einsum("nd,de,ne->n", e, w[0], e).mean())
+    assert err["trellis fed"] < 0.6 * err["trellis"], err
+    assert err["trellis fed"] < 0.8 * err["scalar fed"], err

@@ -111,8 +111,9 @@ class KVCompressor:
         Presets that need calibration (the recommended ``tq{b}``) calibrate on the
         first :meth:`append` or :meth:`encode` unless this was called first; the
         vLLM backend uses the model's cached calibration instead. That first-use
-        calibration sees no queries, so ``tq{b}`` keys then round to the nearest code;
-        pass ``KVStats.from_samples(keys, values, queries)`` here for feedback rounding."""
+        calibration sees no queries, so ``tq{b}`` keys then round to the nearest code (and
+        ``tq{b}-trellis`` keys take the plain search); pass ``KVStats.from_samples(keys,
+        values, queries)`` here for feedback rounding."""
         if len(self):
             raise RuntimeError("calibrate before the first append: stored codes depend on it")
         self.codec, self.transform = calibrated_codec(self.preset, stats, self.layout.head_dim,

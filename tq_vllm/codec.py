@@ -19,8 +19,10 @@ Encoding ``x`` (``[N, H, d]``):
    ``w_i / n_g`` (``w`` starts as ``y``), then every later coordinate takes the error in
    (float32, product then difference) ``w_j −= (w_i − n_g c_i) · F_ij`` — LDLQ: with
    ``F`` from the Cholesky factor of the damped query weight's inverse this minimises the
-   expected logit error ``E⟨q, y − ŷ⟩²`` greedily rather than ``‖y − ŷ‖``. Decoding is
-   unchanged.
+   expected logit error ``E⟨q, y − ŷ⟩²`` greedily rather than ``‖y − ŷ‖``. Trellis codes
+   with feedback (``tq{b}-trellis`` keys) are searched against the same weight instead:
+   each Viterbi survivor carries its own fed errors (:func:`tq_vllm.trellis.encode_fed`).
+   Decoding is unchanged.
 3. TurboQuant_prod only: residual ``r = y − ŷ`` in the rotated domain (``ŷ`` built
    from the stored fp16 norms), ``signs = sign(S r)``, ``γ = ‖r‖`` in fp16. Variants
    (``TensorCodec.qjl_rows / qjl_group / qjl_shrink``, issue 7's A/B): ``m = rows · n``
@@ -135,6 +137,7 @@ class TensorQuantizer:
     offset: torch.Tensor | None = None  # [H, d] key offset o (offset choice), or None
     offset_rot: torch.Tensor | None = None  # [H, d] R_h o
     feedback: torch.Tensor | None = None  # [H, d, d] strictly upper F (feedback rounding), or None
+    feedback_weight: torch.Tensor | None = None  # [H, d] 1/u_i² (mean 1 per head): trellis feedback
     rot64: torch.Tensor | None = None  # [H, d, d] rot's float32 entries in float64 (rotate)
     stats: dict[str, int] = field(default_factory=lambda: {"nonfinite_vectors": 0,
                                                            "saturated_norms": 0})
@@ -244,6 +247,7 @@ class TensorQuantizer:
             self.offset, self.offset_rot = self.offset.to(device), self.offset_rot.to(device)
         if self.feedback is not None:
             self.feedback = self.feedback.to(device)
+            self.feedback_weight = self.feedback_weight.to(device)
         if self.tables is not None:
             self.tables = [t.to(device) for t in self.tables]
         return self
@@ -265,7 +269,9 @@ class TensorQuantizer:
         ``weight`` ``[H, d, d]`` (stored domain, summed over each KV head's query heads);
         returns self. ``F_h`` is the strictly upper part of ``U / diag(U)``, ``U`` the upper
         Cholesky factor of ``(R_h W_h R_hᵀ + δ·mean(diag)·I)⁻¹`` (:data:`FEEDBACK_DAMPING`),
-        computed in float64 and rounded once to float32."""
+        computed in float64 and rounded once to float32; ``feedback_weight`` ``[H, d]`` is
+        ``1 / diag(U)²`` scaled to mean 1 per head (what a trellis search weighs each
+        coordinate's fed error by: :func:`tq_vllm.trellis.encode_fed`)."""
         h, d = self.rot.shape[0], self.head_dim
         if not self.codec.feedback:
             raise ValueError("this codec rounds to the nearest code: set feedback=True in its "
@@ -282,8 +288,11 @@ class TensorQuantizer:
         scale = hr.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
         hr = hr + FEEDBACK_DAMPING * scale[:, None, None] * torch.eye(d, dtype=torch.float64)
         u = torch.linalg.cholesky(torch.linalg.inv(hr), upper=True)
-        f = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1)
+        diag = u.diagonal(dim1=-2, dim2=-1)
+        f = (u / diag[..., None]).triu(1)
+        wt = 1.0 / diag ** 2
         self.feedback = f.float().to(self.rot.device).contiguous()
+        self.feedback_weight = (wt / wt.mean(-1, keepdim=True)).float().to(self.rot.device).contiguous()
         return self
 
     def rotate(self, x: torch.Tensor, head_of: torch.Tensor | None = None) -> torch.Tensor:
@@ -345,13 +354,18 @@ class TensorQuantizer:
         n = _norm(yg)
         return n, yg / n.clamp_min(_TINY)[..., None]
 
-    def trellis_codes(self, y: torch.Tensor, search=None) -> torch.Tensor:
+    def trellis_codes(self, y: torch.Tensor, search=None, fed_search=None) -> torch.Tensor:
         """Trellis codes uint8 ``[N, H, d]`` of rotated vectors ``y`` ``[N, H, d]``: each
         channel group's Viterbi path on its unit coordinates (:meth:`group_unit`), found by
         ``search(u [R, d_g], table, bits, state_bits)`` — :func:`trellis.encode` unless a
-        kernel passes its own (bit-identical) search."""
+        kernel passes its own (bit-identical) search. With a query weight set (feedback)
+        the groups are searched together against it by ``fed_search``, which has
+        :func:`trellis.encode_fed`'s signature and codes (the default)."""
         if self.tables is None:
             raise ValueError("this quantizer has scalar codes: no trellis search")
+        if self.feedback is not None:
+            norms = [self.group_unit(y, g)[0] for g in range(len(self.tables))]
+            return self._trellis_fed_codes(y, norms, fed_search)
         search = search or trellis.encode
         codes = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
         for g, (start, dg) in enumerate(self.group_spans()):
@@ -363,10 +377,14 @@ class TensorQuantizer:
     def feedback_codes(self, y: torch.Tensor,
                        norms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes uint8, unit-scale values float32), both ``[N, H, d]``, of rotated vectors
-        ``y`` ``[N, H, d]`` by feedback rounding (module docstring); ``norms[g]`` ``[N, H]``
-        is group ``g``'s norm ``n_g`` (:meth:`group_unit`), clamped as it divides there."""
+        ``y`` ``[N, H, d]`` by feedback rounding (module docstring), or for trellis codes by
+        the search against the query weight; ``norms[g]`` ``[N, H]`` is group ``g``'s norm
+        ``n_g`` (:meth:`group_unit`), clamped as it divides there."""
         if self.feedback is None:
             raise ValueError("no query weight set: call set_query_weight first")
+        if self.tables is not None:
+            codes = self._trellis_fed_codes(y, norms)
+            return codes, self.unit_values(codes)
         scale = torch.empty_like(y)
         for (a, dg), n in zip(self.group_spans(), norms):
             scale[..., a:a + dg] = n.clamp_min(_TINY)[..., None]
@@ -381,6 +399,19 @@ class TensorQuantizer:
             err = w[..., i] - c * scale[..., i]
             w[..., i + 1:] -= err[..., None] * self.feedback[:, i, i + 1:]
         return codes, vals
+
+    def _trellis_fed_codes(self, y: torch.Tensor, norms: list[torch.Tensor],
+                           fed_search=None) -> torch.Tensor:
+        """Trellis codes uint8 ``[N, H, d]`` of ``y`` ``[N, H, d]`` searched against the
+        query weight (:func:`trellis.encode_fed`, or ``fed_search`` with its signature);
+        ``norms[g]`` ``[N, H]`` as in :meth:`feedback_codes`."""
+        n, h, d = y.shape
+        head = torch.arange(h, device=y.device).repeat(n)
+        nrm = torch.stack(norms, -1).clamp_min(_TINY).reshape(n * h, -1).contiguous()
+        codes = (fed_search or trellis.encode_fed)(
+            y.reshape(n * h, d).contiguous(), nrm, head, self.feedback, self.feedback_weight,
+            self.tables, list(self.layout.group_bits), self.codec.trellis)
+        return codes.view(n, h, d)
 
     def _trellis_values(self, codes: torch.Tensor, g: int) -> torch.Tensor:
         return trellis.decode(codes, self.tables[g], self.layout.group_bits[g], self.codec.trellis)

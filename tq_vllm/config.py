@@ -17,7 +17,8 @@ Families at each budget ``b`` (bits per coordinate of codes) in {4, 3.5, 3, 2.5}
 
 ``tq{b}-trellis``  ``tq{b}`` with bitshift-trellis codes (:data:`TRELLIS_STATE_BITS`):
                the same bytes, decoded with the stream bits before each code
-               (``tq_vllm.trellis``); CPU kernels, Triton kernels (interpreter-tested)
+               (``tq_vllm.trellis``), keys searched against the calibration queries
+               (feedback in the search); CPU kernels, Triton kernels (interpreter-tested)
                and the PyTorch reference.
 
 Above them, ``tq4.5`` (:data:`QJL_RECOMMENDED`): ``tq4`` with the key residual's QJL
@@ -96,10 +97,11 @@ class TensorCodec(BaseModel):
                     "with the S stream bits before it; 0 = scalar Lloyd–Max codes")
     feedback: bool = Field(
         default=False,
-        description="query-aware rounding of scalar codes: coordinates rounded in turn, each "
-                    "one's error fed into the rest through the calibration queries' second "
-                    "moment (LDLQ), so the expected logit error, not ‖x − x̂‖, is minimised; "
-                    "keys only, needs calibration queries (nearest rounding without them)")
+        description="query-aware rounding: scalar codes rounded one coordinate at a time, "
+                    "each one's error fed into the rest through the calibration queries' "
+                    "second moment (LDLQ), trellis codes searched with each survivor's "
+                    "errors fed the same way, so the expected logit error, not ‖x − x̂‖, is "
+                    "minimised; keys only, needs calibration queries (plain codes without)")
 
     @model_validator(mode="after")
     def _check(self) -> "TensorCodec":
@@ -114,9 +116,6 @@ class TensorCodec(BaseModel):
                              f"set trellis ≥ {self.bits_hi} (or 0 for scalar codes)")
         if self.qjl_group == "outlier" and not self.split:
             raise ValueError("qjl_group='outlier' sketches the outlier half: it needs split=True")
-        if self.feedback and self.trellis:
-            raise ValueError("feedback rounding chooses scalar codes one coordinate at a time; "
-                             "trellis codes are searched as a path: set feedback=False")
         return self
 
     @property
@@ -382,11 +381,10 @@ the Lloyd–Max codes of the same bits (``tq_vllm.trellis``); decode tables of
 
 def with_trellis(preset: Preset, state_bits: int, **update) -> Preset:
     """``preset`` with its K and V codes as bitshift-trellis codes of ``state_bits`` state
-    bits (0: scalar codes; trellis codes drop feedback rounding), both codecs validated; ``update`` sets other fields (``name``)."""
+    bits (0: scalar codes), both codecs validated (keys that round with feedback search
+    their trellis against the same query weight); ``update`` sets other fields (``name``)."""
     codecs = {part: TensorCodec.model_validate({**getattr(preset, part).model_dump(),
-                                                "trellis": state_bits,
-                                                "feedback": (getattr(preset, part).feedback
-                                                             and not state_bits)})
+                                                "trellis": state_bits})
               for part in ("key", "value")}
     return preset.model_copy(update={**codecs, **update})
 

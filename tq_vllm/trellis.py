@@ -23,6 +23,11 @@ the coordinates it decoded) on uniformly random unit vectors of the group's dime
 the presets' shapes ship trained (:data:`SHIPPED_TABLES`), any other shape is trained on
 first use.
 
+Keys of ``tq{b}-trellis`` are searched against the calibration queries' second moment
+instead of ``‖y − ŷ‖`` (:func:`encode_fed`: each survivor path carries the errors it feeds
+forward, LDLQ inside the Viterbi search; docs/quality.md, twelfth round); the decoder
+does not change.
+
 Measured on such vectors (:func:`distortion`), 64 states: 2.13 / 1.93 / 1.49 dB below the
 Lloyd–Max codebook at 4 / 3 / 2 bits on 64 coordinates, 1.72 / 1.62 / 1.19 dB on 32;
 docs/quality.md (seventh and eighth rounds) has what it does to perplexity.
@@ -82,6 +87,81 @@ def encode(y: torch.Tensor, table: torch.Tensor, bits: int, state_bits: int) -> 
     for i in range(n - 1, -1, -1):
         codes[:, i] = (state // nh).to(torch.uint8)
         state = (state % nh) * nc + back[i][rows, state].long()
+    return codes
+
+
+FED_CHUNK_ROWS = 2048
+"""Rows :func:`encode_fed` searches at once: each keeps a feedback row per state (``2^S × d``
+floats), 32 MiB at S = 6, d = 64."""
+
+
+def encode_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor, feedback: torch.Tensor,
+               weight: torch.Tensor, tables: list[torch.Tensor], bits: list[int],
+               state_bits: int) -> torch.Tensor:
+    """Trellis codes (uint8 ``[N, d]``) of rotated rows ``y`` float32 ``[N, d]`` chosen
+    against a query weight (per-survivor feedback, the trellis form of LDLQ).
+
+    Group ``g`` (``len(tables)`` contiguous groups of ``d / G`` coordinates, ``bits[g]``
+    bits, norm ``norms[:, g]``) decodes coordinate ``i`` to ``n_g · table_g[w_i]``. With
+    ``H = U⁻¹U⁻ᵀ`` (``U = diag(u)(I + F)``, :meth:`tq_vllm.codec.TensorQuantizer.set_query_weight`)
+    the logit error ``eᵀHe`` of ``e = y − ŷ`` is ``Σ_i a_i² / u_i²`` where ``a_i = t_i − n_g
+    v_i`` and the target ``t_i = y_i − Σ_{j<i} a_j F_ji`` carries the earlier errors. The
+    Viterbi search minimises ``Σ_i weight_i · a_i²`` (``weight = 1/u²`` of row ``head[r]``):
+    each of the ``2^S`` states keeps its survivor path's feedback row, so a branch's target
+    is its predecessor's (per-survivor processing: exact along each survivor). Arithmetic
+    (float32, each operation rounded once, no fused multiply-add), for kernels to reproduce:
+    ``t = y_i − fb[p, i]``, ``a = t − n·value``, cost ``cost[p] + (weight_i · a) · a``; a
+    state keeps its first predecessor of least cost, whose row becomes ``fb[p, j] + a · F_ij``
+    (``j > i``); each group starts at state 0 with the feedback of the previous groups'
+    best paths (first state of least cost). With ``F = 0`` and unit weights this is
+    :func:`encode` on ``y_g / n_g`` (in exact arithmetic).
+
+    ``head`` long ``[N]`` picks each row's ``feedback`` ``[H, d, d]`` and ``weight`` ``[H, d]``."""
+    n_rows, d = y.shape
+    groups = len(tables)
+    dg = d // groups
+    for b in bits:
+        _check(b, state_bits)
+    out = torch.empty((n_rows, d), dtype=torch.uint8, device=y.device)
+    for r0 in range(0, n_rows, FED_CHUNK_ROWS):
+        sl = slice(r0, min(r0 + FED_CHUNK_ROWS, n_rows))
+        out[sl] = _encode_fed_rows(y[sl].float(), norms[sl].float(), feedback[head[sl]],
+                                   weight[head[sl]].float(), tables, bits, state_bits, dg)
+    return out
+
+
+def _encode_fed_rows(y, norms, fb_mat, weight, tables, bits, state_bits, dg):
+    m, d = y.shape
+    rows = torch.arange(m, device=y.device)
+    ns = 1 << state_bits
+    carried = torch.zeros((m, d), device=y.device)  # feedback of the groups already chosen
+    codes = torch.empty((m, d), dtype=torch.uint8, device=y.device)
+    for g, tab in enumerate(tables):
+        a0, r = g * dg, bits[g]
+        nc, nh = 1 << r, 1 << (state_bits - r)
+        val = (norms[:, g, None] * tab.to(y.device).float()[None]).view(m, nc, nh, nc)  # [N, c, hi, t]
+        cost = torch.full((m, ns), float("inf"), device=y.device)
+        cost[:, 0] = 0.0
+        fb = carried[:, None, a0:].expand(m, ns, d - a0).contiguous()  # [N, state, j ≥ i]
+        back = torch.empty((dg, m, ns), dtype=torch.uint8, device=y.device)
+        for k in range(dg):
+            i = a0 + k
+            tgt = (y[:, i, None] - fb[:, :, 0]).view(m, 1, nh, nc)
+            err = tgt - val  # [N, c, hi, t]
+            total = cost.view(m, 1, nh, nc) + (weight[:, i, None, None, None] * err) * err
+            best, arg = total.min(-1)  # first predecessor t of least cost: [N, c, hi]
+            back[k] = arg.view(m, ns)
+            a = err.gather(-1, arg[..., None]).view(m, ns)
+            pred = (torch.arange(nh, device=y.device).view(1, 1, nh) * nc + arg).view(m, ns)
+            prev = fb[:, :, 1:].gather(1, pred[..., None].expand(m, ns, d - i - 1))
+            fb = prev + a[..., None] * fb_mat[:, i, None, i + 1:]
+            cost = best.view(m, ns)  # new state c·NH + hi
+        state = cost.argmin(-1)
+        carried = torch.zeros_like(carried)
+        carried[:, a0 + dg:] = fb[rows, state]
+        for k in range(dg - 1, -1, -1):
+            codes[:, a0 + k] = (state // nh).to(torch.uint8)
+            state = (state % nh) * nc + back[k][rows, state].long()
     return codes
 
 

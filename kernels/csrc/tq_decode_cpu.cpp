@@ -832,6 +832,175 @@ extern "C" int tq_trellis_encode_cpu(const float* u, int64_t rows, int64_t dim, 
   return 0;
 }
 
+namespace {
+
+// One row of tq_vllm.trellis.encode_fed: the groups' trellises searched in turn, each state
+// carrying its survivor's feedback row fb[state][j] (what its errors take off coordinate
+// j's target). Per step i and new state p' = (c << (S - R)) | hi the NC predecessors
+// p = (hi << R) | t are tried with the reference's rounding (t = y_i - fb[p][i],
+// e = t - nv[p][c], tot = cost[p] + (w_i * e) * e, first t of least cost: strict <, t
+// ascending). Lanes are the codes c, as in trellis_row; unlike there, each step needs the
+// winning predecessor and its error (the new state's feedback row is built from them), so
+// the t loop carries (least cost, error, t) as blends. An unreachable state (cost inf)
+// keeps t = 0 and error 0 where the reference keeps t = 0 and that branch's error: its row
+// differs, but a state of infinite cost is never on the path nor the parent of a finite
+// one, so the codes do not.
+// Scratch (per thread): cost/next [ns], fb/fb_next [ns][d], nv [ns][NC], carried [d],
+// back [d][ns].
+struct FedScratch {
+  std::vector<float> cost, next, fb, fb_next, nv, carried;
+  std::vector<uint8_t> back;
+  FedScratch(int ns, int d, int max_nc)
+      : cost(ns), next(ns), fb((size_t)ns * d), fb_next((size_t)ns * d),
+        nv((size_t)ns * max_nc), carried(d), back((size_t)d * ns) {}
+};
+
+// Feedback row of a new state: dst[j] = src[j] + a * Fi[j] for j in [j0, d). The vector
+// loop starts at j0 rounded down to a whole vector, so no row needs a scalar head: the
+// columns before j0 it also writes are behind the search (never read again).
+inline void fed_row(float* __restrict__ dst, const float* __restrict__ src,
+                    const float* __restrict__ Fi, float a, int j0, int d) {
+  int j = j0 & ~(TRELLIS_LANES - 1);
+  const __m256 av = _mm256_set1_ps(a);
+  for (; j + TRELLIS_LANES <= d; j += TRELLIS_LANES)
+    _mm256_storeu_ps(dst + j, _mm256_add_ps(_mm256_loadu_ps(src + j),
+                                            _mm256_mul_ps(av, _mm256_loadu_ps(Fi + j))));
+  for (; j < d; ++j) dst[j] = src[j] + a * Fi[j];
+}
+
+template <int R>
+void trellis_fed_group(const float* y, int d, int a0, int dg, int S, float n, const float* tab,
+                       const float* F, const float* w, FedScratch& s, uint8_t* out) {
+  constexpr int NC = 1 << R;
+  const int ns = 1 << S, nh = ns >> R;
+  for (int p = 0; p < ns; ++p)
+    for (int c = 0; c < NC; ++c) s.nv[(size_t)p * NC + c] = n * tab[(c << S) | p];
+  std::fill(s.cost.begin(), s.cost.end(), INFINITY);
+  s.cost[0] = 0.f;
+  for (int p = 0; p < ns; ++p)
+    std::copy(s.carried.begin() + a0, s.carried.end(), s.fb.begin() + (size_t)p * d + a0);
+  for (int k = 0; k < dg; ++k) {
+    const int i = a0 + k;
+    const float wi = w[i], yi = y[i];
+    const float* Fi = F + (size_t)i * d;
+    uint8_t* back = s.back.data() + (size_t)k * ns;
+    for (int hi = 0; hi < nh; ++hi) {
+      alignas(32) float best[NC], ba[NC];
+      alignas(32) int bt[NC];
+      if constexpr (NC >= TRELLIS_LANES) {
+        constexpr int NV = NC / TRELLIS_LANES;
+        const __m256 wv = _mm256_set1_ps(wi);
+        __m256 mb[NV], me[NV];
+        __m256i mt[NV];
+        for (int v = 0; v < NV; ++v) {
+          mb[v] = _mm256_set1_ps(INFINITY);
+          me[v] = _mm256_setzero_ps();
+          mt[v] = _mm256_setzero_si256();
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < NC; ++t) {
+          const int p = (hi << R) | t;
+          const __m256 tg = _mm256_set1_ps(yi - s.fb[(size_t)p * d + i]);
+          const __m256 cp = _mm256_set1_ps(s.cost[p]);
+          const __m256i tv = _mm256_set1_epi32(t);
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) {
+            const __m256 e = _mm256_sub_ps(tg, _mm256_loadu_ps(s.nv.data() + (size_t)p * NC + v * TRELLIS_LANES));
+            const __m256 tot = _mm256_add_ps(cp, _mm256_mul_ps(_mm256_mul_ps(wv, e), e));
+            const __m256 lt = _mm256_cmp_ps(tot, mb[v], _CMP_LT_OQ);
+            mb[v] = _mm256_blendv_ps(mb[v], tot, lt);
+            me[v] = _mm256_blendv_ps(me[v], e, lt);
+            mt[v] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mt[v]),
+                                                         _mm256_castsi256_ps(tv), lt));
+          }
+        }
+        for (int v = 0; v < NV; ++v) {
+          _mm256_store_ps(best + v * TRELLIS_LANES, mb[v]);
+          _mm256_store_ps(ba + v * TRELLIS_LANES, me[v]);
+          _mm256_store_si256((__m256i*)(bt + v * TRELLIS_LANES), mt[v]);
+        }
+      } else {
+        for (int c = 0; c < NC; ++c) { best[c] = INFINITY; ba[c] = 0.f; bt[c] = 0; }
+        for (int t = 0; t < NC; ++t) {
+          const int p = (hi << R) | t;
+          const float tg = yi - s.fb[(size_t)p * d + i], cp = s.cost[p];
+          for (int c = 0; c < NC; ++c) {
+            const float e = tg - s.nv[(size_t)p * NC + c];
+            const float tot = cp + (wi * e) * e;
+            if (tot < best[c]) { best[c] = tot; ba[c] = e; bt[c] = t; }
+          }
+        }
+      }
+      for (int c = 0; c < NC; ++c) {
+        const int q = c * nh + hi;  // the new state (c << (S - R)) | hi
+        s.next[q] = best[c];
+        back[q] = (uint8_t)bt[c];
+        fed_row(s.fb_next.data() + (size_t)q * d, s.fb.data() + (size_t)((hi << R) | bt[c]) * d,
+                Fi, ba[c], i + 1, d);
+      }
+    }
+    std::swap(s.cost, s.next);
+    std::swap(s.fb, s.fb_next);
+  }
+  int state = 0;
+  for (int q = 1; q < ns; ++q)
+    if (s.cost[q] < s.cost[state]) state = q;
+  std::fill(s.carried.begin(), s.carried.end(), 0.f);
+  std::copy(s.fb.begin() + (size_t)state * d + a0 + dg, s.fb.begin() + (size_t)(state + 1) * d,
+            s.carried.begin() + a0 + dg);
+  for (int k = dg - 1; k >= 0; --k) {
+    out[a0 + k] = (uint8_t)(state / nh);
+    state = (state % nh) * NC + s.back[(size_t)k * ns + state];
+  }
+}
+
+void trellis_fed_row(const float* y, int d, int groups, const int64_t* bits, int S,
+                     const float* tables, int64_t tab_stride, const float* norms,
+                     const float* F, const float* w, FedScratch& s, uint8_t* out) {
+  const int dg = d / groups;
+  std::fill(s.carried.begin(), s.carried.end(), 0.f);
+  for (int g = 0; g < groups; ++g) {
+    const float* tab = tables + g * tab_stride;
+    switch (bits[g]) {
+      case 1: trellis_fed_group<1>(y, d, g * dg, dg, S, norms[g], tab, F, w, s, out); break;
+      case 2: trellis_fed_group<2>(y, d, g * dg, dg, S, norms[g], tab, F, w, s, out); break;
+      case 3: trellis_fed_group<3>(y, d, g * dg, dg, S, norms[g], tab, F, w, s, out); break;
+      default: trellis_fed_group<4>(y, d, g * dg, dg, S, norms[g], tab, F, w, s, out); break;
+    }
+  }
+}
+
+}  // namespace
+
+// Trellis codes of `rows` rotated rows y [rows, d] searched against a query weight, as
+// tq_vllm.trellis.encode_fed: `groups` equal channel groups of bits[g] bits, decode tables
+// [groups][tab_stride], norms [rows][groups] (clamped), head [rows] picking F [H][d][d]
+// (strictly upper feedback) and w [H][d] (coordinate weights). Returns 0, or -1 for shapes
+// outside bits 1..4, S bits..10, d 1..MAX_D divisible by groups (1 or 2).
+extern "C" int tq_trellis_encode_fed_cpu(const float* y, int64_t rows, int64_t d, int64_t groups,
+                                         const int64_t* bits, int64_t S, const float* tables,
+                                         int64_t tab_stride, const float* norms,
+                                         const int64_t* head, const float* F, const float* w,
+                                         uint8_t* codes, int num_threads) {
+  if (groups < 1 || groups > 2 || d < 1 || d > MAX_D || d % groups || S > 10) return -1;
+  int max_nc = 1;
+  for (int g = 0; g < groups; ++g) {
+    if (bits[g] < 1 || bits[g] > 4 || S < bits[g]) return -1;
+    if (tab_stride < (1 << (S + bits[g]))) return -1;
+    max_nc = std::max(max_nc, 1 << (int)bits[g]);
+  }
+#pragma omp parallel num_threads(num_threads)
+  {
+    FedScratch s(1 << S, (int)d, max_nc);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      trellis_fed_row(y + r * d, (int)d, (int)groups, bits, (int)S, tables, tab_stride,
+                      norms + r * groups, F + head[r] * d * d, w + head[r] * d, s,
+                      codes + r * d);
+  }
+  return 0;
+}
+
 // Decode attention for B sequences, one query token each.
 //   q [B, Hq, d] float32 (original domain); q_off [B, Hq] <q, o> or null (no key offset)
 //   rot_k, rot_v [H, d, d]; sketch [d, d] or null

@@ -276,6 +276,32 @@ def test_trellis_search_matches_reference(impl, bits, state_bits, dim):
     assert torch.equal(got, trellis.encode(u, tab, bits, state_bits))
 
 
+@pytest.mark.parametrize("bits,state_bits,dim,heads", [((4,), 6, 64, 3), ((4, 3), 6, 64, 2),
+                                                       ((3, 2), 6, 128, 2), ((2,), 5, 256, 1),
+                                                       ((1, 1), 4, 32, 2), ((3,), 10, 16, 1)])
+def test_trellis_fed_search_matches_reference(impl, bits, state_bits, dim, heads):
+    """The store's search against a query weight (native or Numba) returns
+    :func:`trellis.encode_fed`'s codes bit for bit: per-survivor feedback rows, the
+    weighted branch cost, ties and the unreachable first states (a zero row, repeated
+    rows and rows of another head included)."""
+    from tq_vllm import trellis
+
+    gen = torch.Generator().manual_seed(dim + state_bits + sum(bits))
+    tabs = [torch.randn(1 << (state_bits + b), generator=gen) / dim ** 0.5 for b in bits]
+    a = torch.randn(heads, dim, dim, generator=gen) * torch.logspace(-1, 1, dim)
+    u = torch.linalg.cholesky(torch.linalg.inv(a @ a.mT + torch.eye(dim)), upper=True)
+    fb = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1).float()
+    wt = torch.rand(heads, dim, generator=gen) + 0.5
+    y = torch.randn(201, dim, generator=gen) * torch.linspace(0.2, 3, dim)
+    y[7] = 0.0
+    y[9:12] = y[20]
+    norms = torch.stack([c.norm(dim=-1) for c in y.chunk(len(bits), -1)], -1).clamp_min(1e-30)
+    head = torch.randint(0, heads, (201,), generator=gen)
+    got = cpu_ops.trellis_search_fed(y, norms, head, fb, wt, tabs, list(bits), state_bits)
+    want = trellis.encode_fed(y, norms, head, fb, wt, tabs, list(bits), state_bits)
+    assert torch.equal(got, want)
+
+
 def test_trellis_codes_with_a_qjl_sketch_match_reference(impl):
     """Trellis codes under ``tq4.5``'s shrunk QJL sketch: the residual the signs sketch is
     the trellis reconstruction's, stored and read back bit for bit."""

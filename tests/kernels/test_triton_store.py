@@ -125,6 +125,30 @@ def test_trellis_search_matches_reference(bits, state_bits, n, device):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("bits,state_bits,dim,heads", [((4,), 6, 64, 3), ((4, 3), 6, 64, 2),
+                                                       ((2,), 4, 32, 1), ((3, 2), 5, 128, 2)])
+def test_trellis_fed_search_matches_reference(bits, state_bits, dim, heads, device):
+    """The search against a query weight (per-survivor feedback rows in scratch, one
+    launch per channel group) returns :func:`trellis.encode_fed`'s codes bit for bit (a
+    zero row, repeated rows, rows of several heads; a chunk that is not a whole number of
+    programs)."""
+    gen = torch.Generator().manual_seed(dim + state_bits + sum(bits))
+    tabs = [torch.randn(1 << (state_bits + b), generator=gen) / dim ** 0.5 for b in bits]
+    a = torch.randn(heads, dim, dim, generator=gen) * torch.logspace(-1, 1, dim)
+    u = torch.linalg.cholesky(torch.linalg.inv(a @ a.mT + torch.eye(dim)), upper=True)
+    fb = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1).float()
+    wt = torch.rand(heads, dim, generator=gen) + 0.5
+    y = torch.randn(21, dim, generator=gen) * torch.linspace(0.2, 3, dim)
+    y[2] = 0.0
+    y[4] = y[1]
+    norms = torch.stack([c.norm(dim=-1) for c in y.chunk(len(bits), -1)], -1).clamp_min(1e-30)
+    head = torch.randint(0, heads, (21,), generator=gen)
+    want = trellis.encode_fed(y, norms, head, fb, wt, tabs, list(bits), state_bits)
+    got = triton_ops.trellis_search_fed(*_on(device, y, norms, head, fb, wt), _on(device, *tabs),
+                                        list(bits), state_bits)
+    assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("name,dim", [("tq3.5-qjl", 256), ("tq4-mse", 256)])
 def test_store_bit_exact_head_dim_256(name, dim, device):
     codec = LayerCodec.create(PRESETS[name], dim, 1, layer=0).to(device)
