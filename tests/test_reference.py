@@ -22,6 +22,25 @@ def query_weight(preset, kv_heads, dim):
     return a @ a.mT / dim
 
 
+def fed_search_case(bits, state_bits, dim, heads, rows):
+    """Inputs of :func:`trellis.encode_fed` after its own signature — (rows ``y``, group
+    norms, head per row, feedback ``F``, weights, tables) — drawn on the CPU: ``F`` from an
+    anisotropic query moment, random weights and tables, rows of uneven scale with a zero
+    row (index 2) and a repeated one (4 = 1), so ties and unreachable states are met."""
+    gen = torch.Generator().manual_seed(dim + state_bits + sum(bits))
+    tabs = [torch.randn(1 << (state_bits + b), generator=gen) / dim ** 0.5 for b in bits]
+    a = torch.randn(heads, dim, dim, generator=gen) * torch.logspace(-1, 1, dim)
+    u = torch.linalg.cholesky(torch.linalg.inv(a @ a.mT + torch.eye(dim)), upper=True)
+    fb = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1).float()
+    wt = torch.rand(heads, dim, generator=gen) + 0.5
+    y = torch.randn(rows, dim, generator=gen) * torch.linspace(0.2, 3, dim)
+    y[2] = 0.0
+    y[4] = y[1]
+    norms = torch.stack([c.norm(dim=-1) for c in y.chunk(len(bits), -1)], -1).clamp_min(1e-30)
+    head = torch.randint(0, heads, (rows,), generator=gen)
+    return y, norms, head, fb, wt, tabs
+
+
 def random_keys(s, kv_heads, dim, offset):
     """Keys ``[s, H, d]``; with an offset every 5th lies near ``−offset`` (a sink far from
     the mean), which the offset choice stores flagged, so both kinds are exercised."""

@@ -19,8 +19,8 @@ from tq_vllm.kernels import cpu_native, cpu_ops, triton_ops
 from tq_vllm.reference import tq_paged_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_reference import (build_cache, key_offset, query_weight, shrunk_qjl_preset,  # noqa: E402
-                            trellis_preset)
+from test_reference import (build_cache, fed_search_case, key_offset, query_weight,  # noqa: E402
+                            shrunk_qjl_preset, trellis_preset)
 
 ATOL = 2e-5  # float32 reduction-order noise on O(1) outputs, ~20× observed max
 
@@ -282,21 +282,11 @@ def test_trellis_search_matches_reference(impl, bits, state_bits, dim):
 def test_trellis_fed_search_matches_reference(impl, bits, state_bits, dim, heads):
     """The store's search against a query weight (native or Numba) returns
     :func:`trellis.encode_fed`'s codes bit for bit: per-survivor feedback rows, the
-    weighted branch cost, ties and the unreachable first states (a zero row, repeated
-    rows and rows of another head included)."""
+    weighted branch cost, ties and the unreachable first states (a zero row, a repeated
+    row and rows of several heads: :func:`fed_search_case`)."""
     from tq_vllm import trellis
 
-    gen = torch.Generator().manual_seed(dim + state_bits + sum(bits))
-    tabs = [torch.randn(1 << (state_bits + b), generator=gen) / dim ** 0.5 for b in bits]
-    a = torch.randn(heads, dim, dim, generator=gen) * torch.logspace(-1, 1, dim)
-    u = torch.linalg.cholesky(torch.linalg.inv(a @ a.mT + torch.eye(dim)), upper=True)
-    fb = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1).float()
-    wt = torch.rand(heads, dim, generator=gen) + 0.5
-    y = torch.randn(201, dim, generator=gen) * torch.linspace(0.2, 3, dim)
-    y[7] = 0.0
-    y[9:12] = y[20]
-    norms = torch.stack([c.norm(dim=-1) for c in y.chunk(len(bits), -1)], -1).clamp_min(1e-30)
-    head = torch.randint(0, heads, (201,), generator=gen)
+    y, norms, head, fb, wt, tabs = fed_search_case(bits, state_bits, dim, heads, rows=201)
     got = cpu_ops.trellis_search_fed(y, norms, head, fb, wt, tabs, list(bits), state_bits)
     want = trellis.encode_fed(y, norms, head, fb, wt, tabs, list(bits), state_bits)
     assert torch.equal(got, want)

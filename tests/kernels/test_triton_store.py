@@ -23,7 +23,7 @@ from tq_vllm.config import PRESETS  # noqa: E402
 from tq_vllm.kernels import triton_ops  # noqa: E402
 from tq_vllm.layout import unpack_slots  # noqa: E402
 from tq_vllm.reference import tq_store  # noqa: E402
-from test_reference import query_weight  # noqa: E402  (tests/ is on sys.path: conftest)
+from test_reference import fed_search_case, query_weight  # noqa: E402  (tests/ is on sys.path: conftest)
 
 FAMILIES = [f"tq{b}-{fam}" for b in ("4", "3.5", "3", "2.5") for fam in ("mse", "qjl")]
 
@@ -129,20 +129,9 @@ def test_trellis_search_matches_reference(bits, state_bits, n, device):
                                                        ((2,), 4, 32, 1), ((3, 2), 5, 128, 2)])
 def test_trellis_fed_search_matches_reference(bits, state_bits, dim, heads, device):
     """The search against a query weight (per-survivor feedback rows in scratch, one
-    launch per channel group) returns :func:`trellis.encode_fed`'s codes bit for bit (a
-    zero row, repeated rows, rows of several heads; a chunk that is not a whole number of
-    programs)."""
-    gen = torch.Generator().manual_seed(dim + state_bits + sum(bits))
-    tabs = [torch.randn(1 << (state_bits + b), generator=gen) / dim ** 0.5 for b in bits]
-    a = torch.randn(heads, dim, dim, generator=gen) * torch.logspace(-1, 1, dim)
-    u = torch.linalg.cholesky(torch.linalg.inv(a @ a.mT + torch.eye(dim)), upper=True)
-    fb = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1).float()
-    wt = torch.rand(heads, dim, generator=gen) + 0.5
-    y = torch.randn(21, dim, generator=gen) * torch.linspace(0.2, 3, dim)
-    y[2] = 0.0
-    y[4] = y[1]
-    norms = torch.stack([c.norm(dim=-1) for c in y.chunk(len(bits), -1)], -1).clamp_min(1e-30)
-    head = torch.randint(0, heads, (21,), generator=gen)
+    launch per channel group) returns :func:`trellis.encode_fed`'s codes bit for bit
+    (:func:`fed_search_case`'s ties and heads; 21 rows: not a whole number of programs)."""
+    y, norms, head, fb, wt, tabs = fed_search_case(bits, state_bits, dim, heads, rows=21)
     want = trellis.encode_fed(y, norms, head, fb, wt, tabs, list(bits), state_bits)
     got = triton_ops.trellis_search_fed(*_on(device, y, norms, head, fb, wt), _on(device, *tabs),
                                         list(bits), state_bits)
