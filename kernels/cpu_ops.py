@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tq_vllm import trellis
 from tq_vllm.codec import LayerCodec, TensorQuantizer
 from tq_vllm.kernels import cpu_native, cpu_numba
 
@@ -162,6 +163,7 @@ def trellis_search_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor,
     """Trellis codes uint8 ``[N, d]`` of rotated rows ``y`` float32 ``[N, d]`` searched
     against a query weight: :func:`tq_vllm.trellis.encode_fed`'s codes (same arguments), by
     the native kernel where it is built, else the Numba one."""
+    trellis.check_fed_inputs(y, norms, head, feedback, weight, tables, bits, state_bits)
     n, d = y.shape
     stride = max(t.numel() for t in tables)
     tab = torch.zeros(len(tables), stride)

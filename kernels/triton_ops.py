@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from tq_vllm import trellis
 from tq_vllm.codec import LayerCodec, TensorQuantizer
 from tq_vllm.config import TensorLayout
 from tq_vllm.kernels.triton_decode import tq_decode_kernel, tq_reduce_kernel
@@ -344,25 +345,9 @@ def trellis_search_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor,
     a query weight, on ``y``'s device: :func:`tq_vllm.trellis.encode_fed`'s codes (same
     arguments: ``norms`` ``[N, G]``, ``head`` ``[N]``, ``feedback`` ``[H, d, d]``, ``weight``
     ``[H, d]``, one table and bit width per group), bit for bit; one launch per group."""
-    if y.dim() != 2 or y.dtype != torch.float32:
-        raise ValueError(f"trellis_search_fed: y must be float32 [N, d], got {y.dtype} {tuple(y.shape)}")
+    trellis.check_fed_inputs(y, norms, head, feedback, weight, tables, bits, state_bits)
     n_rows, d = y.shape
     groups = len(tables)
-    if groups not in (1, 2) or len(bits) != groups or d % groups:
-        raise ValueError(f"trellis_search_fed: 1 or 2 equal channel groups with one bit width "
-                         f"each are needed, got {groups} tables and bits {bits} over {d}")
-    if norms.shape != (n_rows, groups) or head.shape != (n_rows,):
-        raise ValueError(f"trellis_search_fed: norms must be [{n_rows}, {groups}] and head "
-                         f"[{n_rows}], got {tuple(norms.shape)} and {tuple(head.shape)}")
-    h = feedback.shape[0]
-    if feedback.shape != (h, d, d) or weight.shape != (h, d):
-        raise ValueError(f"trellis_search_fed: feedback must be [H, {d}, {d}] and weight "
-                         f"[H, {d}], got {tuple(feedback.shape)} and {tuple(weight.shape)}")
-    for b, tab in zip(bits, tables):
-        if not 1 <= b <= state_bits or tab.numel() != 1 << (state_bits + b):
-            raise ValueError(f"trellis_search_fed: a table of 2^(S + bits) entries and "
-                             f"1 ≤ bits ≤ S are needed, got {tab.numel()} entries, bits {b}, "
-                             f"S {state_bits}")
     for name, t in (("norms", norms), ("head", head), ("feedback", feedback), ("weight", weight),
                     *((f"table {g}", tab) for g, tab in enumerate(tables))):
         _check_device(name, t, y.device)

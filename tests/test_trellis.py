@@ -185,3 +185,27 @@ def test_fed_trellis_codes_cut_the_weighted_error(name):
         err[key] = float(torch.einsum("nd,de,ne->n", e, w[0], e).mean())
     assert err["trellis fed"] < 0.6 * err["trellis"], err
     assert err["trellis fed"] < 0.8 * err["scalar fed"], err
+
+
+def test_fed_search_inputs_are_checked():
+    """Shapes and dtypes that do not fit are refused with what is wrong, by the reference
+    and the CPU and Triton launchers alike (they share the check, before any launch)."""
+    from test_reference import fed_search_case
+
+    from tq_vllm.kernels import triton_ops
+
+    y, norms, head, fb, wt, tabs = fed_search_case((4,), 6, 64, 2, rows=8)
+    good = (y, norms, head, fb, wt, tabs, [4], 6)
+    bad = {
+        "float32 \\[N, d\\]": (y.double(), *good[1:]),
+        "norms must be \\[8, 1\\]": (y, norms[:4], *good[2:]),
+        "head an integer": (y, norms, head.float(), *good[3:]),
+        "weight \\[H, 64\\]": (y, norms, head, fb, wt[:, :32], *good[5:]),
+        "2\\^10 entries": (y, norms, head, fb, wt, [tabs[0][:100]], [4], 6),
+        "1 or 2 equal channel groups": (y, norms, head, fb, wt, tabs, [4, 4], 6),
+    }
+    for match, args in bad.items():
+        for search in (trellis.encode_fed, cpu_ops.trellis_search_fed,
+                       triton_ops.trellis_search_fed):
+            with pytest.raises(ValueError, match=match):
+                search(*args)

@@ -95,6 +95,35 @@ FED_CHUNK_ROWS = 2048
 floats), 32 MiB at S = 6, d = 64."""
 
 
+def check_fed_inputs(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor,
+                     feedback: torch.Tensor, weight: torch.Tensor, tables: list[torch.Tensor],
+                     bits: list[int], state_bits: int) -> None:
+    """Raise ``ValueError`` naming what is off in :func:`encode_fed`'s arguments (shapes,
+    dtypes, group count, table sizes); the kernels' launchers call it too."""
+    if y.dim() != 2 or y.dtype != torch.float32:
+        raise ValueError(f"trellis feedback search: y must be float32 [N, d], got {y.dtype} "
+                         f"{tuple(y.shape)}")
+    n_rows, d = y.shape
+    groups = len(tables)
+    if groups not in (1, 2) or len(bits) != groups or d % groups:
+        raise ValueError(f"trellis feedback search: 1 or 2 equal channel groups with one bit "
+                         f"width each are needed, got {groups} tables and bits {list(bits)} "
+                         f"over {d} coordinates")
+    if norms.shape != (n_rows, groups) or head.shape != (n_rows,) or head.is_floating_point():
+        raise ValueError(f"trellis feedback search: norms must be [{n_rows}, {groups}] and head "
+                         f"an integer [{n_rows}], got {tuple(norms.shape)} and {head.dtype} "
+                         f"{tuple(head.shape)}")
+    h = feedback.shape[0] if feedback.dim() == 3 else -1
+    if feedback.shape != (h, d, d) or weight.shape != (h, d):
+        raise ValueError(f"trellis feedback search: feedback must be [H, {d}, {d}] and weight "
+                         f"[H, {d}], got {tuple(feedback.shape)} and {tuple(weight.shape)}")
+    for b, tab in zip(bits, tables):
+        _check(b, state_bits)
+        if tab.numel() != 1 << (state_bits + b):
+            raise ValueError(f"trellis feedback search: a {b}-bit table with {state_bits} state "
+                             f"bits has 2^{state_bits + b} entries, got {tab.numel()}")
+
+
 def encode_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor, feedback: torch.Tensor,
                weight: torch.Tensor, tables: list[torch.Tensor], bits: list[int],
                state_bits: int) -> torch.Tensor:
@@ -117,11 +146,9 @@ def encode_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor, feedbac
     :func:`encode` on ``y_g / n_g`` (in exact arithmetic).
 
     ``head`` long ``[N]`` picks each row's ``feedback`` ``[H, d, d]`` and ``weight`` ``[H, d]``."""
+    check_fed_inputs(y, norms, head, feedback, weight, tables, bits, state_bits)
     n_rows, d = y.shape
-    groups = len(tables)
-    dg = d // groups
-    for b in bits:
-        _check(b, state_bits)
+    dg = d // len(tables)
     out = torch.empty((n_rows, d), dtype=torch.uint8, device=y.device)
     for r0 in range(0, n_rows, FED_CHUNK_ROWS):
         sl = slice(r0, min(r0 + FED_CHUNK_ROWS, n_rows))
