@@ -188,6 +188,18 @@ def _put_half(cache, off, v):
 
 
 @njit(inline="always", cache=True)
+def _first_least(cost):
+    """Index of the first least entry of ``cost`` (0 if all are inf): a search's final state."""
+    state = 0
+    best = np.float32(np.inf)
+    for p in range(cost.shape[0]):
+        if cost[p] < best:
+            best = cost[p]
+            state = p
+    return state
+
+
+@njit(inline="always", cache=True)
 def _viterbi(u, table, bits, state_bits, cost, nxt, back, path):
     """Trellis codes of one row ``u`` [n] of unit-scale coordinates into ``path`` [n]: the
     reference's search (``tq_vllm.trellis.encode``) with its float32 arithmetic, branch
@@ -218,12 +230,7 @@ def _viterbi(u, table, bits, state_bits, cost, nxt, back, path):
                 back[i, (c << (state_bits - bits)) | hi] = arg
         for p in range(n_states):
             cost[p] = nxt[p]
-    state = 0
-    best = np.float32(np.inf)
-    for p in range(n_states):
-        if cost[p] < best:
-            best = cost[p]
-            state = p
+    state = _first_least(cost)
     for i in range(dim - 1, -1, -1):
         path[i] = state >> (state_bits - bits)
         state = ((state & (nh - 1)) << bits) | back[i, state]
@@ -256,8 +263,7 @@ def trellis_encode_fed_kernel(y, norms, head, fb, wt, tables, bits, state_bits, 
     for r in prange(rows):
         cost = np.empty(ns, dtype=np.float32)
         nxt = np.empty(ns, dtype=np.float32)
-        rowfb = np.zeros((ns, d), dtype=np.float32)
-        nextfb = np.zeros((ns, d), dtype=np.float32)
+        fbs = np.zeros((2, ns, d), dtype=np.float32)  # survivors' rows, by step parity
         carried = np.zeros(d, dtype=np.float32)
         back = np.empty((dg, ns), dtype=np.uint8)
         h = head[r]
@@ -270,10 +276,12 @@ def trellis_encode_fed_kernel(y, norms, head, fb, wt, tables, bits, state_bits, 
             for p in range(ns):
                 cost[p] = np.float32(np.inf)
                 for j in range(a0, d):
-                    rowfb[p, j] = carried[j]
+                    fbs[0, p, j] = carried[j]
             cost[0] = np.float32(0.0)
             for k in range(dg):
                 i = a0 + k
+                cur = fbs[k % 2]
+                new = fbs[(k + 1) % 2]
                 wi = wt[h, i]
                 yi = y[r, i]
                 for c in range(nc):
@@ -283,7 +291,7 @@ def trellis_encode_fed_kernel(y, norms, head, fb, wt, tables, bits, state_bits, 
                         ba = np.float32(0.0)
                         for t in range(nc):
                             p = (hi << R) | t
-                            tg = yi - rowfb[p, i]
+                            tg = yi - cur[p, i]
                             e = tg - n * tables[g, (c << state_bits) | p]
                             tot = cost[p] + (wi * e) * e
                             if tot < best:
@@ -295,19 +303,13 @@ def trellis_encode_fed_kernel(y, norms, head, fb, wt, tables, bits, state_bits, 
                         back[k, q] = arg
                         src = (hi << R) | arg
                         for j in range(i + 1, d):
-                            nextfb[q, j] = rowfb[src, j] + ba * fb[h, i, j]
+                            new[q, j] = cur[src, j] + ba * fb[h, i, j]
                 for p in range(ns):
                     cost[p] = nxt[p]
-                    for j in range(i + 1, d):
-                        rowfb[p, j] = nextfb[p, j]
-            state = 0
-            best = np.float32(np.inf)
-            for p in range(ns):
-                if cost[p] < best:
-                    best = cost[p]
-                    state = p
+            state = _first_least(cost)
+            last = fbs[dg % 2]
             for j in range(d):
-                carried[j] = rowfb[state, j] if j >= a0 + dg else np.float32(0.0)
+                carried[j] = last[state, j] if j >= a0 + dg else np.float32(0.0)
             for k in range(dg - 1, -1, -1):
                 codes[r, a0 + k] = state >> (state_bits - R)
                 state = ((state & (nh - 1)) << R) | back[k, state]

@@ -165,10 +165,8 @@ def trellis_search_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor,
     the native kernel where it is built, else the Numba one."""
     trellis.check_fed_inputs(y, norms, head, feedback, weight, tables, bits, state_bits)
     n, d = y.shape
-    stride = max(t.numel() for t in tables)
-    tab = torch.zeros(len(tables), stride)
-    for g, t in enumerate(tables):
-        tab[g, : t.numel()] = t.float().cpu()
+    tab = trellis.padded_tables(tables)
+    stride = tab.shape[1]
     y_, nrm, hd, fb, wt, bt = (
         y.float().contiguous(), norms.float().contiguous(), head.to(torch.int64).contiguous(),
         feedback.float().contiguous(), weight.float().contiguous(),

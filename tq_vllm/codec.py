@@ -216,11 +216,7 @@ class TensorQuantizer:
         if self.tables is None:
             raise ValueError("this quantizer has scalar codes: read group_codebooks()")
         self._check_kernel_bits()
-        width = 1 << (self.codec.trellis + max(self.layout.group_bits))
-        out = torch.zeros(len(self.tables), width)
-        for g, t in enumerate(self.tables):
-            out[g, : t.numel()] = t.cpu()
-        return out
+        return trellis.padded_tables(self.tables)
 
     def kernel_sketch(self) -> torch.Tensor | None:
         """The ``[d, d]`` QJL sketch the fast kernels read (one row per coordinate, whole

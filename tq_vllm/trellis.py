@@ -90,6 +90,15 @@ def encode(y: torch.Tensor, table: torch.Tensor, bits: int, state_bits: int) -> 
     return codes
 
 
+def padded_tables(tables: list[torch.Tensor]) -> torch.Tensor:
+    """The groups' decode tables as one float32 CPU tensor ``[G, max entries]`` (group
+    ``g``'s table first, zeros after): the layout the kernels read."""
+    out = torch.zeros(len(tables), max(t.numel() for t in tables))
+    for g, t in enumerate(tables):
+        out[g, : t.numel()] = t.float().cpu()
+    return out
+
+
 FED_CHUNK_ROWS = 2048
 """Rows :func:`encode_fed` searches at once: each keeps a feedback row per state (``2^S × d``
 floats), 32 MiB at S = 6, d = 64."""
