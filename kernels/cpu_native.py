@@ -1,9 +1,10 @@
-"""Build and bind the SIMD C++ kernels (``csrc/tq_decode_cpu.cpp``): decode
+"""Build and bind the SIMD C++ kernels: ``csrc/tq_decode_cpu.cpp`` — decode
 (``tq_decode_cpu``) and prefill over the packed cache (``tq_prefill_cpu``), and the
 trellis-code searches of the store (``tq_trellis_encode_cpu``, and
-``tq_trellis_encode_fed_cpu`` against a query weight).
+``tq_trellis_encode_fed_cpu`` against a query weight) — and ``csrc/tq_store_cpu.cpp``,
+the store itself (``tq_store_cpu``); ``csrc/tq_cpu_common.h`` holds what both share.
 
-The source is compiled on first use with the system C++ compiler into a cache
+The sources are compiled on first use with the system C++ compiler into a cache
 folder (``$TQ_VLLM_CACHE`` or ``~/.cache/tq_vllm``), keyed by a hash of the
 source and flags, under a file lock so concurrent vLLM workers build it once:
 for AVX-512 where the CPU has it, else for AVX2 + FMA + F16C (e.g. AMD EPYC
@@ -29,7 +30,9 @@ from pathlib import Path
 
 logger = logging.getLogger("tq_vllm")
 
-SOURCE = Path(__file__).with_name("csrc") / "tq_decode_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "tq_decode_cpu.cpp", CSRC / "tq_store_cpu.cpp")
+HEADERS = (CSRC / "tq_cpu_common.h",)
 ISAS = {
     "avx512": (["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
                ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma", "f16c")),
@@ -52,6 +55,8 @@ PREFILL_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, 
                     _F, _F, _P, _P, _P, _P, _P, ctypes.c_int, _I]
 TRELLIS_ARGTYPES = [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]
 TRELLIS_FED_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, ctypes.c_int]
+STORE_ARGTYPES = [_P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P,
+                  _P, ctypes.c_int, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_int]
 
 
 def _cpu_flags() -> set[str]:
@@ -82,7 +87,7 @@ def cache_dir() -> Path:
 
 def _build(compiler: str, isa: str) -> Path:
     flags = BASE_FLAGS + ISAS[isa][0]
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     tag = hashlib.sha256(src + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +97,7 @@ def _build(compiler: str, isa: str) -> Path:
         if not lib.exists():
             with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
                 tmp_lib = Path(tmp) / lib.name
-                subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp_lib)], check=True,
+                subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(tmp_lib)], check=True,
                                capture_output=True, text=True)
                 os.replace(tmp_lib, lib)
     return lib
@@ -119,7 +124,8 @@ def _library():
         return None
     for name, argtypes in (("tq_decode_cpu", ARGTYPES), ("tq_prefill_cpu", PREFILL_ARGTYPES),
                            ("tq_trellis_encode_cpu", TRELLIS_ARGTYPES),
-                           ("tq_trellis_encode_fed_cpu", TRELLIS_FED_ARGTYPES)):
+                           ("tq_trellis_encode_fed_cpu", TRELLIS_FED_ARGTYPES),
+                           ("tq_store_cpu", STORE_ARGTYPES)):
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
@@ -149,3 +155,8 @@ def load_trellis():
 def load_trellis_fed():
     """The bound ``tq_trellis_encode_fed_cpu`` function, or None where :func:`load` gives None."""
     return None if load() is None else _library().tq_trellis_encode_fed_cpu
+
+
+def load_store():
+    """The bound ``tq_store_cpu`` function, or None where :func:`load` gives None."""
+    return None if load() is None else _library().tq_store_cpu

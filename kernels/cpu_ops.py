@@ -44,8 +44,9 @@ def _codebooks(tq: TensorQuantizer) -> torch.Tensor:
 
 
 def _bounds(bounds: list[torch.Tensor]) -> torch.Tensor:
-    """Per-group decision boundaries ``[G, 15]`` padded with +inf (never crossed)."""
-    out = torch.full((len(bounds), 15), float("inf"))
+    """Per-group decision boundaries ``[G, 16]`` padded with +inf (never crossed): one
+    16-lane compare in the native store."""
+    out = torch.full((len(bounds), 16), float("inf"))
     for g, b in enumerate(bounds):
         out[g, : b.numel()] = b
     return out
@@ -64,18 +65,27 @@ class _Tables:
         # the Numba kernels' centroids: per coordinate [d, W], or the trellis tables
         self.k_lut = (self.k_books if codec.key.tables is not None else codec.key.lut).numpy()
         self.v_lut = (self.v_books if codec.value.tables is not None else codec.value.lut).numpy()
-        self.rot_k = codec.key.rot.float().contiguous()
+        self.rot_k_t = codec.key.rot.transpose(-1, -2).float().contiguous()
         self.rot_v = codec.value.rot.float().contiguous()
         sk = codec.key.kernel_sketch()
         self.sketch = sk.float().contiguous() if sk is not None else None
+        self.sketch_t = sk.T.float().contiguous() if sk is not None else None
+        self.sketch_t_ptr = self.sketch_t.data_ptr() if sk is not None else None
         self.qjl_scale = float(codec.key.qjl_scale)
         self.sketch64 = (sk.double().contiguous() if sk is not None else torch.zeros(1, 1, dtype=torch.float64)).numpy()
         self.k_bounds = _bounds(codec.key.bounds).numpy()
         self.v_bounds = _bounds(codec.value.bounds).numpy()
         self.has_off = codec.key.offset_rot is not None
+        self.off_rot = codec.key.offset_rot.float().contiguous() if self.has_off else None
+        self.k_off = codec.key.offset.float().contiguous() if self.has_off else None
+        self.k_off_ptr = self.k_off.data_ptr() if self.has_off else None
         fb = codec.key.feedback
         self.k_fb = (fb.float().contiguous() if fb is not None else torch.zeros(1, 1, 1)).numpy()
         self.k_use_fb = fb is not None and codec.key.tables is None  # trellis: searched fed
+        # the native store: R_h^T in float64 (the reference's rotation sums in float64)
+        self.rot_k64_t = codec.key.rot64.transpose(-1, -2).contiguous()
+        self.rot_v64_t = codec.value.rot64.transpose(-1, -2).contiguous()
+        self.scalar = codec.key.tables is None and codec.value.tables is None
 
 
 def tables(codec: LayerCodec) -> _Tables:
@@ -85,16 +95,22 @@ def tables(codec: LayerCodec) -> _Tables:
     return t
 
 
-def _flat(kv_cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Flat uint8 array starting at the view's first byte, and its (block, head, token)
-    strides. The view must keep each slot contiguous."""
+def _strides(kv_cache: torch.Tensor) -> tuple[int, int, int]:
+    """The (block, head, token) element strides of a uint8 CPU cache view whose slots are
+    contiguous (what every CPU kernel reads)."""
     if kv_cache.dtype != torch.uint8 or kv_cache.device.type != "cpu":
         raise ValueError(f"CPU kernels need a uint8 CPU cache, got {kv_cache.dtype} on {kv_cache.device}")
     if kv_cache.stride(3) != 1:
         raise ValueError("CPU kernels need each cache slot contiguous (stride 1 on the last dim)")
+    return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2)
+
+
+def _flat(kv_cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Flat uint8 array starting at the view's first byte, and its (block, head, token)
+    strides (the Numba kernels' view of the cache)."""
+    strides = _strides(kv_cache)
     storage = torch.empty(0, dtype=torch.uint8).set_(kv_cache.untyped_storage())
-    flat = storage.numpy()[kv_cache.storage_offset():]
-    return flat, (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
+    return storage.numpy()[kv_cache.storage_offset():], strides
 
 
 PREFILL_GROUP_ROWS = 16
@@ -197,14 +213,21 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
           slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
     """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped).
 
-    Same bits as :func:`tq_vllm.reference.tq_store`: the rotation and the
-    non-finite policy are the codec's own (:meth:`tq_vllm.codec.TensorQuantizer.rotate_finite`),
-    trellis codes are searched first (:func:`_trellis_codes`), the rest (feedback rounding
-    included) is one Numba pass.
+    Same bits as :func:`tq_vllm.reference.tq_store`: the native store
+    (``csrc/tq_store_cpu.cpp``: rotation, non-finite policy, feedback rounding, offset
+    choice, packing, in one call) where it is built, else the codec's own rotation
+    (:meth:`tq_vllm.codec.TensorQuantizer.rotate_finite`) and one Numba pass. Trellis codes
+    are searched first (:func:`_trellis_codes`) on the codec's rotation either way.
     """
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
-    sm = slot_mapping.to(torch.int64)
+    sm = slot_mapping.to(torch.int64).contiguous()
     if sm.numel() == 0:
+        return
+    tab = tables(codec)
+    native = cpu_native.load_store()
+    if native is not None and tab.scalar:
+        _store_native(native, key.float().contiguous(), value.float().contiguous(), kv_cache, sm,
+                      codec, tab, rotated=False)
         return
     lo, hi = (int(v) for v in torch.aminmax(sm))
     if hi >= num_blocks * block_size:
@@ -214,11 +237,16 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         key, value, sm = key[valid], value[valid], sm[valid]
         if sm.numel() == 0:
             return
-    tab = tables(codec)
     lay = tab.layout
     yk = codec.key.rotate_finite(key).contiguous()
     yv = codec.value.rotate_finite(value).contiguous()
     yk_alt = (yk + codec.key.offset_rot).contiguous() if tab.has_off else torch.zeros(1, 1, 1)
+    codes = (_trellis_codes(codec.key, yk),
+             _trellis_codes(codec.key, yk_alt) if tab.has_off else _NO_CODES,
+             _trellis_codes(codec.value, yv))
+    if native is not None:
+        _store_native(native, yk, yv, kv_cache, sm, codec, tab, rotated=True, codes=codes)
+        return
     flat, (sb, sh, st) = _flat(kv_cache)
     saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)
     cpu_numba.store_kernel(
@@ -226,12 +254,45 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc,
         tab.k_bounds, tab.k_lut, codec.key.codec.norm_correction,
         tab.sketch64, tab.vdesc, tab.v_bounds, tab.v_lut,
-        codec.value.codec.norm_correction, _trellis_codes(codec.key, yk),
-        _trellis_codes(codec.key, yk_alt) if tab.has_off else _NO_CODES,
-        _trellis_codes(codec.value, yv), tab.k_fb, tab.k_use_fb, saturated.numpy())
+        codec.value.codec.norm_correction, *codes, tab.k_fb, tab.k_use_fb, saturated.numpy())
     n_sat = int(saturated.sum())
     if n_sat:
         codec.key.stats["saturated_norms"] += n_sat
+
+
+def _store_native(fn, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                  sm: torch.Tensor, codec: LayerCodec, tab: _Tables, rotated: bool,
+                  codes: tuple = ()) -> None:
+    """``tq_store_cpu`` on float32 contiguous ``k``/``v`` ``[T, H, d]``: the model's vectors,
+    or (``rotated``) the codec's rotated ones with trellis ``codes`` (uint8 ``[T, H, d]``
+    arrays of :func:`_trellis_codes`: key, key with offset, value) searched on them."""
+    num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
+    n, _, d = k.shape
+    sb, sh, st = _strides(kv_cache)
+    counts = np.zeros(3, dtype=np.int64)
+    ptr = (lambda a: a.ctypes.data if a is not _NO_CODES else None)
+    k_codes, k_alt_codes, v_codes = (ptr(c) for c in codes) if codes else (None, None, None)
+    rc = fn(k.data_ptr(), v.data_ptr(), sm.data_ptr(), n, num_kv, d, kv_cache.data_ptr(), sb, sh,
+            st, num_blocks * block_size, block_size, slot_bytes,
+            None if rotated else tab.rot_k64_t.data_ptr(),
+            None if rotated else tab.rot_v64_t.data_ptr(),
+            tab.off_rot.data_ptr() if tab.has_off else None, tab.layout.key.nbytes,
+            tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.k_bounds.ctypes.data,
+            int(codec.key.codec.norm_correction), tab.vdesc.ctypes.data, tab.v_books.data_ptr(),
+            tab.v_bounds.ctypes.data, int(codec.value.codec.norm_correction),
+            tab.sketch64.ctypes.data if tab.sketch is not None else None,
+            tab.k_fb.ctypes.data if tab.k_use_fb else None, k_codes, k_alt_codes, v_codes,
+            counts.ctypes.data, torch.get_num_threads())
+    if rc == -1:
+        raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
+    if rc != 0:
+        raise RuntimeError(f"native store kernel rejected its arguments (code {rc})")
+    bad_k, bad_v, n_sat = (int(c) for c in counts)
+    for stats, key_, count in ((codec.key.stats, "nonfinite_vectors", bad_k),
+                               (codec.value.stats, "nonfinite_vectors", bad_v),
+                               (codec.key.stats, "saturated_norms", n_sat)):
+        if count:
+            stats[key_] += count
 
 
 def _native_ok(hq: int, kv_cache: torch.Tensor) -> bool:
@@ -246,18 +307,16 @@ def _native_call(fn, name: str, q: torch.Tensor, kv_cache: torch.Tensor, table: 
     ``row_args`` (the row descriptors after the block table), ``splits`` (after the
     block size) and ``tail`` (after the thread count)."""
     rows, hq, d = q.shape
-    flat, (sb, sh, st) = _flat(kv_cache)
+    sb, sh, st = _strides(kv_cache)
     tab = tables(codec)
-    q_off = codec.key.query_offsets(q)
     qf = q.float().contiguous()
     res = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(rows, hq, d)
-    sketch = tab.sketch.data_ptr() if tab.sketch is not None else None
-    q_off_p = q_off.data_ptr() if q_off is not None else None
-    rc = fn(flat.ctypes.data, sb, sh, st, table.data_ptr(), table.stride(0), *row_args,
-            qf.data_ptr(), q_off_p, tab.rot_k.data_ptr(), sketch, tab.rot_v.data_ptr(), rows, hq,
-            kv_cache.shape[1], d, kv_cache.shape[2], *splits, float(scale), tab.qjl_scale,
-            tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.vdesc.ctypes.data,
-            tab.v_books.data_ptr(), res.data_ptr(), torch.get_num_threads(), *tail)
+    rc = fn(kv_cache.data_ptr(), sb, sh, st, table.data_ptr(), table.stride(0), *row_args,
+            qf.data_ptr(), tab.k_off_ptr, tab.rot_k_t.data_ptr(), tab.sketch_t_ptr,
+            tab.rot_v.data_ptr(), rows, hq, kv_cache.shape[1], d, kv_cache.shape[2], *splits,
+            float(scale), tab.qjl_scale, tab.kdesc.ctypes.data, tab.k_books.data_ptr(),
+            tab.vdesc.ctypes.data, tab.v_books.data_ptr(), res.data_ptr(),
+            torch.get_num_threads(), *tail)
     if rc != 0:
         raise RuntimeError(f"native {name} kernel rejected its arguments (code {rc})")
     if res is not out:

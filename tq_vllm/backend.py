@@ -94,10 +94,13 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         seq_lens_cpu = getattr(cam, "seq_lens_cpu_upper_bound", None)
         if seq_lens_cpu is None:
             seq_lens_cpu = cam.seq_lens.cpu()
+        seq_lens, block_table = cam.seq_lens, cam.block_table_tensor
+        if block_table.device.type == "cpu":  # the CPU kernels' index type, once per step
+            seq_lens, block_table = seq_lens.to(torch.int64), block_table.to(torch.int64)
         return TQMetadata(
             num_actual_tokens=cam.num_actual_tokens, max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len, query_start_loc=cam.query_start_loc,
-            seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
+            seq_lens=seq_lens, block_table=block_table,
             slot_mapping=cam.slot_mapping, num_decodes=num_decodes,
             num_decode_tokens=num_decode_tokens, query_start_loc_cpu=cam.query_start_loc_cpu,
             seq_lens_cpu=seq_lens_cpu,

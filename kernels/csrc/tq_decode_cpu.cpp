@@ -16,176 +16,18 @@
 // decoded into a stack scratch of TILE tokens first, as prefill does for every tile.
 // Keys with the offset choice: the first key norm's sign bit flags a key stored with
 // its offset o; norms are read as magnitudes and a flagged key's logit loses <q, o>
-// (q_off, per query head, from the launcher).
-#include <immintrin.h>
-
+// (q_off, per query head, computed with the query's rotation).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "tq_cpu_common.h"
+
 namespace {
 
 constexpr int TILE = 16;    // tokens per softmax update
-constexpr int MAX_D = 256;  // largest supported head_dim
-constexpr int MAX_G = 16;   // largest supported query heads per KV head
-
-struct Desc {
-  int64_t norm_off, ngroups, sign_off;
-  int64_t seg_off[2], bits[2], dim[2];
-  int64_t trellis, tab_stride;  // trellis state bits S and table row stride (0: scalar codes)
-};
-
-Desc read_desc(const int64_t* p) {
-  Desc d{};
-  d.norm_off = p[0];
-  d.ngroups = p[1];
-  d.sign_off = p[2];
-  for (int g = 0; g < d.ngroups; ++g) {
-    d.seg_off[g] = p[3 + 3 * g];
-    d.bits[g] = p[4 + 3 * g];
-    d.dim[g] = p[5 + 3 * g];
-  }
-  d.trellis = p[3 + 3 * d.ngroups];
-  d.tab_stride = p[4 + 3 * d.ngroups];
-  return d;
-}
-
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-// B little-endian bytes as one integer, built in registers: a partial memcpy into a
-// stack word would store and reload it (a store-forwarding stall on every chunk).
-template <int B>
-inline uint32_t load_le(const uint8_t* p) {
-  if constexpr (B == 1) return p[0];
-  if constexpr (B == 2) { uint16_t v; std::memcpy(&v, p, 2); return v; }
-  if constexpr (B == 3) { uint16_t v; std::memcpy(&v, p, 2); return v | ((uint32_t)p[2] << 16); }
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
-// ---------------------------------------------------------------------------- simd
-// W float lanes per vector; 8 codes of B bits are exactly B bytes of the stream.
-#if defined(__AVX512F__)
-constexpr int W = 16;
-using V = __m512;
-using VI = __m512i;
-struct Book { __m512 cb; };  // 16 centroids in one register
-inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
-inline void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline V set1(float x) { return _mm512_set1_ps(x); }
-inline V zero() { return _mm512_setzero_ps(); }
-inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
-inline float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
-inline float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
-inline VI lane_shifts(int bits) {
-  return _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
-                            _mm512_set1_epi32(bits));
-}
-inline Book make_book(const float* c) { return {_mm512_loadu_ps(c)}; }
-// W consecutive codes at byte p: lanes 0-7 from the first B bytes, 8-15 from the next B.
-// Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
-template <int B>
-inline VI codes(const uint8_t* p, VI shifts) {
-  const uint32_t w0 = load_le<B>(p), w1 = load_le<B>(p + B);
-  __m512i w = _mm512_inserti32x8(_mm512_castsi256_si512(_mm256_set1_epi32((int)w0)),
-                                 _mm256_set1_epi32((int)w1), 1);
-  return _mm512_srlv_epi32(w, shifts);
-}
-template <int B>
-inline V lookup(const Book& b, VI idx) { return _mm512_permutexvar_ps(idx, b.cb); }
-inline V exp2i(V n) { return _mm512_scalef_ps(set1(1.0f), n); }
-// sums[i] = horizontal sum of v[i], i < 8
-inline void reduce8(const V* v, float* sums) {
-  for (int i = 0; i < 8; ++i) sums[i] = _mm512_reduce_add_ps(v[i]);
-}
-inline V round_near(V t) { return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-constexpr int W = 8;
-using V = __m256;
-using VI = __m256i;
-struct Book { __m256 lo, hi; };  // centroids 0-7 and 8-15
-inline V loadu(const float* p) { return _mm256_loadu_ps(p); }
-inline void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
-inline V set1(float x) { return _mm256_set1_ps(x); }
-inline V zero() { return _mm256_setzero_ps(); }
-inline V add(V a, V b) { return _mm256_add_ps(a, b); }
-inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
-inline float reduce_add(V v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-inline float reduce_max(V v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-inline VI lane_shifts(int bits) {
-  return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(bits));
-}
-// sums[i] = horizontal sum of v[i], i < 8: one transposed add tree (9 ops, not 8 x 5)
-inline void reduce8(const V* v, float* sums) {
-  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per-lane half sums
-  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                                       _mm256_permute2f128_ps(u0, u1, 0x31)));
-}
-inline Book make_book(const float* c) { return {_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8)}; }
-// Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
-template <int B>
-inline VI codes(const uint8_t* p, VI shifts) {
-  const __m256i w = _mm256_set1_epi32((int)load_le<B>(p));
-  return _mm256_srlv_epi32(w, shifts);
-}
-// Codes of up to 3 bits: one 8-lane permute. 4 bits: two, and code bit 3 (moved to the
-// sign bit) picks one.
-template <int B>
-inline V lookup(const Book& b, VI idx) {
-  if constexpr (B <= 3) return _mm256_permutevar8x32_ps(b.lo, idx);
-  const V lo = _mm256_permutevar8x32_ps(b.lo, idx), hi = _mm256_permutevar8x32_ps(b.hi, idx);
-  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-// 2^n for integral n in [-126, 127], through the exponent field
-inline V exp2i(V n) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-inline V round_near(V t) { return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-#else
-#error "tq_decode_cpu.cpp needs AVX-512 (F, DQ, BW, VL) or AVX2 with FMA and F16C"
-#endif
-
-// exp(x) for the softmax (x <= 0 region); 2^f by a degree-6 polynomial, |rel err| < 2e-7.
-inline V vexp(V x) {
-  x = vmax(x, set1(-87.0f));
-  const V t = mul(x, set1(1.4426950408889634f));
-  const V n = round_near(t);
-  const V f = mul(sub(t, n), set1(0.6931471805599453f));
-  V p = set1(1.0f / 720);
-  p = fmadd(p, f, set1(1.0f / 120));
-  p = fmadd(p, f, set1(1.0f / 24));
-  p = fmadd(p, f, set1(1.0f / 6));
-  p = fmadd(p, f, set1(0.5f));
-  p = fmadd(p, f, set1(1.0f));
-  p = fmadd(p, f, set1(1.0f));
-  return mul(p, exp2i(n));
-}
 
 // ----------------------------------------------------------------------- kernel body
 //
@@ -378,15 +220,43 @@ inline float dot(const float* a, const float* b, int d) {
   return reduce_add(acc);
 }
 
-inline void matvec(const float* m, const float* x, int d, float* y) {  // y = M x, M [d, d]
-  for (int e = 0; e < d; ++e) y[e] = dot(m + (int64_t)e * d, x, d);
+// Rows that share one d x d matrix in mat_rows: each matrix vector is loaded once for up
+// to MV_ROWS rows, and the MV_ROWS x MV_VECS accumulators stay in registers (a loop that
+// stores and reloads y every step waits on that round trip: 64 steps of ~10 cycles).
+constexpr int MV_ROWS = 4;
+constexpr int MV_VECS = 4;
+
+// y_r = M^T x_r for R rows (x_r at x + r * d, y_r at y + r * d), M [d, d]: each output
+// element is summed over e = 0..d-1 in order with one fused multiply-add per term.
+template <int R>
+inline void mat_rows_fixed(const float* m, const float* x, int d, float* y) {
+  for (int k0 = 0; k0 < d; k0 += MV_VECS * W) {
+    V acc[R][MV_VECS];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MV_VECS; ++j) acc[r][j] = zero();
+    for (int e = 0; e < d; ++e) {
+      const float* me = m + (int64_t)e * d + k0;
+      V mv[MV_VECS];
+      for (int j = 0; j < MV_VECS; ++j) mv[j] = loadu(me + j * W);
+      for (int r = 0; r < R; ++r) {
+        const V xe = set1(x[r * d + e]);
+        for (int j = 0; j < MV_VECS; ++j) acc[r][j] = fmadd(xe, mv[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MV_VECS; ++j) storeu(y + r * d + k0 + j * W, acc[r][j]);
+  }
 }
 
-inline void matvec_t(const float* m, const float* x, int d, float* y) {  // y = M^T x
-  for (int k = 0; k < d; k += W) storeu(y + k, zero());
-  for (int e = 0; e < d; ++e) {
-    const V xe = set1(x[e]);
-    for (int k = 0; k < d; k += W) storeu(y + k, fmadd(xe, loadu(m + (int64_t)e * d + k), loadu(y + k)));
+// mat_rows_fixed over any number of rows.
+inline void mat_rows(const float* m, const float* x, int64_t rows, int d, float* y) {
+  int64_t r = 0;
+  for (; r + MV_ROWS <= rows; r += MV_ROWS) mat_rows_fixed<MV_ROWS>(m, x + r * d, d, y + r * d);
+  switch (rows - r) {
+    case 3: mat_rows_fixed<3>(m, x + r * d, d, y + r * d); break;
+    case 2: mat_rows_fixed<2>(m, x + r * d, d, y + r * d); break;
+    case 1: mat_rows_fixed<1>(m, x + r * d, d, y + r * d); break;
+    default: break;
   }
 }
 
@@ -659,43 +529,52 @@ int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_to
   return 0;
 }
 
-// Rotates (and sketches) each query once: q [rows, Hq, d] -> q_rot, q_sk.
+// Rotates (and sketches) each query once: q [rows, Hq, d] -> q_rot, q_sk. rot_k_t [H, d, d]
+// and sketch_t [d, d] are the transposed matrices; the G query heads of one KV head share
+// their rotation (mat_rows). With key offsets k_off [H, d] (original domain), also
+// q_off [rows, Hq] = <q, o_h>, what a flagged key's logit loses.
 void rotate_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int64_t d,
-                    const float* rot_k, const float* sketch, float* q_rot, float* q_sk,
-                    int num_threads) {
+                    const float* rot_k_t, const float* sketch_t, const float* k_off,
+                    float* q_rot, float* q_sk, float* q_off, int num_threads) {
+  const int64_t H = Hq / G;
 #pragma omp parallel for num_threads(num_threads)
-  for (int64_t i = 0; i < rows * Hq; ++i) {
-    const int64_t h = (i % Hq) / G;
-    matvec(rot_k + h * d * d, q + i * d, (int)d, q_rot + i * d);
-    if (sketch != nullptr) matvec(sketch, q_rot + i * d, (int)d, q_sk + i * d);
+  for (int64_t i = 0; i < rows * H; ++i) {
+    const int64_t h = i % H, at = i * G * d;
+    mat_rows(rot_k_t + h * d * d, q + at, G, (int)d, q_rot + at);
+    if (sketch_t != nullptr) mat_rows(sketch_t, q_rot + at, G, (int)d, q_sk + at);
+    if (k_off != nullptr)
+      for (int64_t g = 0; g < G; ++g) q_off[i * G + g] = dot(q + at + g * d, k_off + h * d, (int)d);
   }
 }
 
-// Log-sum-exp combine of each row's splits in split order, then rotate back once:
-// out [rows, Hq, d] = R_v^T o.
+// Log-sum-exp combine of each row's splits in split order, then rotate back once per
+// (row, KV head) for its G query heads: out [rows, Hq, d] = R_v^T o.
 void merge(const Step& P, int64_t rows, const float* rot_v, float* out, int num_threads) {
-  const int64_t Hq = P.Hq, G = P.G, d = P.d;
+  const int64_t Hq = P.Hq, G = P.G, H = P.H, d = P.d;
 #pragma omp parallel for num_threads(num_threads)
-  for (int64_t i = 0; i < rows * Hq; ++i) {
-    const int64_t r = i / Hq, h = (i % Hq) / G, n_splits = P.splits_of(r);
-    const int64_t base = P.split_slot(r, i % Hq);
-    const float* mi = P.m_out + base;
-    const float* li = P.l_out + base;
-    float mx = -INFINITY;
-    for (int64_t sp = 0; sp < n_splits; ++sp) mx = std::max(mx, mi[sp]);
-    alignas(64) float o[MAX_D];
-    std::fill(o, o + d, 0.f);
-    float denom = 0.f;
-    for (int64_t sp = 0; sp < n_splits; ++sp) {
-      if (li[sp] == 0.f) continue;  // empty split
-      const float w = std::exp(mi[sp] - mx);
-      denom += w * li[sp];
-      const float* a = P.acc_out + (base + sp) * d;
-      for (int k = 0; k < d; ++k) o[k] += w * a[k];
+  for (int64_t i = 0; i < rows * H; ++i) {
+    const int64_t r = i / H, h = i % H, n_splits = P.splits_of(r);
+    alignas(64) float o[MAX_G * MAX_D];
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t base = P.split_slot(r, h * G + g);
+      const float* mi = P.m_out + base;
+      const float* li = P.l_out + base;
+      float mx = -INFINITY;
+      for (int64_t sp = 0; sp < n_splits; ++sp) mx = std::max(mx, mi[sp]);
+      float* og = o + g * d;
+      std::fill(og, og + d, 0.f);
+      float denom = 0.f;
+      for (int64_t sp = 0; sp < n_splits; ++sp) {
+        if (li[sp] == 0.f) continue;  // empty split
+        const float w = std::exp(mi[sp] - mx);
+        denom += w * li[sp];
+        const float* a = P.acc_out + (base + sp) * d;
+        for (int k = 0; k < d; ++k) og[k] += w * a[k];
+      }
+      const float inv = denom > 0.f ? 1.f / denom : 0.f;
+      for (int k = 0; k < d; ++k) og[k] *= inv;
     }
-    const float inv = denom > 0.f ? 1.f / denom : 0.f;
-    for (int k = 0; k < d; ++k) o[k] *= inv;
-    matvec_t(rot_v + h * d * d, o, (int)d, out + i * d);
+    mat_rows(rot_v + h * d * d, o, G, (int)d, out + (r * Hq + h * G) * d);
   }
 }
 
@@ -1002,14 +881,14 @@ extern "C" int tq_trellis_encode_fed_cpu(const float* y, int64_t rows, int64_t d
 }
 
 // Decode attention for B sequences, one query token each.
-//   q [B, Hq, d] float32 (original domain); q_off [B, Hq] <q, o> or null (no key offset)
-//   rot_k, rot_v [H, d, d]; sketch [d, d] or null
+//   q [B, Hq, d] float32 (original domain); k_off [H, d] key offsets o or null (none)
+//   rot_k_t = R_k^T, rot_v = R_v [H, d, d]; sketch_t [d, d] (transposed) or null
 //   out [B, Hq, d] float32 (original domain)
 // Returns 0, or -1 when a shape is outside what the kernel handles.
 extern "C" int tq_decode_cpu(
     const uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok,
     const int64_t* block_table, int64_t bt_stride, const int64_t* seq_lens,
-    const float* q, const float* q_off, const float* rot_k, const float* sketch,
+    const float* q, const float* k_off, const float* rot_k_t, const float* sketch_t,
     const float* rot_v,
     int64_t B, int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t n_splits,
     int64_t split_tokens,
@@ -1018,13 +897,14 @@ extern "C" int tq_decode_cpu(
   if (check(Hq, H, d, block_size, split_tokens, kdesc_p, vdesc_p)) return -1;
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
-  const bool qjl = kd.sign_off >= 0 && sketch != nullptr;
-  std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0);
+  const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
+  std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0), q_off(k_off ? B * Hq : 0);
   std::vector<float> acc_out(B * Hq * n_splits * d), m_out(B * Hq * n_splits), l_out(B * Hq * n_splits);
-  rotate_queries(q, B, Hq, G, d, rot_k, qjl ? sketch : nullptr, q_rot.data(), q_sk.data(),
-                 num_threads);
+  rotate_queries(q, B, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot.data(),
+                 q_sk.data(), q_off.data(), num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens, nullptr,
-                  nullptr, nullptr, q_rot.data(), qjl ? q_sk.data() : nullptr, q_off,
+                  nullptr, nullptr, q_rot.data(), qjl ? q_sk.data() : nullptr,
+                  k_off ? q_off.data() : nullptr,
                   Hq, H, G, d, block_size, n_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   acc_out.data(), m_out.data(), l_out.data()};
@@ -1037,12 +917,12 @@ extern "C" int tq_decode_cpu(
 // the bits tq_decode_cpu gives that token as a decode step. Consecutive rows of one
 // sequence are taken group_rows at a time, and each tile of the cache is decoded once
 // for the group.
-//   q [N, Hq, d] float32; q_off [N, Hq] or null; out [N, Hq, d] float32
+//   q [N, Hq, d] float32; k_off [H, d] or null; out [N, Hq, d] float32
 extern "C" int tq_prefill_cpu(
     const uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok,
     const int64_t* block_table, int64_t bt_stride, const int64_t* row_seq,
-    const int64_t* row_len, const float* q, const float* q_off, const float* rot_k,
-    const float* sketch, const float* rot_v,
+    const int64_t* row_len, const float* q, const float* k_off, const float* rot_k_t,
+    const float* sketch_t, const float* rot_v,
     int64_t N, int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_tokens,
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
     const int64_t* vdesc_p, const float* v_books, float* out, int num_threads,
@@ -1050,7 +930,7 @@ extern "C" int tq_prefill_cpu(
   if (check(Hq, H, d, block_size, split_tokens, kdesc_p, vdesc_p) || group_rows < 1) return -1;
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
-  const bool qjl = kd.sign_off >= 0 && sketch != nullptr;
+  const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
   std::vector<int64_t> row_split(N + 1, 0), groups{0};
   int64_t max_splits = 1;
   for (int64_t r = 0; r < N; ++r) {
@@ -1062,13 +942,13 @@ extern "C" int tq_prefill_cpu(
   }
   if (N > 0) groups.push_back(N);
   const int64_t n_groups = (int64_t)groups.size() - 1, total = row_split[N];
-  std::vector<float> q_rot(N * Hq * d), q_sk(qjl ? N * Hq * d : 0);
+  std::vector<float> q_rot(N * Hq * d), q_sk(qjl ? N * Hq * d : 0), q_off(k_off ? N * Hq : 0);
   std::vector<float> acc_out(total * Hq * d), m_out(total * Hq), l_out(total * Hq);
-  rotate_queries(q, N, Hq, G, d, rot_k, qjl ? sketch : nullptr, q_rot.data(), q_sk.data(),
-                 num_threads);
+  rotate_queries(q, N, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot.data(),
+                 q_sk.data(), q_off.data(), num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, row_len, row_seq,
                   row_split.data(), groups.data(), q_rot.data(), qjl ? q_sk.data() : nullptr,
-                  q_off, Hq, H, G, d, block_size, max_splits, split_tokens, scale,
+                  k_off ? q_off.data() : nullptr, Hq, H, G, d, block_size, max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   acc_out.data(), m_out.data(), l_out.data()};
   run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v, out, num_threads);

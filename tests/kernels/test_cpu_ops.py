@@ -155,7 +155,7 @@ def test_launcher_rejects_non_contiguous_slots():
                                   "tq3-trellis", "tq2.5-trellis"])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_store_bit_exact_with_reference(name, dim, dtype):
+def test_store_bit_exact_with_reference(impl, name, dim, dtype):
     from tq_vllm.codec import LayerCodec
     from tq_vllm.config import PRESETS
     from tq_vllm.reference import tq_store
@@ -184,7 +184,7 @@ def test_store_bit_exact_with_reference(name, dim, dtype):
     assert codec.key.stats == ref_stats
 
 
-def test_store_bit_exact_with_offset_choice_on_qjl_keys():
+def test_store_bit_exact_with_offset_choice_on_qjl_keys(impl):
     """The offset choice on TurboQuant_prod keys: QJL signs and γ of the kept encoding."""
     from tq_vllm.codec import LayerCodec
     from tq_vllm.config import PRESETS
@@ -205,7 +205,7 @@ def test_store_bit_exact_with_offset_choice_on_qjl_keys():
     assert torch.equal(ours, ref)
 
 
-def test_store_rejects_out_of_range_slots_before_writing():
+def test_store_rejects_out_of_range_slots_before_writing(impl):
     from tq_vllm.codec import LayerCodec
     from tq_vllm.config import PRESETS
 

@@ -1,0 +1,199 @@
+// tq-vllm: what the CPU kernels (tq_decode_cpu.cpp, tq_store_cpu.cpp) share: the slot
+// descriptor (kernels/cpu_numba.py documents its layout), fp16 and little-endian byte
+// reads, and the SIMD primitives of the two builds (AVX-512: W = 16 float lanes; AVX2 +
+// FMA + F16C: W = 8). Everything here has internal linkage: each source file gets its own.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int MAX_D = 256;  // largest supported head_dim
+constexpr int MAX_G = 16;   // largest supported query heads per KV head
+
+struct Desc {
+  int64_t norm_off, ngroups, sign_off;
+  int64_t seg_off[2], bits[2], dim[2];
+  int64_t trellis, tab_stride;  // trellis state bits S and table row stride (0: scalar codes)
+};
+
+Desc read_desc(const int64_t* p) {
+  Desc d{};
+  d.norm_off = p[0];
+  d.ngroups = p[1];
+  d.sign_off = p[2];
+  for (int g = 0; g < d.ngroups; ++g) {
+    d.seg_off[g] = p[3 + 3 * g];
+    d.bits[g] = p[4 + 3 * g];
+    d.dim[g] = p[5 + 3 * g];
+  }
+  d.trellis = p[3 + 3 * d.ngroups];
+  d.tab_stride = p[4 + 3 * d.ngroups];
+  return d;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// B little-endian bytes as one integer, built in registers: a partial memcpy into a
+// stack word would store and reload it (a store-forwarding stall on every chunk).
+template <int B>
+inline uint32_t load_le(const uint8_t* p) {
+  if constexpr (B == 1) return p[0];
+  if constexpr (B == 2) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+  if constexpr (B == 3) { uint16_t v; std::memcpy(&v, p, 2); return v | ((uint32_t)p[2] << 16); }
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ---------------------------------------------------------------------------- simd
+// W float lanes per vector; 8 codes of B bits are exactly B bytes of the stream.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+using V = __m512;
+using VI = __m512i;
+struct Book { __m512 cb; };  // 16 centroids in one register
+inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
+inline void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V set1(float x) { return _mm512_set1_ps(x); }
+inline V zero() { return _mm512_setzero_ps(); }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+inline float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
+inline VI lane_shifts(int bits) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(bits));
+}
+inline Book make_book(const float* c) { return {_mm512_loadu_ps(c)}; }
+// W consecutive codes at byte p: lanes 0-7 from the first B bytes, 8-15 from the next B.
+// Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
+template <int B>
+inline VI codes(const uint8_t* p, VI shifts) {
+  const uint32_t w0 = load_le<B>(p), w1 = load_le<B>(p + B);
+  __m512i w = _mm512_inserti32x8(_mm512_castsi256_si512(_mm256_set1_epi32((int)w0)),
+                                 _mm256_set1_epi32((int)w1), 1);
+  return _mm512_srlv_epi32(w, shifts);
+}
+template <int B>
+inline V lookup(const Book& b, VI idx) { return _mm512_permutexvar_ps(idx, b.cb); }
+inline V exp2i(V n) { return _mm512_scalef_ps(set1(1.0f), n); }
+// sums[i] = horizontal sum of v[i], i < 8
+inline void reduce8(const V* v, float* sums) {
+  for (int i = 0; i < 8; ++i) sums[i] = _mm512_reduce_add_ps(v[i]);
+}
+inline V round_near(V t) { return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// Store: WD double lanes (the rotation's float64 sums) and the count of decision
+// boundaries below u among 16 (padded with +inf, never below).
+constexpr int WD = 8;
+using VD = __m512d;
+inline VD zerod() { return _mm512_setzero_pd(); }
+inline VD set1d(double x) { return _mm512_set1_pd(x); }
+inline VD loadud(const double* p) { return _mm512_loadu_pd(p); }
+inline VD fmaddd(VD a, VD b, VD c) { return _mm512_fmadd_pd(a, b, c); }
+inline void store_floats(float* p, VD v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
+inline int count_below(const float* bounds16, float u) {
+  return __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(bounds16), _mm512_set1_ps(u), _CMP_LT_OQ));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int W = 8;
+using V = __m256;
+using VI = __m256i;
+struct Book { __m256 lo, hi; };  // centroids 0-7 and 8-15
+inline V loadu(const float* p) { return _mm256_loadu_ps(p); }
+inline void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V set1(float x) { return _mm256_set1_ps(x); }
+inline V zero() { return _mm256_setzero_ps(); }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline float reduce_add(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float reduce_max(V v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline VI lane_shifts(int bits) {
+  return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(bits));
+}
+// sums[i] = horizontal sum of v[i], i < 8: one transposed add tree (9 ops, not 8 x 5)
+inline void reduce8(const V* v, float* sums) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per-lane half sums
+  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                       _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+inline Book make_book(const float* c) { return {_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8)}; }
+// Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
+template <int B>
+inline VI codes(const uint8_t* p, VI shifts) {
+  const __m256i w = _mm256_set1_epi32((int)load_le<B>(p));
+  return _mm256_srlv_epi32(w, shifts);
+}
+// Codes of up to 3 bits: one 8-lane permute. 4 bits: two, and code bit 3 (moved to the
+// sign bit) picks one.
+template <int B>
+inline V lookup(const Book& b, VI idx) {
+  if constexpr (B <= 3) return _mm256_permutevar8x32_ps(b.lo, idx);
+  const V lo = _mm256_permutevar8x32_ps(b.lo, idx), hi = _mm256_permutevar8x32_ps(b.hi, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+// 2^n for integral n in [-126, 127], through the exponent field
+inline V exp2i(V n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline V round_near(V t) { return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+constexpr int WD = 4;
+using VD = __m256d;
+inline VD zerod() { return _mm256_setzero_pd(); }
+inline VD set1d(double x) { return _mm256_set1_pd(x); }
+inline VD loadud(const double* p) { return _mm256_loadu_pd(p); }
+inline VD fmaddd(VD a, VD b, VD c) { return _mm256_fmadd_pd(a, b, c); }
+inline void store_floats(float* p, VD v) { _mm_storeu_ps(p, _mm256_cvtpd_ps(v)); }
+inline int count_below(const float* bounds16, float u) {
+  const __m256 uu = _mm256_set1_ps(u);
+  const int lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(bounds16), uu, _CMP_LT_OQ));
+  const int hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(bounds16 + 8), uu, _CMP_LT_OQ));
+  return __builtin_popcount(lo) + __builtin_popcount(hi);
+}
+#else
+#error "the tq-vllm CPU kernels need AVX-512 (F, DQ, BW, VL) or AVX2 with FMA and F16C"
+#endif
+
+// exp(x) for the softmax (x <= 0 region); 2^f by a degree-6 polynomial, |rel err| < 2e-7.
+inline V vexp(V x) {
+  x = vmax(x, set1(-87.0f));
+  const V t = mul(x, set1(1.4426950408889634f));
+  const V n = round_near(t);
+  const V f = mul(sub(t, n), set1(0.6931471805599453f));
+  V p = set1(1.0f / 720);
+  p = fmadd(p, f, set1(1.0f / 120));
+  p = fmadd(p, f, set1(1.0f / 24));
+  p = fmadd(p, f, set1(1.0f / 6));
+  p = fmadd(p, f, set1(0.5f));
+  p = fmadd(p, f, set1(1.0f));
+  p = fmadd(p, f, set1(1.0f));
+  return mul(p, exp2i(n));
+}
+
+}  // namespace

@@ -1,0 +1,267 @@
+// tq-vllm: the store on the CPU — rotate, quantize and pack K/V into their paged slots.
+//
+// Same arithmetic as kernels/cpu_numba.py's store_kernel (and so tq_vllm.reference.tq_store,
+// bit for bit: tests/kernels/test_cpu_ops.py compares the bytes):
+//   - the rotation y = R_h x summed in float64 (R_h's float32 entries; a product of two
+//     float32 values is exact in float64, so a fused multiply-add rounds as the
+//     reference's product-then-sum does), each y_e over k = 0..d-1 in order, rounded once to
+//     float32. The reference's einsum sums in another order: the two differ by ~1e-16
+//     relative, which reaches a float32 y only where a sum lies that close to a rounding
+//     point, and a code or fp16 norm only where that y also sits on a boundary;
+//     a vector with a NaN/Inf coordinate is stored as zeros and counted;
+//   - per channel group: the float32 norm (float64 sum of squares), codes by counting the
+//     decision boundaries below u = y / n (float32) — for keys with feedback rounding u
+//     is the fed coordinate, each error times the head's row F_j subtracted from the later
+//     coordinates (float32, product then difference) — or trellis codes searched
+//     beforehand (tq_vllm.trellis, read from k_codes / v_codes);
+//   - norm correction, fp16 norms (round to nearest even, clamped at 65504 and counted),
+//     the residual with the stored norm, QJL signs from the float64 sketch;
+//   - keys with the offset choice are also encoded from y + R_h o, and that encoding,
+//     flagged (bit 7 of the first norm's high byte), kept when its residual is smaller.
+// One task = (token, KV head); the slot is zeroed first, so padding bytes stay zero.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "tq_cpu_common.h"
+
+namespace {
+
+// The rotation's float64 accumulators: ROT_VECS vectors of WD outputs (64 with AVX-512,
+// 32 with AVX2) stay in registers across a pass's d multiply-adds; head_dim must be a
+// multiple of ROT_VECS * WD.
+constexpr int ROT_VECS = 8;
+
+constexpr float HALF_MAX = 65504.0f;  // largest finite fp16: norms clamp here
+constexpr float TINY = 1e-30f;        // floor of a norm used as a divisor
+constexpr int MAX_KEY_BYTES = 4 * MAX_D;  // the offset choice's scratch slot (a key needs < d + 64)
+
+inline void put_half(uint8_t* p, float v) {
+  const uint16_t h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  std::memcpy(p, &h, 2);
+}
+
+// y [d] = R x in float64 sums, rot_t = R^T [d, d]; false (y zeroed) for a non-finite x.
+bool rotate(const float* x, const double* rot_t, int d, float* y) {
+  bool finite = true;
+  for (int k = 0; k < d; ++k) finite &= std::isfinite(x[k]);
+  if (!finite) {
+    std::fill(y, y + d, 0.f);
+    return false;
+  }
+  for (int e0 = 0; e0 < d; e0 += ROT_VECS * WD) {
+    VD acc[ROT_VECS];
+    for (int j = 0; j < ROT_VECS; ++j) acc[j] = zerod();
+    for (int k = 0; k < d; ++k) {
+      const VD xk = set1d((double)x[k]);
+      const double* r = rot_t + (int64_t)k * d + e0;
+      for (int j = 0; j < ROT_VECS; ++j) acc[j] = fmaddd(xk, loadud(r + j * WD), acc[j]);
+    }
+    for (int j = 0; j < ROT_VECS; ++j) store_floats(y + e0 + j * WD, acc[j]);
+  }
+  return true;
+}
+
+// What encode reads for one of K/V.
+struct Tensor {
+  Desc desc;
+  const float* books;   // [G, 16] codebooks, or trellis tables [G, desc.tab_stride]
+  const float* bounds;  // [G, 16] decision boundaries, +inf padded
+  bool norm_correction;
+};
+
+// Quantizes R rotated vectors y[r] [d] into their zeroed slots (the tensor's byte map),
+// in lockstep: with feedback rounding each coordinate waits on the one before it (divide,
+// compare, look up, feed back: tens of cycles), so R independent vectors side by side
+// keep the core busy (a key and its offset alternative: R = 2). fb: the head's feedback
+// matrix [d, d] (scalar codes) or null; codes[r]: trellis codes [d] or null.
+// gamma[r]: the residual norm ||y - y_hat|| (float32; computed when want_r or for QJL,
+// else 0); norms clamped to the fp16 range are added to sat[r].
+template <int R>
+void encode(const float* const* y, int d, uint8_t* const* slot, const Tensor& T,
+            const double* sketch, const float* fb, const uint8_t* const* codes, bool want_r,
+            int64_t* sat, float* gamma) {
+  const Desc& D = T.desc;
+  want_r = want_r || D.sign_off >= 0;
+  alignas(64) float work[R][MAX_D];
+  alignas(64) float fed[R][MAX_D];
+  if (fb != nullptr)
+    for (int r = 0; r < R; ++r) std::copy(y[r], y[r] + d, fed[r]);
+  int j0 = 0;
+  for (int g = 0; g < D.ngroups; ++g) {
+    const int dim = (int)D.dim[g], bits = (int)D.bits[g];
+    const int64_t S = D.trellis;
+    const float* book = T.books + g * (S ? D.tab_stride : 16);
+    const float* bounds = T.bounds + g * 16;
+    float n[R], inv[R];
+    double cn[R];
+    int64_t state[R];
+    for (int r = 0; r < R; ++r) {
+      double ss = 0.0;
+      for (int k = 0; k < dim; ++k) ss += (double)y[r][j0 + k] * (double)y[r][j0 + k];
+      n[r] = (float)std::sqrt(ss);
+      inv[r] = n[r] > TINY ? n[r] : TINY;
+      cn[r] = 0.0;
+      state[r] = 0;
+    }
+    for (int k = 0; k < dim; ++k) {
+      const int j = j0 + k, bp = k * bits;
+      for (int r = 0; r < R; ++r) {
+        int code;
+        float c;
+        if (S) {
+          code = codes[r][j];
+          const int64_t w = ((int64_t)code << S) | state[r];
+          c = book[w];
+          state[r] = w >> bits;
+        } else {
+          code = count_below(bounds, (fb != nullptr ? fed[r][j] : y[r][j]) / inv[r]);
+          c = book[code];
+          if (fb != nullptr) {
+            // the later coordinates take err * F_j (product, then difference); whole
+            // aligned vectors from the one holding j + 1: the earlier lanes are spent
+            const V err = set1(fed[r][j] - c * inv[r]);
+            const float* row = fb + (int64_t)j * d;
+            for (int jj = (j + 1) / W * W; jj < d; jj += W)
+              storeu(fed[r] + jj, sub(loadu(fed[r] + jj), mul(err, loadu(row + jj))));
+          }
+        }
+        uint8_t* seg = slot[r] + D.seg_off[g];
+        seg[bp >> 3] |= (uint8_t)(code << (bp & 7));
+        if ((bp & 7) + bits > 8) seg[(bp >> 3) + 1] |= (uint8_t)(code >> (8 - (bp & 7)));
+        work[r][j] = c;
+        cn[r] += (double)c * (double)c;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      if (T.norm_correction) {
+        const float c_norm = (float)std::sqrt(cn[r]);
+        if (c_norm > 0.f) n[r] = n[r] / (c_norm > TINY ? c_norm : TINY);
+      }
+      if (n[r] > HALF_MAX) {
+        n[r] = HALF_MAX;
+        ++sat[r];
+      }
+      put_half(slot[r] + D.norm_off + 2 * g, n[r]);
+      if (want_r) {  // reconstruction with the stored (fp16) norm, for the residual
+        const float nh = half_at(slot[r] + D.norm_off + 2 * g);
+        for (int k = 0; k < dim; ++k) work[r][j0 + k] = nh * work[r][j0 + k];
+      }
+    }
+    j0 += dim;
+  }
+  for (int r = 0; r < R; ++r) {
+    gamma[r] = 0.f;
+    if (!want_r) continue;
+    double rr = 0.0;
+    for (int j = 0; j < d; ++j) {
+      work[r][j] = y[r][j] - work[r][j];
+      rr += (double)work[r][j] * (double)work[r][j];
+    }
+    gamma[r] = (float)std::sqrt(rr);
+    if (D.sign_off < 0) continue;
+    for (int i = 0; i < d; ++i) {
+      double acc = 0.0;
+      for (int j = 0; j < d; ++j) acc += sketch[(int64_t)i * d + j] * (double)work[r][j];
+      if (acc >= 0.0) slot[r][D.sign_off + (i >> 3)] |= (uint8_t)(1 << (i & 7));
+    }
+    float g16 = gamma[r];
+    if (g16 > HALF_MAX) {
+      g16 = HALF_MAX;
+      ++sat[r];
+    }
+    put_half(slot[r] + D.norm_off + 2 * D.ngroups, g16);
+  }
+}
+
+// Shapes and codes the kernel handles (0), or -2.
+int check_store(int64_t d, const int64_t* kdesc_p, const int64_t* vdesc_p, int64_t k_bytes,
+                int64_t slot_bytes) {
+  if (d > MAX_D || d % (ROT_VECS * WD) || k_bytes > slot_bytes || k_bytes > MAX_KEY_BYTES) return -2;
+  for (const int64_t* desc : {kdesc_p, vdesc_p}) {
+    if (desc[1] < 1 || desc[1] > 2) return -2;
+    for (int64_t g = 0; g < desc[1]; ++g)
+      if (desc[4 + 3 * g] < 1 || desc[4 + 3 * g] > 4) return -2;  // 16-entry codebooks
+  }
+  return 0;
+}
+
+}  // namespace
+
+// Store N tokens' K/V, k/v [N, H, d] float32: the model's vectors (rot_k_t, rot_v_t =
+// R_h^T [H, d, d] float64) or already rotated (both null: the trellis path rotates and
+// searches first). slots [N] (negative: skipped); every slot is checked before any write.
+//   k_off_rot [H, d] R_h o, or null (no offset choice); k_bytes: the key's leading bytes
+//   kdesc/vdesc, k_books/v_books, k_bounds/v_bounds [G, 16]: see Tensor
+//   sketch [d, d] float64 or null; k_fb [H, d, d] or null; k_codes, k_alt_codes, v_codes
+//   trellis codes [N, H, d] or null
+//   counts [3] out: non-finite keys, non-finite values, norms clamped to fp16
+// Returns 0; -1 when a slot is beyond the cache's num_slots (nothing written); -2 when a
+// shape is outside what the kernel handles.
+extern "C" int tq_store_cpu(
+    const float* k, const float* v, const int64_t* slots, int64_t N, int64_t H, int64_t d,
+    uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok, int64_t num_slots,
+    int64_t block_size, int64_t slot_bytes, const double* rot_k_t, const double* rot_v_t,
+    const float* k_off_rot, int64_t k_bytes, const int64_t* kdesc_p, const float* k_books,
+    const float* k_bounds, int k_nc, const int64_t* vdesc_p, const float* v_books,
+    const float* v_bounds, int v_nc, const double* sketch, const float* k_fb,
+    const uint8_t* k_codes, const uint8_t* k_alt_codes, const uint8_t* v_codes,
+    int64_t* counts, int num_threads) {
+  if (check_store(d, kdesc_p, vdesc_p, k_bytes, slot_bytes)) return -2;
+  for (int64_t t = 0; t < N; ++t)
+    if (slots[t] >= num_slots) return -1;
+  const Tensor K{read_desc(kdesc_p), k_books, k_bounds, k_nc != 0};
+  const Tensor Vt{read_desc(vdesc_p), v_books, v_bounds, v_nc != 0};
+  const bool rotated = rot_k_t == nullptr;
+  int64_t bad_k = 0, bad_v = 0, sat_all = 0;
+#pragma omp parallel for schedule(static) num_threads(num_threads) reduction(+ : bad_k, bad_v, sat_all)
+  for (int64_t task = 0; task < N * H; ++task) {
+    const int64_t t = task / H, h = task % H, sm = slots[t];
+    if (sm < 0) continue;
+    uint8_t* slot = cache + (sm / block_size) * s_blk + h * s_head + (sm % block_size) * s_tok;
+    std::memset(slot, 0, slot_bytes);
+    alignas(64) float yk[MAX_D];
+    alignas(64) float yv[MAX_D];
+    const float* xk = k + task * d;
+    const float* xv = v + task * d;
+    if (rotated) {
+      std::copy(xk, xk + d, yk);
+      std::copy(xv, xv + d, yv);
+    } else {
+      bad_k += !rotate(xk, rot_k_t + h * d * d, (int)d, yk);
+      bad_v += !rotate(xv, rot_v_t + h * d * d, (int)d, yv);
+    }
+    const float* fb = k_fb != nullptr ? k_fb + h * d * d : nullptr;
+    const uint8_t* kc = k_codes != nullptr ? k_codes + task * d : nullptr;
+    const uint8_t* vc = v_codes != nullptr ? v_codes + task * d : nullptr;
+    float gamma[2];
+    int64_t sat[2] = {0, 0};
+    if (k_off_rot != nullptr) {  // the key and its offset alternative side by side
+      alignas(64) float alt[MAX_D];
+      const float* o = k_off_rot + h * d;
+      for (int64_t j = 0; j < d; ++j) alt[j] = yk[j] + o[j];
+      uint8_t alt_slot[MAX_KEY_BYTES];
+      std::memset(alt_slot, 0, k_bytes);
+      const float* ys[2] = {yk, alt};
+      uint8_t* slots2[2] = {slot, alt_slot};
+      const uint8_t* cs[2] = {kc, k_alt_codes != nullptr ? k_alt_codes + task * d : nullptr};
+      encode<2>(ys, (int)d, slots2, K, sketch, fb, cs, true, sat, gamma);
+      if (gamma[1] < gamma[0]) {
+        std::memcpy(slot, alt_slot, k_bytes);
+        slot[K.desc.norm_off + 1] |= 0x80;
+        sat[0] = sat[1];
+      }
+    } else {
+      const float* ys[1] = {yk};
+      encode<1>(ys, (int)d, &slot, K, sketch, fb, &kc, false, sat, gamma);
+    }
+    const float* ys[1] = {yv};
+    encode<1>(ys, (int)d, &slot, Vt, sketch, nullptr, &vc, false, sat, gamma);
+    sat_all += sat[0];
+  }
+  counts[0] = bad_k;
+  counts[1] = bad_v;
+  counts[2] = sat_all;
+  return 0;
+}
