@@ -89,9 +89,25 @@ inline VI codes(const uint8_t* p, VI shifts) {
 template <int B>
 inline V lookup(const Book& b, VI idx) { return _mm512_permutexvar_ps(idx, b.cb); }
 inline V exp2i(V n) { return _mm512_scalef_ps(set1(1.0f), n); }
-// sums[i] = horizontal sum of v[i], i < 8
-inline void reduce8(const V* v, float* sums) {
-  for (int i = 0; i < 8; ++i) sums[i] = _mm512_reduce_add_ps(v[i]);
+// sums[i] = horizontal sum of v[i], i < 16: one transposed add tree (46 instructions, not
+// 16 reductions of 8). Level 1 adds 256-bit halves (two vectors per result), level 2
+// 128-bit quarters (four), levels 3 and 4 pairs of floats inside each 128-bit lane; lane
+// k, float p of the result then holds the sum of v[4p + k], put in order by one permute.
+inline void reduce16(const V* v, float* sums) {
+  V a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const V t = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const VI order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  _mm512_storeu_ps(sums, _mm512_permutexvar_ps(order, t));
 }
 inline V round_near(V t) { return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 // Store: WD double lanes (the rotation's float64 sums) and the count of decision
@@ -142,6 +158,10 @@ inline void reduce8(const V* v, float* sums) {
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per-lane half sums
   _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
                                        _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+inline void reduce16(const V* v, float* sums) {
+  reduce8(v, sums);
+  reduce8(v + 8, sums + 8);
 }
 inline Book make_book(const float* c) { return {_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8)}; }
 // Not masked: a lane holds its code in the low B bits and its neighbours' bits above.

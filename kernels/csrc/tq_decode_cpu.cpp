@@ -27,7 +27,7 @@
 
 namespace {
 
-constexpr int TILE = 16;    // tokens per softmax update
+constexpr int TILE = 16;    // tokens per softmax update (a tile's scores: one reduce16)
 
 // ----------------------------------------------------------------------- kernel body
 //
@@ -337,15 +337,18 @@ inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const f
   }
   for (int g = 0; g < G; ++g) {
     for (int i = n; i < TILE; ++i) part[g][i] = zero();
-    for (int i = 0; i < TILE; i += 8) reduce8(part[g] + i, s[g] + i);
+    reduce16(part[g], s[g]);
   }
-  for (int i = 0; i < n; ++i) {
-    const bool flagged = P.q_off != nullptr && (slots[i][P.kd.norm_off + 1] & 0x80);
-    for (int g = 0; g < G; ++g) {
-      float sc = s[g][i];
-      if (flagged) sc -= P.q_off[q0 + g];
-      s[g][i] = sc * P.scale;
-    }
+  // a flagged key's logit loses <q, o>: fl = 1 for those tokens (sc - 1 * q_off is
+  // sc - q_off exactly, sc - 0 is sc), then the softmax scale
+  alignas(64) float fl[TILE] = {};
+  if (P.q_off != nullptr)
+    for (int i = 0; i < n; ++i) fl[i] = (slots[i][P.kd.norm_off + 1] & 0x80) ? 1.f : 0.f;
+  const V scale = set1(P.scale);
+  for (int g = 0; g < G; ++g) {
+    const V qo = set1(P.q_off != nullptr ? P.q_off[q0 + g] : 0.f);
+    for (int i = 0; i < TILE; i += W)
+      storeu(s[g] + i, mul(sub(loadu(s[g] + i), mul(loadu(fl + i), qo)), scale));
   }
   // one online-softmax update per tile and query head
   alignas(64) float p[MAX_G][TILE];
