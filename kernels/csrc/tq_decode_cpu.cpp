@@ -109,6 +109,28 @@ inline void score_group(const uint8_t* seg, const float* scr, int dim, int j, co
   }
 }
 
+// part[g][i] (+)= (the G dot products of token i's B-bit key group with the queries) x
+// the group's stored scale, for the n tokens of a tile: first = the key's first group
+// (part starts from zero, as a sum of one term), `abs_norm`: the scale is the fp16 norm's
+// magnitude (its sign bit flags the key offset), else `mult` times the fp16 value (QJL's
+// c * ||r||).
+template <int B, int GA, bool PAIR, bool SCR>
+inline void score_tile(const uint8_t* const* slots, const float* kscr, int n, int64_t seg_off,
+                       int64_t norm_at, bool abs_norm, int dim, int j, const Book& cb, VI shifts,
+                       const float* q, int64_t d, int G, V (*part)[TILE], bool first,
+                       float mult = 1.f) {
+  for (int i = 0; i < n; ++i) {
+    V a[GA], c[GA];
+    for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
+    const float* scr = SCR ? kscr + i * d + j : nullptr;
+    score_group<B, GA, PAIR, SCR>(slots[i] + seg_off, scr, dim, j, cb, shifts, q, d, G, a, c);
+    const float h = half_at(slots[i] + norm_at);
+    const V nk = set1(abs_norm ? std::fabs(h) : mult * h);
+    for (int g = 0; g < G; ++g)
+      part[g][i] = fmadd(PAIR ? add(a[g], c[g]) : a[g], nk, first ? zero() : part[g][i]);
+  }
+}
+
 // acc[g][k ..] += sum_i pn[g][i] * c[code_i] over the n tokens of a tile, for the chunk at
 // byte `off` of each slot (and, PAIR, the next chunk too); pn, broadcast to W lanes once
 // per tile (an FMA then reads it as its memory operand), already holds p * (the
@@ -302,39 +324,27 @@ inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const f
   const float* qs = qjl ? P.q_sk + q0 * d : nullptr;
   alignas(64) float s[MAX_G][TILE];
   alignas(64) V part[MAX_G][TILE];
-  // scores: each key decoded once, dotted with the G queries in registers
-  for (int i = 0; i < n; ++i) {
-    V tot[GA];
-    for (int g = 0; g < G; ++g) tot[g] = zero();
-    int j = 0;
-    for (int kg = 0; kg < P.kd.ngroups; ++kg) {
-      V a[GA], c[GA];
-      for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
-      const uint8_t* seg = slots[i] + P.kd.seg_off[kg];
-      const float* scr = SCR ? kscr + i * d + j : nullptr;
-      const int dim = (int)P.kd.dim[kg];
-      const Book& cb = P.kc.cb[kg];
-      const VI sh = P.kc.shifts[kg];
-      switch (P.kd.bits[kg]) {
-        case 1: score_group<1, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
-        case 2: score_group<2, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
-        case 3: score_group<3, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
-        default: score_group<4, GA, PAIR, SCR>(seg, scr, dim, j, cb, sh, qb, d, G, a, c); break;
-      }
-      j += dim;
-      const V nk = set1(std::fabs(half_at(slots[i] + P.kd.norm_off + 2 * kg)));  // sign: offset flag
-      for (int g = 0; g < G; ++g) tot[g] = fmadd(PAIR ? add(a[g], c[g]) : a[g], nk, tot[g]);
+  // scores: each key decoded once, dotted with the G queries in registers; one pass over
+  // the tile per key group (its code width a compile-time constant), then the QJL bias
+  int jk = 0;
+  for (int kg = 0; kg < P.kd.ngroups; ++kg) {
+    const int64_t seg = P.kd.seg_off[kg], norm_at = P.kd.norm_off + 2 * kg;
+    const int dim = (int)P.kd.dim[kg];
+    const Book& cb = P.kc.cb[kg];
+    const VI sh = P.kc.shifts[kg];
+    const bool first = kg == 0;
+    switch (P.kd.bits[kg]) {
+      case 1: score_tile<1, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
+      case 2: score_tile<2, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
+      case 3: score_tile<3, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
+      default: score_tile<4, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
     }
-    if (qjl) {  // QJL bias: the sign bits as a 1-bit ±1 group dotted with the sketched queries
-      V a[GA], c[GA];
-      for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
-      score_group<1, GA, PAIR, false>(slots[i] + P.kd.sign_off, nullptr, (int)d, 0, P.kc.sign,
-                                      P.kc.sign_shifts, qs, d, G, a, c);
-      const V gam = set1(P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * P.kd.ngroups));
-      for (int g = 0; g < G; ++g) tot[g] = fmadd(PAIR ? add(a[g], c[g]) : a[g], gam, tot[g]);
-    }
-    for (int g = 0; g < G; ++g) part[g][i] = tot[g];
+    jk += dim;
   }
+  if (qjl)  // QJL bias: the sign bits as a 1-bit ±1 group dotted with the sketched queries
+    score_tile<1, GA, PAIR, false>(slots, nullptr, n, P.kd.sign_off,
+                                   P.kd.norm_off + 2 * P.kd.ngroups, false, (int)d, 0, P.kc.sign,
+                                   P.kc.sign_shifts, qs, d, G, part, false, P.qjl_scale);
   for (int g = 0; g < G; ++g) {
     for (int i = n; i < TILE; ++i) part[g][i] = zero();
     reduce16(part[g], s[g]);
