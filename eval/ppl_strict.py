@@ -25,6 +25,9 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][+nofb][@ends=N]``
              decodes closer (a flag bit; flagged keys' logits have ⟨q, μ⟩ taken off), so
              the sink, far from the mean, keeps its own small residual (on in ``tq{b}``)
     nokchoice  the offset choice off (A/B against the recommended presets)
+    offres   the offset choice by the smaller residual (two encodings per key: every preset)
+    offnorm  the offset choice by the smaller norm before encoding (one encoding per key:
+             for trellis keys one Viterbi search instead of two; thirteenth round)
     nofb     keys rounded to the nearest code (trellis: searched for the least ‖y − ŷ‖)
              instead of against the calibration queries (``tq{b}``'s keys round with
              feedback since 2026-11-25, ``tq{b}-trellis``'s since the twelfth round:
@@ -187,7 +190,7 @@ def use_native_trellis_search() -> bool:
 
 
 OPTIONS = ("nc", "kmean", "ksmooth", "kbal", "vmean", "vsmooth", "perm", "gauss", "kchoice",
-           "nokchoice", "kexact", "vexact", "qshrink", "qorth", "nofb")
+           "nokchoice", "kexact", "vexact", "qshrink", "qorth", "nofb", "offres", "offnorm")
 
 
 def parse_variant(spec: str) -> dict:
@@ -227,7 +230,8 @@ def get_variant_preset(name: str) -> Preset:
 OPTION_TRANSFORM = {"kmean": {"key_mean": True}, "ksmooth": {"key_scale": "rms"},
                     "kbal": {"key_scale": "balanced"}, "vmean": {"value_mean": True},
                     "vsmooth": {"value_scale": True}, "perm": {"calibrated_split": True},
-                    "kchoice": {"key_offset_choice": True}, "nokchoice": {"key_offset_choice": False}}
+                    "kchoice": {"key_offset_choice": True}, "nokchoice": {"key_offset_choice": False},
+                    "offres": {"key_offset_rule": "residual"}, "offnorm": {"key_offset_rule": "norm"}}
 
 
 def variant_preset(variant: dict) -> Preset:

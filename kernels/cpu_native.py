@@ -55,8 +55,9 @@ PREFILL_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, 
                     _F, _F, _P, _P, _P, _P, _P, ctypes.c_int, _I]
 TRELLIS_ARGTYPES = [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]
 TRELLIS_FED_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, ctypes.c_int]
-STORE_ARGTYPES = [_P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P,
-                  _P, ctypes.c_int, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+STORE_ARGTYPES = [_P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P,
+                  _P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _P, _P,
+                  ctypes.c_int]
 
 
 def _cpu_flags() -> set[str]:

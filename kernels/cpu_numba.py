@@ -409,7 +409,8 @@ def _encode_tensor(y, slot, cache, desc, bounds, lut, norm_correction, sketch, w
 @njit(parallel=True, cache=True)
 def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, s_tok,
                  block_size, slot_bytes, kdesc, k_bounds, k_lut, k_nc, sketch, vdesc, v_bounds,
-                 v_lut, v_nc, k_codes, k_alt_codes, v_codes, k_fb, k_use_fb, saturated):
+                 v_lut, v_nc, k_codes, k_alt_codes, v_codes, k_fb, k_use_fb, k_flags,
+                 flags_given, saturated):
     """Quantize rotated K/V ``[N, H, d]`` and write slots ``slots[N]`` (all valid).
 
     With ``has_off`` each key is also encoded from ``yk_alt`` (``y + R_h o``) and that
@@ -418,7 +419,9 @@ def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, 
     ``saturated[i]`` counts the kept norms of token i clamped to the fp16 range.
     Trellis codes come searched (uint8 ``[N, H, d]`` each of ``k_codes``, ``k_alt_codes``,
     ``v_codes``; read only for a tensor with trellis codes). With ``k_use_fb`` keys round
-    with feedback through ``k_fb`` ``[H, d, d]`` float32 (:func:`_encode_tensor`)."""
+    with feedback through ``k_fb`` ``[H, d, d]`` float32 (:func:`_encode_tensor`). With
+    ``flags_given`` (the offset choice by norm) the keys come chosen and ``k_flags[t, h]``
+    (uint8 ``[N, H]``) sets their flags."""
     n, h, d = yk.shape
     for task in prange(n * h):
         t = task // h
@@ -441,6 +444,8 @@ def store_kernel(yk, yk_alt, has_off, k_bytes, yv, slots, cache, s_blk, s_head, 
                     cache[base + i] = alt[i]
                 cache[base + kdesc[0] + 1] |= 0x80
                 sat = sat_alt
+        elif flags_given and k_flags[t, hh]:
+            cache[base + kdesc[0] + 1] |= 0x80
         sat_v, _ = _encode_tensor(yv[t, hh], base, cache, vdesc, v_bounds, v_lut, v_nc, sketch,
                                   work, False, v_codes, t, hh, k_fb, False, fed)
         saturated[task] = sat + sat_v

@@ -76,6 +76,7 @@ class _Tables:
         self.k_bounds = _bounds(codec.key.bounds).numpy()
         self.v_bounds = _bounds(codec.value.bounds).numpy()
         self.has_off = codec.key.offset_rot is not None
+        self.by_norm = self.has_off and codec.key.offset_by_norm  # choice made before the store
         self.off_rot = codec.key.offset_rot.float().contiguous() if self.has_off else None
         self.k_off = codec.key.offset.float().contiguous() if self.has_off else None
         self.k_off_ptr = self.k_off.data_ptr() if self.has_off else None
@@ -155,6 +156,7 @@ def num_splits(max_len: int) -> int:
 
 
 _NO_CODES = np.zeros((1, 1, 1), dtype=np.uint8)
+_NO_FLAGS = np.zeros((1, 1), dtype=np.uint8)
 
 
 def trellis_search(u: torch.Tensor, table: torch.Tensor, bits: int, state_bits: int) -> torch.Tensor:
@@ -225,7 +227,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         return
     tab = tables(codec)
     native = cpu_native.load_store()
-    if native is not None and tab.scalar:
+    if native is not None and tab.scalar and not tab.by_norm:
         _store_native(native, key.float().contiguous(), value.float().contiguous(), kv_cache, sm,
                       codec, tab, rotated=False)
         return
@@ -240,21 +242,28 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     lay = tab.layout
     yk = codec.key.rotate_finite(key).contiguous()
     yv = codec.value.rotate_finite(value).contiguous()
-    yk_alt = (yk + codec.key.offset_rot).contiguous() if tab.has_off else torch.zeros(1, 1, 1)
+    flags = _NO_FLAGS
+    if tab.by_norm:
+        yk, flag = codec.key.offset_by_norm_choice(yk)
+        flags = flag.to(torch.uint8).contiguous().numpy()
+    alt = tab.has_off and not tab.by_norm
+    yk_alt = (yk + codec.key.offset_rot).contiguous() if alt else torch.zeros(1, 1, 1)
     codes = (_trellis_codes(codec.key, yk),
-             _trellis_codes(codec.key, yk_alt) if tab.has_off else _NO_CODES,
+             _trellis_codes(codec.key, yk_alt) if alt else _NO_CODES,
              _trellis_codes(codec.value, yv))
     if native is not None:
-        _store_native(native, yk, yv, kv_cache, sm, codec, tab, rotated=True, codes=codes)
+        _store_native(native, yk, yv, kv_cache, sm, codec, tab, rotated=True, codes=codes,
+                      flags=flags)
         return
     flat, (sb, sh, st) = _flat(kv_cache)
     saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)
     cpu_numba.store_kernel(
-        yk.numpy(), yk_alt.numpy(), tab.has_off, lay.key.nbytes, yv.numpy(),
+        yk.numpy(), yk_alt.numpy(), alt, lay.key.nbytes, yv.numpy(),
         sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc,
         tab.k_bounds, tab.k_lut, codec.key.codec.norm_correction,
         tab.sketch64, tab.vdesc, tab.v_bounds, tab.v_lut,
-        codec.value.codec.norm_correction, *codes, tab.k_fb, tab.k_use_fb, saturated.numpy())
+        codec.value.codec.norm_correction, *codes, tab.k_fb, tab.k_use_fb, flags, tab.by_norm,
+        saturated.numpy())
     n_sat = int(saturated.sum())
     if n_sat:
         codec.key.stats["saturated_norms"] += n_sat
@@ -262,10 +271,12 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 def _store_native(fn, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   sm: torch.Tensor, codec: LayerCodec, tab: _Tables, rotated: bool,
-                  codes: tuple = ()) -> None:
+                  codes: tuple = (), flags: np.ndarray = None) -> None:
     """``tq_store_cpu`` on float32 contiguous ``k``/``v`` ``[T, H, d]``: the model's vectors,
     or (``rotated``) the codec's rotated ones with trellis ``codes`` (uint8 ``[T, H, d]``
-    arrays of :func:`_trellis_codes`: key, key with offset, value) searched on them."""
+    arrays of :func:`_trellis_codes`: key, key with offset, value) searched on them and,
+    for the offset choice by norm, the keys already chosen with their ``flags`` (uint8
+    ``[T, H]``)."""
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
     n, _, d = k.shape
     sb, sh, st = _strides(kv_cache)
@@ -276,7 +287,8 @@ def _store_native(fn, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
             st, num_blocks * block_size, block_size, slot_bytes,
             None if rotated else tab.rot_k64_t.data_ptr(),
             None if rotated else tab.rot_v64_t.data_ptr(),
-            tab.off_rot.data_ptr() if tab.has_off else None, tab.layout.key.nbytes,
+            tab.off_rot.data_ptr() if tab.has_off and not tab.by_norm else None,
+            flags.ctypes.data if tab.by_norm else None, tab.layout.key.nbytes,
             tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.k_bounds.ctypes.data,
             int(codec.key.codec.norm_correction), tab.vdesc.ctypes.data, tab.v_books.data_ptr(),
             tab.v_bounds.ctypes.data, int(codec.value.codec.norm_correction),

@@ -426,11 +426,18 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
     lay = codec.preset.layout(d)
     yk = _rotate_for_store(key, codec.key)
-    yka = (yk + codec.key.offset_rot).contiguous() if codec.key.offset_rot is not None else yk
+    by_norm = codec.key.offset_rot is not None and codec.key.offset_by_norm
+    flags = yk  # placeholder: read only with K_FLAGS
+    if by_norm:  # the offset choice made before the kernel: one encoding per key
+        yk, flag = codec.key.offset_by_norm_choice(yk)
+        flags = flag.to(torch.uint8).contiguous()
+    alt = codec.key.offset_rot is not None and not by_norm
+    yka = (yk + codec.key.offset_rot).contiguous() if alt else yk
     yv = _rotate_for_store(value, codec.value)
     lutk, bndk, sketch = _tables(codec.key)
     lutv, bndv, _ = _tables(codec.value)
     consts = _kernel_consts(codec)
+    consts["K_OFF"], consts["K_FLAGS"] = consts["K_OFF"] and not by_norm, by_norm
     for p, tlay, tq in (("K", lay.key, codec.key), ("V", lay.value, codec.value)):
         consts[f"{p}_NBND"] = (1 << max(tlay.group_bits)) - 1  # boundaries of the widest group
         consts[f"{p}_NCORR"] = bool(tq.codec.norm_correction)
@@ -448,6 +455,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         lutk, bndk, sketch if sketch is not None else lutk, lutv, bndv,
         *given_k, *given_ka, *given_v,
         codec.key.feedback if codec.key.feedback is not None else yk,  # placeholder without
+        flags,
         BLOCK_T=STORE_BLOCK_T, SK_COLS=SKETCH_COLS, K_FB=codec.key.feedback is not None and codec.key.tables is None,
         enable_fp_fusion=False,  # keep y − n·c and the feedback unfused, as the reference
         **consts,

@@ -156,16 +156,18 @@ def _residual(y, cent, s0, s1, in1):
 
 @triton.jit
 def _encode_tensor(y_ptr, ya_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_ptr, sk_ptr,
-                   code_ptr, cent_ptr, codea_ptr, centa_ptr, fb_ptr,
+                   code_ptr, cent_ptr, codea_ptr, centa_ptr, fb_ptr, flag_ptr, flag_off,
                    D: tl.constexpr, NG: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
                    NBND: tl.constexpr, W: tl.constexpr, NORM: tl.constexpr,
                    C0: tl.constexpr, C1: tl.constexpr, SIGN: tl.constexpr, QJL: tl.constexpr,
-                   NCORR: tl.constexpr, OFF: tl.constexpr, TS: tl.constexpr, FB: tl.constexpr,
-                   BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr):
+                   NCORR: tl.constexpr, OFF: tl.constexpr, FLAGS: tl.constexpr, TS: tl.constexpr,
+                   FB: tl.constexpr, BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr):
     """Encode ``BLOCK_T`` rotated vectors of one of K/V and write their slot fields; with
-    ``OFF``, also from ``ya`` (``y + R_h o``), keeping the encoding of smaller residual.
-    Trellis codes (``TS``) of ``y`` / ``ya`` come searched: ``code_ptr``/``cent_ptr``,
-    ``codea_ptr``/``centa_ptr``; with ``FB`` the head's feedback matrix is at ``fb_ptr``."""
+    ``OFF``, also from ``ya`` (``y + R_h o``), keeping the encoding of smaller residual;
+    with ``FLAGS`` (the offset choice made by norm) ``y`` comes chosen and its flags are
+    read at ``flag_ptr + flag_off``. Trellis codes (``TS``) of ``y`` / ``ya`` come searched:
+    ``code_ptr``/``cent_ptr``, ``codea_ptr``/``centa_ptr``; with ``FB`` the head's feedback
+    matrix is at ``fb_ptr``."""
     DG: tl.constexpr = D // NG
     j = tl.arange(0, D)
     gid = j // DG
@@ -178,6 +180,8 @@ def _encode_tensor(y_ptr, ya_ptr, row_off, row_mask, dst, s_byte, lut_ptr, bnd_p
     if QJL or OFF:
         r = _residual(y, cent, s0, s1, in1)
     flag = s0 != s0  # all False (norms are never NaN)
+    if FLAGS:
+        flag = tl.load(flag_ptr + flag_off, mask=row_mask, other=0) != 0
     if OFF:
         ya = tl.load(ya_ptr + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0.0)
         code_a, cent_a, s0_a, s1_a = _quantize(ya, j, gid, in1, lut_ptr, bnd_ptr, codea_ptr,
@@ -236,11 +240,12 @@ def tq_store_kernel(
     # (read only for a tensor with K_TS / V_TS > 0)
     kc_ptr, kv_ptr, kac_ptr, kav_ptr, vc_ptr, vv_ptr,
     fbk_ptr,  # float32 [H, D, D]: the keys' feedback matrices (read only with K_FB)
+    flag_ptr,  # uint8 [T, H]: offset flags of keys chosen by norm (read only with K_FLAGS)
     D: tl.constexpr, BLOCK_T: tl.constexpr, SK_COLS: tl.constexpr,
     K_NG: tl.constexpr, K_B0: tl.constexpr, K_B1: tl.constexpr, K_NBND: tl.constexpr,
     K_W: tl.constexpr, K_NORM: tl.constexpr, K_C0: tl.constexpr, K_C1: tl.constexpr,
     K_SIGN: tl.constexpr, K_QJL: tl.constexpr, K_NCORR: tl.constexpr, K_OFF: tl.constexpr,
-    K_TS: tl.constexpr, K_FB: tl.constexpr,
+    K_FLAGS: tl.constexpr, K_TS: tl.constexpr, K_FB: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_NBND: tl.constexpr,
     V_W: tl.constexpr, V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr,
     V_NCORR: tl.constexpr, V_TS: tl.constexpr,
@@ -254,13 +259,14 @@ def tq_store_kernel(
     slot = tl.where(row_mask, slot, 0)
     dst = (cache_ptr + (slot // block_size) * s_blk + h.to(tl.int64) * s_head
            + (slot % block_size) * s_tok)
-    row_off = (t.to(tl.int64) * num_heads + h) * D
+    row = t.to(tl.int64) * num_heads + h
+    row_off = row * D
     _encode_tensor(yk_ptr, yka_ptr, row_off, row_mask, dst, s_byte, lutk_ptr, bndk_ptr,
                    sketch_ptr, kc_ptr, kv_ptr, kac_ptr, kav_ptr,
-                   fbk_ptr + h.to(tl.int64) * D * D, D, K_NG, K_B0, K_B1, K_NBND,
-                   K_W, K_NORM, K_C0, K_C1, K_SIGN, K_QJL, K_NCORR, K_OFF, K_TS, K_FB, BLOCK_T,
-                   SK_COLS)
-    _encode_tensor(yv_ptr, yv_ptr, row_off, row_mask, dst, s_byte, lutv_ptr, bndv_ptr,
-                   sketch_ptr, vc_ptr, vv_ptr, vc_ptr, vv_ptr, fbk_ptr, D, V_NG, V_B0, V_B1,
-                   V_NBND, V_W, V_NORM, V_C0, V_C1, 0, False, V_NCORR, False, V_TS, False,
+                   fbk_ptr + h.to(tl.int64) * D * D, flag_ptr, row, D, K_NG, K_B0, K_B1, K_NBND,
+                   K_W, K_NORM, K_C0, K_C1, K_SIGN, K_QJL, K_NCORR, K_OFF, K_FLAGS, K_TS, K_FB,
                    BLOCK_T, SK_COLS)
+    _encode_tensor(yv_ptr, yv_ptr, row_off, row_mask, dst, s_byte, lutv_ptr, bndv_ptr,
+                   sketch_ptr, vc_ptr, vv_ptr, vc_ptr, vv_ptr, fbk_ptr, flag_ptr, row, D, V_NG,
+                   V_B0, V_B1, V_NBND, V_W, V_NORM, V_C0, V_C1, 0, False, V_NCORR, False, False,
+                   V_TS, False, BLOCK_T, SK_COLS)

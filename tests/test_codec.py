@@ -214,6 +214,28 @@ def test_key_offset_choice_scores_equal_the_decoded_keys():
     assert torch.allclose(s, ref, atol=1e-4)
 
 
+def test_key_offset_choice_by_norm_encodes_the_smaller_vector_once():
+    """``key_offset_rule='norm'``: a key is stored with its offset exactly where
+    ``‖y + R_h o‖ < ‖y‖``, and the stored codes are those of that one vector (the same as
+    encoding it without the choice); the sink-like keys near ``−o`` are among them."""
+    torch.manual_seed(2)
+    base = PRESETS["tq3-trellis"]
+    preset = base.model_copy(update={"transform": base.transform.model_copy(
+        update={"key_offset_rule": "norm"})})
+    offset = 2 * torch.randn(2, 64)
+    c = LayerCodec.create(preset, 64, 2, key_offset=offset).key
+    plain = LayerCodec.create(preset, 64, 2).key
+    keys = torch.randn(24, 2, 64)
+    keys[::4] = -offset + 0.2 * torch.randn(6, 2, 64)
+    enc = c.encode(keys)
+    y = c.rotate(keys)
+    by_norm = (y + c.offset_rot).double().norm(dim=-1) < y.double().norm(dim=-1)
+    assert torch.equal(c.offset_flags(enc.norms), by_norm) and by_norm[::4].all()
+    codes, norms, _, _ = plain._encode_rotated(torch.where(by_norm[..., None], y + c.offset_rot, y))
+    assert torch.equal(enc.codes, codes)
+    assert torch.equal(enc.norms.view(torch.int16) & 0x7FFF, norms.half().view(torch.int16))
+
+
 def test_key_offset_needs_a_preset_with_the_choice():
     with pytest.raises(ValueError, match="no key offset choice"):
         LayerCodec.create(PRESETS["tq4-mse"], 64, 2, key_offset=torch.zeros(2, 64))

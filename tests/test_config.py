@@ -101,6 +101,14 @@ def test_frozen_and_validated():
                value=TensorCodec(bits_hi=3, bits_lo=3, split=False, qjl=True))
 
 
+def test_key_offset_rule_by_norm_needs_the_offset_choice():
+    from tq_vllm.config import KVTransform
+
+    with pytest.raises(ValueError, match="needs key_offset_choice"):
+        KVTransform(key_mean=True, key_offset_rule="norm")
+    assert KVTransform(key_mean=True, key_offset_choice=True, key_offset_rule="norm")
+
+
 def test_key_offset_choice_needs_key_mean_removal():
     from tq_vllm.config import KVTransform
 

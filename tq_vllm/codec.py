@@ -33,7 +33,10 @@ Encoding ``x`` (``[N, H, d]``):
 Key offset choice (keys of presets with ``key_offset_choice``, after the calibrated
 transform took the mean ``o`` = μ/s off every key): each key is encoded twice, as ``y``
 and as ``y + R_h o`` (the key with its mean left in), and the encoding whose residual
-``‖r‖`` (as in step 3, float32) is strictly smaller is kept. The choice is stored in the
+``‖r‖`` (as in step 3, float32) is strictly smaller is kept; with
+``key_offset_rule='norm'`` (a switch, not a preset's default) the vector is chosen before
+encoding, ``y + R_h o`` where ``‖y + R_h o‖ < ‖y‖`` (float32 norms, :func:`_norm`), and
+encoded once. The choice is stored in the
 sign bit of the first group norm (norms are never negative, so the bit is free);
 decoding takes ``R_h o`` off flagged keys again, and the estimator of a flagged key is
 ``⟨q̃, ŷ⟩ − ⟨q̃, R_h o⟩``. Keys far from the mean — the attention sink, whose logit
@@ -136,6 +139,7 @@ class TensorQuantizer:
     tables: list[torch.Tensor] | None = None  # per group trellis decode table, or None
     offset: torch.Tensor | None = None  # [H, d] key offset o (offset choice), or None
     offset_rot: torch.Tensor | None = None  # [H, d] R_h o
+    offset_by_norm: bool = False  # the offset choice's rule: smaller norm (else residual)
     feedback: torch.Tensor | None = None  # [H, d, d] strictly upper F (feedback rounding), or None
     feedback_weight: torch.Tensor | None = None  # [H, d] 1/u_i² (mean 1 per head): trellis feedback
     rot64: torch.Tensor | None = None  # [H, d, d] rot's float32 entries in float64 (rotate)
@@ -248,8 +252,9 @@ class TensorQuantizer:
             self.tables = [t.to(device) for t in self.tables]
         return self
 
-    def set_offset(self, offset: torch.Tensor) -> "TensorQuantizer":
-        """Turn on the offset choice with offset ``o`` ``[H, d]`` (stored domain); returns self."""
+    def set_offset(self, offset: torch.Tensor, by_norm: bool = False) -> "TensorQuantizer":
+        """Turn on the offset choice with offset ``o`` ``[H, d]`` (stored domain), deciding
+        by the smaller residual or (``by_norm``) the smaller norm; returns self."""
         h, d = self.rot.shape[0], self.head_dim
         if offset.shape != (h, d) or not offset.is_floating_point():
             raise ValueError(f"key offset must be a float [{h}, {d}] tensor, got "
@@ -258,7 +263,16 @@ class TensorQuantizer:
             raise ValueError("key offset has non-finite entries: recalibrate the model")
         self.offset = offset.float().to(self.rot.device).contiguous()
         self.offset_rot = self.rotate(self.offset[None])[0].contiguous()
+        self.offset_by_norm = by_norm
         return self
+
+    def offset_by_norm_choice(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The offset choice by norm for rotated keys ``y`` ``[N, H, d]``: (the vectors to
+        encode, ``y + R_h o`` where ``‖y + R_h o‖ < ‖y‖`` else ``y``, float32 contiguous;
+        the flags, bool ``[N, H]``). Every store path calls this one function."""
+        alt = y + self.offset_rot
+        flag = _norm(alt) < _norm(y)
+        return torch.where(flag[..., None], alt, y).contiguous(), flag
 
     def set_query_weight(self, weight: torch.Tensor) -> "TensorQuantizer":
         """Turn on feedback rounding (``TensorCodec.feedback``) for queries of second moment
@@ -445,9 +459,11 @@ class TensorQuantizer:
         """Quantize ``x`` ``[N, H, d]`` (any float dtype) to unpacked codes."""
         self._check(x)
         y = self.rotate_finite(x)
-        codes, norms, signs, resid = self._encode_rotated(y)
         flag = None
-        if self.offset_rot is not None:
+        if self.offset_rot is not None and self.offset_by_norm:
+            y, flag = self.offset_by_norm_choice(y)
+        codes, norms, signs, resid = self._encode_rotated(y)
+        if self.offset_rot is not None and not self.offset_by_norm:
             alt = self._encode_rotated(y + self.offset_rot)
             flag = alt[3] < resid
             pick = (lambda a, b: None if a is None else
@@ -481,7 +497,7 @@ class TensorQuantizer:
                 n = torch.where(c_norm > 0, n / c_norm.clamp_min(_TINY), n)
             norms.append(n)
         signs = resid = None
-        if self.codec.qjl or self.offset_rot is not None:
+        if self.codec.qjl or (self.offset_rot is not None and not self.offset_by_norm):
             partial = torch.stack(norms, -1).clamp(max=FP16_MAX).to(torch.float16)  # counted later
             r = y - self.group_norms(partial) * self.unit_values(codes)
             resid = _norm(r)
@@ -576,7 +592,7 @@ class LayerCodec:
                       sketch_kind=preset.sketch)
         key = TensorQuantizer.create(preset.key, lay.key, tag="k", perm=key_perm, **common)
         if key_offset is not None:
-            key.set_offset(key_offset)
+            key.set_offset(key_offset, by_norm=preset.transform.key_offset_rule == "norm")
         if key_query_weight is not None:
             key.set_query_weight(key_query_weight)
         return cls(preset=preset, key=key,

@@ -172,12 +172,19 @@ class KVTransform(BaseModel):
     key_offset_choice: bool = Field(
         default=False, description="per token, store the key with or without its mean, "
                                    "whichever decodes closer (flag: the first norm's sign bit)")
+    key_offset_rule: Literal["residual", "norm"] = Field(
+        default="residual", description="how the offset choice decides: the encoding of "
+        "smaller residual (each key encoded twice: every preset), or the vector of smaller "
+        "norm before encoding (once: for trellis keys 1.7x faster stores, at a cost in "
+        "retrieval; docs/quality.md, thirteenth round)")
 
     @model_validator(mode="after")
     def _check(self) -> "KVTransform":
         if self.key_offset_choice and not self.key_mean:
             raise ValueError("key_offset_choice needs key_mean: the offset it may keep is the "
                              "key mean")
+        if self.key_offset_rule != "residual" and not self.key_offset_choice:
+            raise ValueError("key_offset_rule='norm' needs key_offset_choice")
         return self
 
     @property

@@ -17,7 +17,9 @@
 //   - norm correction, fp16 norms (round to nearest even, clamped at 65504 and counted),
 //     the residual with the stored norm, QJL signs from the float64 sketch;
 //   - keys with the offset choice are also encoded from y + R_h o, and that encoding,
-//     flagged (bit 7 of the first norm's high byte), kept when its residual is smaller.
+//     flagged (bit 7 of the first norm's high byte), kept when its residual is smaller;
+//     with the choice made by norm (the trellis presets) the launcher passes the chosen
+//     vectors and their flags.
 // One task = (token, KV head); the slot is zeroed first, so padding bytes stay zero.
 #include <algorithm>
 #include <cmath>
@@ -192,7 +194,8 @@ int check_store(int64_t d, const int64_t* kdesc_p, const int64_t* vdesc_p, int64
 // Store N tokens' K/V, k/v [N, H, d] float32: the model's vectors (rot_k_t, rot_v_t =
 // R_h^T [H, d, d] float64) or already rotated (both null: the trellis path rotates and
 // searches first). slots [N] (negative: skipped); every slot is checked before any write.
-//   k_off_rot [H, d] R_h o, or null (no offset choice); k_bytes: the key's leading bytes
+//   k_off_rot [H, d] R_h o, or null (no choice by residual); k_flags [N, H] uint8: the
+//   offset choice made (by norm) and k the chosen vectors, or null; k_bytes: the key's bytes
 //   kdesc/vdesc, k_books/v_books, k_bounds/v_bounds [G, 16]: see Tensor
 //   sketch [d, d] float64 or null; k_fb [H, d, d] or null; k_codes, k_alt_codes, v_codes
 //   trellis codes [N, H, d] or null
@@ -203,7 +206,8 @@ extern "C" int tq_store_cpu(
     const float* k, const float* v, const int64_t* slots, int64_t N, int64_t H, int64_t d,
     uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok, int64_t num_slots,
     int64_t block_size, int64_t slot_bytes, const double* rot_k_t, const double* rot_v_t,
-    const float* k_off_rot, int64_t k_bytes, const int64_t* kdesc_p, const float* k_books,
+    const float* k_off_rot, const uint8_t* k_flags, int64_t k_bytes, const int64_t* kdesc_p,
+    const float* k_books,
     const float* k_bounds, int k_nc, const int64_t* vdesc_p, const float* v_books,
     const float* v_bounds, int v_nc, const double* sketch, const float* k_fb,
     const uint8_t* k_codes, const uint8_t* k_alt_codes, const uint8_t* v_codes,
@@ -255,6 +259,7 @@ extern "C" int tq_store_cpu(
     } else {
       const float* ys[1] = {yk};
       encode<1>(ys, (int)d, &slot, K, sketch, fb, &kc, false, sat, gamma);
+      if (k_flags != nullptr && k_flags[task]) slot[K.desc.norm_off + 1] |= 0x80;
     }
     const float* ys[1] = {yv};
     encode<1>(ys, (int)d, &slot, Vt, sketch, nullptr, &vc, false, sat, gamma);

@@ -205,6 +205,31 @@ def test_store_bit_exact_with_offset_choice_on_qjl_keys(impl):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("rule", ["norm", "residual"])
+def test_store_bit_exact_with_trellis_offset_rules(impl, rule):
+    """Trellis keys with the offset choice by residual (the presets: two searches per key)
+    and by norm (one): codes, choice and flags equal the reference's."""
+    from tq_vllm.reference import tq_store
+
+    base = PRESETS["tq3-trellis"]
+    preset = base.model_copy(update={"transform": base.transform.model_copy(
+        update={"key_offset_rule": rule})})
+    offset = key_offset(preset, 2, 64)
+    codec = LayerCodec.create(preset, 64, 2, key_offset=offset,
+                              key_query_weight=query_weight(preset, 2, 64))
+    ref = torch.randint(0, 256, (8, 2, 16, preset.layout(64).slot_bytes), dtype=torch.uint8)
+    ours = ref.clone()
+    k, v = torch.randn(60, 2, 64), torch.randn(60, 2, 64)
+    k[::3] = -offset + 0.3 * torch.randn(20, 2, 64)
+    sm = torch.randperm(128)[:60]
+    sm[::7] = -1
+    flags = codec.key.offset_flags(codec.key.encode(k[sm >= 0]).norms)
+    assert flags.any() and not flags.all()  # the data exercises the choice both ways
+    tq_store(k, v, ref, sm, codec)
+    cpu_ops.store(k, v, ours, sm, codec)
+    assert torch.equal(ours, ref)
+
+
 def test_store_rejects_out_of_range_slots_before_writing(impl):
     from tq_vllm.codec import LayerCodec
     from tq_vllm.config import PRESETS

@@ -89,14 +89,19 @@ def _offset_choice(preset):
 
 
 @pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5", "tq3.5-qjl", "tq4.5",
-                                  "tq3-trellis", "tq2.5-trellis"])
+                                  "tq3-trellis", "tq2.5-trellis", "tq3-trellis+norm"])
 def test_store_bit_exact_with_key_offset_choice(name, device):
     """Keys near ``−o`` are stored with their offset (flag in the first norm's sign bit),
     the rest as given: both encodings, the choice and the flag match the reference (the
-    ``tq{b}`` keys with feedback rounding against a random query weight)."""
+    ``tq{b}`` keys with feedback rounding against a random query weight; ``+norm``: the
+    choice made by norm before one search, ``key_offset_rule='norm'``)."""
     heads, dim, t = 2, 64, 40
-    preset = PRESETS[name] if PRESETS[name].transform.key_offset_choice else _offset_choice(
-        PRESETS[name])
+    base, _, rule = name.partition("+")
+    preset = PRESETS[base] if PRESETS[base].transform.key_offset_choice else _offset_choice(
+        PRESETS[base])
+    if rule:
+        preset = preset.model_copy(update={"transform": preset.transform.model_copy(
+            update={"key_offset_rule": rule})})
     offset = 0.5 * torch.randn(heads, dim)
     codec = LayerCodec.create(preset, dim, heads, layer=1, key_offset=offset,
                               key_query_weight=query_weight(preset, heads, dim)).to(device)
