@@ -86,97 +86,130 @@ inline V chunk(const uint8_t* seg, const float* scr, int k, const Book& cb, VI s
   else return centroids<B>(seg, k, cb, shifts);
 }
 
-// a[g] (+ b[g]) += q[g][j + k ..] * centroid chunk, over one B-bit key group of `dim`
-// coordinates starting at rotated coordinate j (scr: that group's decoded coordinates):
-// the key is decoded once for all G query heads and never leaves registers; the caller
-// applies the group norm to the sums.
-template <int B, int GA, bool PAIR, bool SCR>
+// Prefill runs RB consecutive rows of one sequence through a decoded tile together: each
+// key and value chunk is loaded once for all RB x G (row, query head) pairs, and their
+// RB x G (x 2 with PAIR) independent FMA chains hide each other's latency (one row's value
+// sums over a tile are G x 2 chains of 16 dependent FMAs: latency bound). Each pair's own
+// chain is exactly decode's, so every row keeps its decode bits. Decode runs RB = 1.
+constexpr int NUM_VREGS = W == 16 ? 32 : 16;  // zmm0-31 (AVX-512) or ymm0-15 (AVX2)
+constexpr int MAX_RB = 4;
+// A pass keeps RB x G partial-score and softmax-weight tiles of TILE vectors on the stack
+// (2 x 16 x TILE x 64 bytes = 32 KiB at 16 pairs with AVX-512), beside the 8 KiB of
+// decoded tile: more pairs fall out of L1 (measured at G = 7: 3 rows slower than 2).
+constexpr int MAX_ROW_HEADS = 16;
+
+// Rows per pass for group size GT: RB x (accumulators per row) + the two chunks and two
+// temporaries fit the vector registers, and RB x G pairs fit MAX_ROW_HEADS.
+template <int GT>
+constexpr int rows_per_pass() {
+  if (GT == 0) return 1;
+  const int per_row = GT <= PAIR_MAX_G ? 2 * GT : GT;
+  int rb = (NUM_VREGS - 4) / per_row;
+  rb = rb < MAX_ROW_HEADS / GT ? rb : MAX_ROW_HEADS / GT;
+  return rb < 1 ? 1 : (rb > MAX_RB ? MAX_RB : rb);
+}
+
+// a[r][g] (+ b[r][g]) += q_r[g][j + k ..] * centroid chunk, over one B-bit key group of
+// `dim` coordinates starting at rotated coordinate j (scr: that group's decoded
+// coordinates), for RB rows whose queries lie qs floats apart: the key is decoded once for
+// all of them and never leaves registers; the caller applies the group norm to the sums.
+template <int B, int GA, int RB, bool PAIR, bool SCR>
 inline void score_group(const uint8_t* seg, const float* scr, int dim, int j, const Book& cb,
-                        VI shifts, const float* q, int64_t d, int G, V* a, V* b) {
+                        VI shifts, const float* q, int64_t qs, int64_t d, int G, V (*a)[GA],
+                        V (*b)[GA]) {
   int k = 0;
   if constexpr (PAIR) {
     for (; k + 2 * W <= dim; k += 2 * W) {
       const V c0 = chunk<B, SCR>(seg, scr, k, cb, shifts), c1 = chunk<B, SCR>(seg, scr, k + W, cb, shifts);
-      for (int g = 0; g < G; ++g) {
-        a[g] = fmadd(loadu(q + g * d + j + k), c0, a[g]);
-        b[g] = fmadd(loadu(q + g * d + j + k + W), c1, b[g]);
-      }
+      for (int r = 0; r < RB; ++r)
+        for (int g = 0; g < G; ++g) {
+          const float* qg = q + r * qs + g * d + j + k;
+          a[r][g] = fmadd(loadu(qg), c0, a[r][g]);
+          b[r][g] = fmadd(loadu(qg + W), c1, b[r][g]);
+        }
     }
   }
   for (; k < dim; k += W) {
     const V c = chunk<B, SCR>(seg, scr, k, cb, shifts);
-    for (int g = 0; g < G; ++g) a[g] = fmadd(loadu(q + g * d + j + k), c, a[g]);
+    for (int r = 0; r < RB; ++r)
+      for (int g = 0; g < G; ++g) a[r][g] = fmadd(loadu(q + r * qs + g * d + j + k), c, a[r][g]);
   }
 }
 
-// part[g][i] (+)= (the G dot products of token i's B-bit key group with the queries) x
-// the group's stored scale, for the n tokens of a tile: first = the key's first group
-// (part starts from zero, as a sum of one term), `abs_norm`: the scale is the fp16 norm's
-// magnitude (its sign bit flags the key offset), else `mult` times the fp16 value (QJL's
-// c * ||r||).
-template <int B, int GA, bool PAIR, bool SCR>
+// part[r][g][i] (+)= (the G dot products of token i's B-bit key group with row r's
+// queries) x the group's stored scale, for the n tokens of a tile: first = the key's first
+// group (part starts from zero, as a sum of one term), `abs_norm`: the scale is the fp16
+// norm's magnitude (its sign bit flags the key offset), else `mult` times the fp16 value
+// (QJL's c * ||r||).
+template <int B, int GA, int RB, bool PAIR, bool SCR>
 inline void score_tile(const uint8_t* const* slots, const float* kscr, int n, int64_t seg_off,
                        int64_t norm_at, bool abs_norm, int dim, int j, const Book& cb, VI shifts,
-                       const float* q, int64_t d, int G, V (*part)[TILE], bool first,
-                       float mult = 1.f) {
+                       const float* q, int64_t qs, int64_t d, int G, V (*part)[GA][TILE],
+                       bool first, float mult = 1.f) {
   for (int i = 0; i < n; ++i) {
-    V a[GA], c[GA];
-    for (int g = 0; g < G; ++g) a[g] = c[g] = zero();
+    V a[RB][GA], c[RB][GA];
+    for (int r = 0; r < RB; ++r)
+      for (int g = 0; g < G; ++g) a[r][g] = c[r][g] = zero();
     const float* scr = SCR ? kscr + i * d + j : nullptr;
-    score_group<B, GA, PAIR, SCR>(slots[i] + seg_off, scr, dim, j, cb, shifts, q, d, G, a, c);
+    score_group<B, GA, RB, PAIR, SCR>(slots[i] + seg_off, scr, dim, j, cb, shifts, q, qs, d, G, a, c);
     const float h = half_at(slots[i] + norm_at);
     const V nk = set1(abs_norm ? std::fabs(h) : mult * h);
-    for (int g = 0; g < G; ++g)
-      part[g][i] = fmadd(PAIR ? add(a[g], c[g]) : a[g], nk, first ? zero() : part[g][i]);
+    for (int r = 0; r < RB; ++r)
+      for (int g = 0; g < G; ++g)
+        part[r][g][i] = fmadd(PAIR ? add(a[r][g], c[r][g]) : a[r][g], nk, first ? zero() : part[r][g][i]);
   }
 }
 
-// acc[g][k ..] += sum_i pn[g][i] * c[code_i] over the n tokens of a tile, for the chunk at
-// byte `off` of each slot (and, PAIR, the next chunk too); pn, broadcast to W lanes once
-// per tile (an FMA then reads it as its memory operand), already holds p * (the
+// acc[r][g][k ..] += sum_i pn[r][g][i] * c[code_i] over the n tokens of a tile, for the
+// chunk at byte `off` of each slot (and, PAIR, the next chunk too); pn, broadcast to W
+// lanes once per tile (an FMA then reads it as its memory operand), already holds p * (the
 // token's group norm). Chunk-outer order keeps the accumulators in registers across the
 // tile. SCR: the tile's values are already decoded, token i at scr + i * d (k: the
 // rotated coordinate, as in acc).
-template <int B, int GA, bool PAIR, bool SCR>
+template <int B, int GA, int RB, bool PAIR, bool SCR>
 inline void accumulate(const uint8_t* const* slots, const float* scr, int64_t d, int n,
-                       int64_t off, const Book& cb, VI shifts, const V (*pn)[TILE], int G,
-                       float (*acc)[MAX_D], int k) {
-  V a[GA], b[GA];
-  for (int g = 0; g < G; ++g) {
-    a[g] = loadu(acc[g] + k);
-    if constexpr (PAIR) b[g] = loadu(acc[g] + k + W);
-  }
+                       int64_t off, const Book& cb, VI shifts, const V (*pn)[GA][TILE], int G,
+                       float (*const* acc)[MAX_D], int k) {
+  V a[RB][GA], b[RB][GA];
+  for (int r = 0; r < RB; ++r)
+    for (int g = 0; g < G; ++g) {
+      a[r][g] = loadu(acc[r][g] + k);
+      if constexpr (PAIR) b[r][g] = loadu(acc[r][g] + k + W);
+    }
   for (int i = 0; i < n; ++i) {
     const uint8_t* seg = SCR ? nullptr : slots[i] + off;
     const float* row = SCR ? scr + i * d + k : nullptr;
     const V c0 = chunk<B, SCR>(seg, row, 0, cb, shifts);
     if constexpr (PAIR) {
       const V c1 = chunk<B, SCR>(seg, row, W, cb, shifts);
-      for (int g = 0; g < G; ++g) {
-        const V p = pn[g][i];
-        a[g] = fmadd(p, c0, a[g]);
-        b[g] = fmadd(p, c1, b[g]);
-      }
+      for (int r = 0; r < RB; ++r)
+        for (int g = 0; g < G; ++g) {
+          const V p = pn[r][g][i];
+          a[r][g] = fmadd(p, c0, a[r][g]);
+          b[r][g] = fmadd(p, c1, b[r][g]);
+        }
     } else {
-      for (int g = 0; g < G; ++g) a[g] = fmadd(pn[g][i], c0, a[g]);
+      for (int r = 0; r < RB; ++r)
+        for (int g = 0; g < G; ++g) a[r][g] = fmadd(pn[r][g][i], c0, a[r][g]);
     }
   }
-  for (int g = 0; g < G; ++g) {
-    storeu(acc[g] + k, a[g]);
-    if constexpr (PAIR) storeu(acc[g] + k + W, b[g]);
-  }
+  for (int r = 0; r < RB; ++r)
+    for (int g = 0; g < G; ++g) {
+      storeu(acc[r][g] + k, a[r][g]);
+      if constexpr (PAIR) storeu(acc[r][g] + k + W, b[r][g]);
+    }
 }
 
-template <int B, int GA, bool PAIR, bool SCR>
+template <int B, int GA, int RB, bool PAIR, bool SCR>
 inline void accumulate_group(const uint8_t* const* slots, const float* scr, int64_t d, int n,
                              int64_t seg_off, int dim, const Book& cb, VI shifts,
-                             const V (*pn)[TILE], int G, float (*acc)[MAX_D], int j) {
+                             const V (*pn)[GA][TILE], int G, float (*const* acc)[MAX_D], int j) {
   int k = 0;
   if constexpr (PAIR)
     for (; k + 2 * W <= dim; k += 2 * W)
-      accumulate<B, GA, true, SCR>(slots, scr, d, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
+      accumulate<B, GA, RB, true, SCR>(slots, scr, d, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
   for (; k < dim; k += W)
-    accumulate<B, GA, false, SCR>(slots, scr, d, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
+    accumulate<B, GA, RB, false, SCR>(slots, scr, d, n, seg_off + B * (k / 8), cb, shifts, pn, G, acc, j + k);
 }
 
 // Decodes the B-bit groups of one slot's K or V into d unit-scale floats (prefill tiles).
@@ -308,24 +341,33 @@ struct Step {
   }
 };
 
-// One tile of n tokens (slots) for the G query heads q0 .. q0 + G - 1 of one row: scores,
-// QJL bias and offsets, one online-softmax update, values into acc. SCR: the tile's keys
-// and values were decoded into kscr / vscr (token i at i * d) by the caller, shared by
-// several rows; the arithmetic is the same as decoding them here.
-template <int GT, bool SCR>
+// One (row, KV head)'s running state: its G query heads' value accumulators, running
+// maxima and sums.
+struct RowState {
+  float (*acc)[MAX_D];
+  float* m;
+  float* l;
+};
+
+// One tile of n tokens (slots) for RB rows, the G query heads q0 + r * Hq .. + G - 1 of
+// row r: scores, QJL bias and offsets, one online-softmax update, values into the rows'
+// accumulators. SCR: the tile's keys and values were decoded into kscr / vscr (token i at
+// i * d) by the caller, shared by several rows; the arithmetic is the same as decoding
+// them here, and a row's is the same whatever RB.
+template <int GT, int RB, bool SCR>
 inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const float* kscr,
-                      const float* vscr, int64_t q0, float (*acc)[MAX_D], float* m, float* l) {
+                      const float* vscr, int64_t q0, const RowState* rs) {
   constexpr int GA = GT > 0 ? GT : MAX_G;           // accumulator array extent
   constexpr bool PAIR = GT > 0 && GT <= PAIR_MAX_G;
   const int G = GT > 0 ? GT : (int)P.G;
-  const int64_t d = P.d;
+  const int64_t d = P.d, qs = P.Hq * d;
   const bool qjl = P.q_sk != nullptr;
   const float* qb = P.q_rot + q0 * d;
-  const float* qs = qjl ? P.q_sk + q0 * d : nullptr;
-  alignas(64) float s[MAX_G][TILE];
-  alignas(64) V part[MAX_G][TILE];
-  // scores: each key decoded once, dotted with the G queries in registers; one pass over
-  // the tile per key group (its code width a compile-time constant), then the QJL bias
+  const float* qsk = qjl ? P.q_sk + q0 * d : nullptr;
+  alignas(64) float s[RB][GA][TILE];
+  alignas(64) V part[RB][GA][TILE];
+  // scores: each key decoded once, dotted with the RB x G queries in registers; one pass
+  // over the tile per key group (its code width a compile-time constant), then the QJL bias
   int jk = 0;
   for (int kg = 0; kg < P.kd.ngroups; ++kg) {
     const int64_t seg = P.kd.seg_off[kg], norm_at = P.kd.norm_off + 2 * kg;
@@ -334,68 +376,80 @@ inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const f
     const VI sh = P.kc.shifts[kg];
     const bool first = kg == 0;
     switch (P.kd.bits[kg]) {
-      case 1: score_tile<1, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
-      case 2: score_tile<2, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
-      case 3: score_tile<3, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
-      default: score_tile<4, GA, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, d, G, part, first); break;
+      case 1: score_tile<1, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
+      case 2: score_tile<2, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
+      case 3: score_tile<3, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
+      default: score_tile<4, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
     }
     jk += dim;
   }
   if (qjl)  // QJL bias: the sign bits as a 1-bit ±1 group dotted with the sketched queries
-    score_tile<1, GA, PAIR, false>(slots, nullptr, n, P.kd.sign_off,
-                                   P.kd.norm_off + 2 * P.kd.ngroups, false, (int)d, 0, P.kc.sign,
-                                   P.kc.sign_shifts, qs, d, G, part, false, P.qjl_scale);
-  for (int g = 0; g < G; ++g) {
-    for (int i = n; i < TILE; ++i) part[g][i] = zero();
-    reduce16(part[g], s[g]);
-  }
+    score_tile<1, GA, RB, PAIR, false>(slots, nullptr, n, P.kd.sign_off,
+                                       P.kd.norm_off + 2 * P.kd.ngroups, false, (int)d, 0,
+                                       P.kc.sign, P.kc.sign_shifts, qsk, qs, d, G, part, false,
+                                       P.qjl_scale);
+  for (int r = 0; r < RB; ++r)
+    for (int g = 0; g < G; ++g) {
+      for (int i = n; i < TILE; ++i) part[r][g][i] = zero();
+      reduce16(part[r][g], s[r][g]);
+    }
   // a flagged key's logit loses <q, o>: fl = 1 for those tokens (sc - 1 * q_off is
   // sc - q_off exactly, sc - 0 is sc), then the softmax scale
   alignas(64) float fl[TILE] = {};
   if (P.q_off != nullptr)
     for (int i = 0; i < n; ++i) fl[i] = (slots[i][P.kd.norm_off + 1] & 0x80) ? 1.f : 0.f;
   const V scale = set1(P.scale);
-  for (int g = 0; g < G; ++g) {
-    const V qo = set1(P.q_off != nullptr ? P.q_off[q0 + g] : 0.f);
-    for (int i = 0; i < TILE; i += W)
-      storeu(s[g] + i, mul(sub(loadu(s[g] + i), mul(loadu(fl + i), qo)), scale));
-  }
-  // one online-softmax update per tile and query head
-  alignas(64) float p[MAX_G][TILE];
-  for (int g = 0; g < G; ++g) {
-    for (int i = n; i < TILE; ++i) s[g][i] = -INFINITY;
-    V mv = loadu(s[g]);
-    for (int i = W; i < TILE; i += W) mv = vmax(mv, loadu(s[g] + i));
-    const float m_new = std::max(m[g], reduce_max(mv));
-    const float corr = std::exp(m[g] - m_new);
-    V lsum = zero();
-    for (int i = 0; i < TILE; i += W) storeu(p[g] + i, vexp(sub(loadu(s[g] + i), set1(m_new))));
-    for (int i = n; i < TILE; ++i) p[g][i] = 0.f;  // vexp clamps: exp(-inf) is not 0
-    for (int i = 0; i < TILE; i += W) lsum = add(lsum, loadu(p[g] + i));
-    l[g] = l[g] * corr + reduce_add(lsum);
-    m[g] = m_new;
-    if (corr != 1.f) {
-      const V cv = set1(corr);
-      for (int k = 0; k < d; k += W) storeu(acc[g] + k, mul(loadu(acc[g] + k), cv));
+  for (int r = 0; r < RB; ++r)
+    for (int g = 0; g < G; ++g) {
+      const V qo = set1(P.q_off != nullptr ? P.q_off[q0 + r * P.Hq + g] : 0.f);
+      for (int i = 0; i < TILE; i += W)
+        storeu(s[r][g] + i, mul(sub(loadu(s[r][g] + i), mul(loadu(fl + i), qo)), scale));
     }
-  }
+  // one online-softmax update per tile, row and query head
+  alignas(64) float p[RB][GA][TILE];
+  for (int r = 0; r < RB; ++r)
+    for (int g = 0; g < G; ++g) {
+      float* sg = s[r][g];
+      float* pg = p[r][g];
+      float& m = rs[r].m[g];
+      float& l = rs[r].l[g];
+      for (int i = n; i < TILE; ++i) sg[i] = -INFINITY;
+      V mv = loadu(sg);
+      for (int i = W; i < TILE; i += W) mv = vmax(mv, loadu(sg + i));
+      const float m_new = std::max(m, reduce_max(mv));
+      const float corr = std::exp(m - m_new);
+      V lsum = zero();
+      for (int i = 0; i < TILE; i += W) storeu(pg + i, vexp(sub(loadu(sg + i), set1(m_new))));
+      for (int i = n; i < TILE; ++i) pg[i] = 0.f;  // vexp clamps: exp(-inf) is not 0
+      for (int i = 0; i < TILE; i += W) lsum = add(lsum, loadu(pg + i));
+      l = l * corr + reduce_add(lsum);
+      m = m_new;
+      if (corr != 1.f) {
+        const V cv = set1(corr);
+        float* ag = rs[r].acc[g];
+        for (int k = 0; k < d; k += W) storeu(ag + k, mul(loadu(ag + k), cv));
+      }
+    }
   // values decoded chunk by chunk straight into the accumulators
+  float (*acc[RB])[MAX_D];
+  for (int r = 0; r < RB; ++r) acc[r] = rs[r].acc;
   int j = 0;
   for (int vg = 0; vg < P.vd.ngroups; ++vg) {
-    alignas(64) V pn[MAX_G][TILE];
+    alignas(64) V pn[RB][GA][TILE];
     for (int i = 0; i < n; ++i) {
       const float nv = half_at(slots[i] + P.vd.norm_off + 2 * vg);
-      for (int g = 0; g < G; ++g) pn[g][i] = set1(p[g][i] * nv);
+      for (int r = 0; r < RB; ++r)
+        for (int g = 0; g < G; ++g) pn[r][g][i] = set1(p[r][g][i] * nv);
     }
     const int64_t off = P.vd.seg_off[vg];
     const int dim = (int)P.vd.dim[vg];
     const Book& cb = P.vc.cb[vg];
     const VI sh = P.vc.shifts[vg];
     switch (P.vd.bits[vg]) {
-      case 1: accumulate_group<1, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
-      case 2: accumulate_group<2, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
-      case 3: accumulate_group<3, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
-      default: accumulate_group<4, GA, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+      case 1: accumulate_group<1, GA, RB, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+      case 2: accumulate_group<2, GA, RB, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+      case 3: accumulate_group<3, GA, RB, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
+      default: accumulate_group<4, GA, RB, PAIR, SCR>(slots, vscr, d, n, off, dim, cb, sh, pn, G, acc, j); break;
     }
     j += dim;
   }
@@ -439,6 +493,7 @@ void attend(const Step& P, int64_t task) {
   alignas(64) float acc[MAX_G][MAX_D];
   float m[MAX_G], l[MAX_G];
   init_state(G, P.d, acc, m, l);
+  const RowState rs{acc, m, l};
   const int64_t* row = P.block_table + b * P.bt_stride;
   // trellis codes decode sequentially (each code needs the ones before it): the tile is
   // decoded into scratch first, as prefill does, and read back by the same arithmetic
@@ -455,9 +510,9 @@ void attend(const Step& P, int64_t task) {
         unpack(slots[i], P.kd, P.kc, kscr + i * P.d);
         unpack(slots[i], P.vd, P.vc, vscr + i * P.d);
       }
-      tile_step<GT, true>(P, slots, n, kscr, vscr, b * P.Hq + h * G, acc, m, l);
+      tile_step<GT, 1, true>(P, slots, n, kscr, vscr, b * P.Hq + h * G, &rs);
     } else {
-      tile_step<GT, false>(P, slots, n, nullptr, nullptr, b * P.Hq + h * G, acc, m, l);
+      tile_step<GT, 1, false>(P, slots, n, nullptr, nullptr, b * P.Hq + h * G, &rs);
     }
   }
   write_split(P, b, h * G, sp, G, acc, m, l);
@@ -465,24 +520,34 @@ void attend(const Step& P, int64_t task) {
 
 // Prefill: one task = (group of consecutive rows of one sequence, KV head, split). Each
 // tile is decoded once into scratch and every row of the group that reaches it runs
-// decode's own tile step on it, so a row gets exactly the bits its decode step gets.
+// decode's own tile step on it, RB rows at a time where they read the same tokens (all but
+// the tiles a row's causal limit cuts), so a row gets exactly the bits its decode step
+// gets.
 template <int GT>
 void attend_rows(const Step& P, int64_t task) {
+  constexpr int RB = rows_per_pass<GT>();
   const int G = GT > 0 ? GT : (int)P.G;
   const int64_t d = P.d, H = P.H, n_splits = P.n_splits;
   const int64_t grp = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
   const int64_t r0 = P.groups[grp], nr = P.groups[grp + 1] - r0;
   const int64_t t0 = sp * P.split_tokens;
+  auto end_of = [&](int64_t r) { return std::min(P.seq_lens[r0 + r], t0 + P.split_tokens); };
   int64_t t_end = t0;
-  for (int64_t r = 0; r < nr; ++r) t_end = std::max(t_end, std::min(P.seq_lens[r0 + r], t0 + P.split_tokens));
+  for (int64_t r = 0; r < nr; ++r) t_end = std::max(t_end, end_of(r));
   if (t_end == t0) return;  // no row of the group reaches this split
   // per-row state: acc [nr][G][MAX_D], then m and l [nr][G]
   thread_local std::vector<float> state;
   state.resize(nr * G * (MAX_D + 2));
-  auto acc_of = [&](int64_t r) { return reinterpret_cast<float(*)[MAX_D]>(state.data() + r * G * MAX_D); };
   float* m_all = state.data() + nr * G * MAX_D;
   float* l_all = m_all + nr * G;
-  for (int64_t r = 0; r < nr; ++r) init_state(G, d, acc_of(r), m_all + r * G, l_all + r * G);
+  auto state_of = [&](int64_t r) {
+    return RowState{reinterpret_cast<float(*)[MAX_D]>(state.data() + r * G * MAX_D), m_all + r * G,
+                    l_all + r * G};
+  };
+  for (int64_t r = 0; r < nr; ++r) {
+    const RowState rs = state_of(r);
+    init_state(G, d, rs.acc, rs.m, rs.l);
+  }
   const int64_t* row = P.block_table + P.row_seq[r0] * P.bt_stride;
   alignas(64) float kscr[TILE * MAX_D];
   alignas(64) float vscr[TILE * MAX_D];
@@ -495,16 +560,34 @@ void attend_rows(const Step& P, int64_t task) {
       unpack(slots[i], P.kd, P.kc, kscr + i * d);
       unpack(slots[i], P.vd, P.vc, vscr + i * d);
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t t1 = std::min(P.seq_lens[r0 + r], t0 + P.split_tokens);
-      if (t1 <= tt) continue;
-      const int nrow = (int)std::min<int64_t>(n, t1 - tt);
-      tile_step<GT, true>(P, slots, nrow, kscr, vscr, (r0 + r) * P.Hq + h * G, acc_of(r),
-                          m_all + r * G, l_all + r * G);
+    // the tokens of this tile row r reads: 0 if none
+    auto reads = [&](int64_t r) { return (int)std::clamp<int64_t>(end_of(r) - tt, 0, n); };
+    for (int64_t r = 0; r < nr;) {
+      const int nrow = reads(r);
+      if (nrow == 0) {
+        ++r;
+        continue;
+      }
+      const int64_t q0 = (r0 + r) * P.Hq + h * G;
+      bool together = RB > 1 && r + RB <= nr;
+      for (int64_t k = 1; together && k < RB; ++k) together = reads(r + k) == nrow;
+      if (together) {
+        RowState rs[RB];
+        for (int k = 0; k < RB; ++k) rs[k] = state_of(r + k);
+        tile_step<GT, RB, true>(P, slots, nrow, kscr, vscr, q0, rs);
+        r += RB;
+      } else {
+        const RowState rs = state_of(r);
+        tile_step<GT, 1, true>(P, slots, nrow, kscr, vscr, q0, &rs);
+        ++r;
+      }
     }
   }
   for (int64_t r = 0; r < nr; ++r)
-    if (P.seq_lens[r0 + r] > t0) write_split(P, r0 + r, h * G, sp, G, acc_of(r), m_all + r * G, l_all + r * G);
+    if (P.seq_lens[r0 + r] > t0) {
+      const RowState rs = state_of(r);
+      write_split(P, r0 + r, h * G, sp, G, rs.acc, rs.m, rs.l);
+    }
 }
 
 using TaskFn = void (*)(const Step&, int64_t);
