@@ -82,6 +82,11 @@ def best_isa() -> str | None:
     return None
 
 
+def find_compiler() -> str | None:
+    """The C++ compiler the kernels are built with (``$CXX``, else g++ or c++), or None."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("TQ_VLLM_CACHE", Path.home() / ".cache" / "tq_vllm"))
 
@@ -112,7 +117,7 @@ def _library():
         logger.info("tq-vllm: CPU has neither AVX-512 nor AVX2+FMA+F16C; using the Numba "
                     "decode kernel")
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = find_compiler()
     if compiler is None:
         logger.warning("tq-vllm: no C++ compiler found; using the slower Numba decode kernel")
         return None

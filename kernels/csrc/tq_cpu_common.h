@@ -77,6 +77,15 @@ inline VI lane_shifts(int bits) {
                             _mm512_set1_epi32(bits));
 }
 inline Book make_book(const float* c) { return {_mm512_loadu_ps(c)}; }
+// W 32-bit little-endian words, lane i's at base + offs[i] (any alignment)
+inline VI gather_words(const uint8_t* base, VI offs) { return _mm512_i32gather_epi32(offs, base, 1); }
+inline VI shift_right(VI v, int n) { return _mm512_srl_epi32(v, _mm_cvtsi32_si128(n)); }
+// lane i: first + i * stride
+inline VI lane_offsets(int64_t first, int64_t stride) {
+  return _mm512_add_epi32(_mm512_set1_epi32((int)first),
+                          _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32((int)stride)));
+}
 // W consecutive codes at byte p: lanes 0-7 from the first B bytes, 8-15 from the next B.
 // Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
 template <int B>
@@ -89,25 +98,30 @@ inline VI codes(const uint8_t* p, VI shifts) {
 template <int B>
 inline V lookup(const Book& b, VI idx) { return _mm512_permutexvar_ps(idx, b.cb); }
 inline V exp2i(V n) { return _mm512_scalef_ps(set1(1.0f), n); }
-// sums[i] = horizontal sum of v[i], i < 16: one transposed add tree (46 instructions, not
-// 16 reductions of 8). Level 1 adds 256-bit halves (two vectors per result), level 2
-// 128-bit quarters (four), levels 3 and 4 pairs of floats inside each 128-bit lane; lane
-// k, float p of the result then holds the sum of v[4p + k], put in order by one permute.
-inline void reduce16(const V* v, float* sums) {
-  V a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int i = 0; i < 4; ++i)
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const V t = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const VI order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  _mm512_storeu_ps(sums, _mm512_permutexvar_ps(order, t));
+// dst[k * ds + i] = src[i * ss + k] for i, k < 16 (a 16 x 16 block, rows ss / ds floats apart)
+inline void transpose_block(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved: 32-bit elements
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 64-bit pairs: each 128-bit lane holds a 4 x 4 block
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 16; i += 8)  // 128-bit lanes of rows 4 apart
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {  // and of rows 8 apart
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * ds, r[k]);
 }
 inline V round_near(V t) { return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 // Store: WD double lanes (the rotation's float64 sums) and the count of decision
@@ -151,19 +165,17 @@ inline float reduce_max(V v) {
 inline VI lane_shifts(int bits) {
   return _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(bits));
 }
-// sums[i] = horizontal sum of v[i], i < 8: one transposed add tree (9 ops, not 8 x 5)
-inline void reduce8(const V* v, float* sums) {
-  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per-lane half sums
-  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                                       _mm256_permute2f128_ps(u0, u1, 0x31)));
-}
-inline void reduce16(const V* v, float* sums) {
-  reduce8(v, sums);
-  reduce8(v + 8, sums + 8);
-}
 inline Book make_book(const float* c) { return {_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8)}; }
+// W 32-bit little-endian words, lane i's at base + offs[i] (any alignment)
+inline VI gather_words(const uint8_t* base, VI offs) {
+  return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), offs, 1);
+}
+inline VI shift_right(VI v, int n) { return _mm256_srl_epi32(v, _mm_cvtsi32_si128(n)); }
+// lane i: first + i * stride
+inline VI lane_offsets(int64_t first, int64_t stride) {
+  return _mm256_add_epi32(_mm256_set1_epi32((int)first),
+                          _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32((int)stride)));
+}
 // Not masked: a lane holds its code in the low B bits and its neighbours' bits above.
 template <int B>
 inline VI codes(const uint8_t* p, VI shifts) {
@@ -181,6 +193,26 @@ inline V lookup(const Book& b, VI idx) {
 // 2^n for integral n in [-126, 127], through the exponent field
 inline V exp2i(V n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+// dst[k * ds + i] = src[i * ss + k] for i, k < 8 (an 8 x 8 block, rows ss / ds floats apart)
+inline void transpose_block(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x20);
+    t[j + 4] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x31);
+  }
+  for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + k * ds, t[k]);
 }
 inline V round_near(V t) { return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 constexpr int WD = 4;

@@ -5,15 +5,16 @@
 // Built twice by kernels/cpu_native.py: with AVX-512 (W = 16 lanes) or with AVX2 +
 // FMA + F16C (W = 8 lanes); only the primitives in the `simd` section differ.
 // One task = (sequence, KV head, KV split). Inside a task, tokens are taken in
-// tiles of TILE: each token's key is decoded chunk by chunk (W codes -> a permute from
-// a 16-entry codebook held in registers) and dotted with the G query heads of its KV
-// head in registers, the group norm applied to the sums; the QJL bias the same way, the
-// sign bits read as a 1-bit group with codebook {-1, +1} against the sketched queries
-// (scaled by c * ||r||); then one online-softmax update per
-// tile, and the values are decoded chunk by chunk straight into the accumulators.
-// Nothing dequantized is ever stored, except with trellis codes (tq_vllm.trellis: a code
-// decodes with the stream bits before it, a table lookup per coordinate): those tiles are
-// decoded into a stack scratch of TILE tokens first, as prefill does for every tile.
+// tiles of TILE. A tile's keys are laid out coordinate-major (KeyTile: lanes are its
+// tokens): per 8 coordinates one gather of the tokens' code bytes, then a shift and a
+// permute from the 16-entry codebook held in a register per coordinate; each logit is
+// then a sum over coordinates of (query coordinate) x (key vector), TILE logits per FMA,
+// the group norms applied per group; the QJL bias the same way, the sign bits read as a
+// 1-bit group with codebook {-1, +1} against the sketched queries (scaled by c * ||r||).
+// Then one online-softmax update per tile, and the values are decoded chunk by chunk
+// straight into the accumulators. Trellis codes (tq_vllm.trellis: a code decodes with the
+// stream bits before it, a table lookup per coordinate) are decoded into a stack scratch
+// of TILE tokens first, as prefill does for every tile's values.
 // Keys with the offset choice: the first key norm's sign bit flags a key stored with
 // its offset o; norms are read as magnitudes and a flagged key's logit loses <q, o>
 // (q_off, per query head, computed with the query's rotation).
@@ -27,7 +28,7 @@
 
 namespace {
 
-constexpr int TILE = 16;    // tokens per softmax update (a tile's scores: one reduce16)
+constexpr int TILE = 16;    // tokens per softmax update: the lanes of a key vector (AVX-512)
 
 // ----------------------------------------------------------------------- kernel body
 //
@@ -45,7 +46,6 @@ struct Codebooks {
   Book cb[2];
   VI shifts[2];
   Book sign;      // QJL sign bits as a 1-bit group: code 0 -> -1, 1 -> +1 (keys with QJL)
-  VI sign_shifts;
   const float* tables;  // trellis codes: decode tables [ngroups][tab_stride], else null
 };
 
@@ -66,7 +66,6 @@ Codebooks make_codebooks(const Desc& d, const float* books) {
     alignas(64) float pm[16];
     for (int i = 0; i < 16; ++i) pm[i] = i % 2 ? 1.f : -1.f;  // period 2, as above
     c.sign = make_book(pm);
-    c.sign_shifts = lane_shifts(1);
   }
   return c;
 }
@@ -93,9 +92,10 @@ inline V chunk(const uint8_t* seg, const float* scr, int k, const Book& cb, VI s
 // chain is exactly decode's, so every row keeps its decode bits. Decode runs RB = 1.
 constexpr int NUM_VREGS = W == 16 ? 32 : 16;  // zmm0-31 (AVX-512) or ymm0-15 (AVX2)
 constexpr int MAX_RB = 4;
-// A pass keeps RB x G partial-score and softmax-weight tiles of TILE vectors on the stack
-// (2 x 16 x TILE x 64 bytes = 32 KiB at 16 pairs with AVX-512), beside the 8 KiB of
-// decoded tile: more pairs fall out of L1 (measured at G = 7: 3 rows slower than 2).
+// A pass keeps each (row, query head)'s TILE broadcast softmax weights (pn: 1 KiB with
+// AVX-512) on the stack beside the tile's key layout and decoded values. Bounding the
+// pairs kept L1 from overflowing with an earlier, larger per-pair score tile (G = 7: 3
+// rows were slower than 2); with this layout 16 and 32 measure the same.
 constexpr int MAX_ROW_HEADS = 16;
 
 // Rows per pass for group size GT: RB x (accumulators per row) + the two chunks and two
@@ -107,57 +107,6 @@ constexpr int rows_per_pass() {
   int rb = (NUM_VREGS - 4) / per_row;
   rb = rb < MAX_ROW_HEADS / GT ? rb : MAX_ROW_HEADS / GT;
   return rb < 1 ? 1 : (rb > MAX_RB ? MAX_RB : rb);
-}
-
-// a[r][g] (+ b[r][g]) += q_r[g][j + k ..] * centroid chunk, over one B-bit key group of
-// `dim` coordinates starting at rotated coordinate j (scr: that group's decoded
-// coordinates), for RB rows whose queries lie qs floats apart: the key is decoded once for
-// all of them and never leaves registers; the caller applies the group norm to the sums.
-template <int B, int GA, int RB, bool PAIR, bool SCR>
-inline void score_group(const uint8_t* seg, const float* scr, int dim, int j, const Book& cb,
-                        VI shifts, const float* q, int64_t qs, int64_t d, int G, V (*a)[GA],
-                        V (*b)[GA]) {
-  int k = 0;
-  if constexpr (PAIR) {
-    for (; k + 2 * W <= dim; k += 2 * W) {
-      const V c0 = chunk<B, SCR>(seg, scr, k, cb, shifts), c1 = chunk<B, SCR>(seg, scr, k + W, cb, shifts);
-      for (int r = 0; r < RB; ++r)
-        for (int g = 0; g < G; ++g) {
-          const float* qg = q + r * qs + g * d + j + k;
-          a[r][g] = fmadd(loadu(qg), c0, a[r][g]);
-          b[r][g] = fmadd(loadu(qg + W), c1, b[r][g]);
-        }
-    }
-  }
-  for (; k < dim; k += W) {
-    const V c = chunk<B, SCR>(seg, scr, k, cb, shifts);
-    for (int r = 0; r < RB; ++r)
-      for (int g = 0; g < G; ++g) a[r][g] = fmadd(loadu(q + r * qs + g * d + j + k), c, a[r][g]);
-  }
-}
-
-// part[r][g][i] (+)= (the G dot products of token i's B-bit key group with row r's
-// queries) x the group's stored scale, for the n tokens of a tile: first = the key's first
-// group (part starts from zero, as a sum of one term), `abs_norm`: the scale is the fp16
-// norm's magnitude (its sign bit flags the key offset), else `mult` times the fp16 value
-// (QJL's c * ||r||).
-template <int B, int GA, int RB, bool PAIR, bool SCR>
-inline void score_tile(const uint8_t* const* slots, const float* kscr, int n, int64_t seg_off,
-                       int64_t norm_at, bool abs_norm, int dim, int j, const Book& cb, VI shifts,
-                       const float* q, int64_t qs, int64_t d, int G, V (*part)[GA][TILE],
-                       bool first, float mult = 1.f) {
-  for (int i = 0; i < n; ++i) {
-    V a[RB][GA], c[RB][GA];
-    for (int r = 0; r < RB; ++r)
-      for (int g = 0; g < G; ++g) a[r][g] = c[r][g] = zero();
-    const float* scr = SCR ? kscr + i * d + j : nullptr;
-    score_group<B, GA, RB, PAIR, SCR>(slots[i] + seg_off, scr, dim, j, cb, shifts, q, qs, d, G, a, c);
-    const float h = half_at(slots[i] + norm_at);
-    const V nk = set1(abs_norm ? std::fabs(h) : mult * h);
-    for (int r = 0; r < RB; ++r)
-      for (int g = 0; g < G; ++g)
-        part[r][g][i] = fmadd(PAIR ? add(a[r][g], c[r][g]) : a[r][g], nk, first ? zero() : part[r][g][i]);
-  }
 }
 
 // acc[r][g][k ..] += sum_i pn[r][g][i] * c[code_i] over the n tokens of a tile, for the
@@ -341,6 +290,129 @@ struct Step {
   }
 };
 
+// A tile's keys laid out for the scores, coordinate-major: lanes are the tile's tokens
+// (zero past its n tokens), so one query coordinate times one key vector adds that
+// coordinate's term to TILE logits at once: no per-token horizontal sums.
+struct KeyTile {
+  alignas(64) float kt[MAX_D][TILE];  // unit-scale centroids: kt[k][i] = token i's coordinate k
+  alignas(64) float st[MAX_D][TILE];  // QJL: sign of the residual's sketch coordinate k, ±1
+  alignas(64) float nk[3][TILE];      // |norm| of each key group, then c * ||r|| (QJL)
+  alignas(64) float fl[TILE];         // 1 for a key stored with its offset (with q_off)
+};
+
+// rows [TILE][d] (token-major; rows n.. zeroed here) -> dst [d][TILE]
+inline void transpose_tile(float* rows, int64_t d, int n, float (*dst)[TILE]) {
+  std::fill(rows + n * d, rows + TILE * d, 0.f);
+  for (int i0 = 0; i0 < TILE; i0 += W)
+    for (int64_t k0 = 0; k0 < d; k0 += W) transpose_block(rows + i0 * d + k0, d, dst[k0] + i0, TILE);
+}
+
+// kt rows j0 .. j0 + dim - 1 from one B-bit key group's codes (seg: the group's bytes in
+// the tile's first slot; offs: lane i -> token i's slot): per 8 coordinates one gather of
+// the tokens' B code bytes (a 4-byte read: up to 3 bytes past the group, inside the slot,
+// see check), then a shift and a codebook lookup per coordinate.
+template <int B>
+inline void gather_group(const uint8_t* seg, const VI* offs, int dim, const Book& cb,
+                         float (*kt)[TILE], int j0) {
+  for (int k = 0; k < dim; k += 8)
+    for (int tv = 0; tv < TILE / W; ++tv) {
+      const VI w = gather_words(seg + B * (k / 8), offs[tv]);
+      for (int m = 0; m < 8; ++m) storeu(kt[j0 + k + m] + tv * W, lookup<B>(cb, shift_right(w, B * m)));
+    }
+}
+
+// T from the tile's n slots (slots[0]: its first; lanes past n read the block's other
+// slots, and their logits are masked). Trellis keys decode sequentially: rows [TILE][d]
+// holds them decoded by the caller (it is overwritten).
+inline void fill_keys(const Step& P, const uint8_t* const* slots, int n, float* rows,
+                      KeyTile& T) {
+  const int64_t d = P.d;
+  VI offs[TILE / W];
+  for (int tv = 0; tv < TILE / W; ++tv) offs[tv] = lane_offsets(tv * W * P.s_tok, P.s_tok);
+  if (P.kd.trellis) {
+    transpose_tile(rows, d, n, T.kt);
+  } else {
+    int j = 0;
+    for (int kg = 0; kg < P.kd.ngroups; ++kg) {
+      const uint8_t* seg = slots[0] + P.kd.seg_off[kg];
+      const int dim = (int)P.kd.dim[kg];
+      const Book& cb = P.kc.cb[kg];
+      switch (P.kd.bits[kg]) {
+        case 1: gather_group<1>(seg, offs, dim, cb, T.kt, j); break;
+        case 2: gather_group<2>(seg, offs, dim, cb, T.kt, j); break;
+        case 3: gather_group<3>(seg, offs, dim, cb, T.kt, j); break;
+        default: gather_group<4>(seg, offs, dim, cb, T.kt, j); break;
+      }
+      j += dim;
+    }
+  }
+  for (int kg = 0; kg < P.kd.ngroups; ++kg)
+    for (int i = 0; i < TILE; ++i)
+      T.nk[kg][i] = i < n ? std::fabs(half_at(slots[i] + P.kd.norm_off + 2 * kg)) : 0.f;
+  for (int i = 0; i < TILE; ++i)
+    T.fl[i] = i < n && P.q_off != nullptr && (slots[i][P.kd.norm_off + 1] & 0x80) ? 1.f : 0.f;
+  if (P.q_sk != nullptr) {  // the sign bits as a 1-bit group with codebook {-1, +1}
+    for (int64_t k = 0; k < d; k += 32)
+      for (int tv = 0; tv < TILE / W; ++tv) {
+        const VI w = gather_words(slots[0] + P.kd.sign_off + k / 8, offs[tv]);
+        for (int m = 0; m < 32 && k + m < d; ++m)
+          storeu(T.st[k + m] + tv * W, lookup<1>(P.kc.sign, shift_right(w, m)));
+      }
+    const int64_t at = P.kd.ngroups;
+    for (int i = 0; i < TILE; ++i)
+      T.nk[at][i] = i < n ? P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * at) : 0.f;
+  }
+}
+
+// A logit's dot product over a key group is summed in NPART partial sums, over the
+// coordinates k = m (mod NPART) in order, added as (p0 + p1) + (p2 + p3): NPART x (pairs)
+// independent FMA chains. This order is the arithmetic of every path (decode, prefill, any
+// RB), so a row's logits have the same bits in all of them.
+constexpr int NPART = 4;
+// (row, query head) pairs scored together: SCORE_PAIRS x NPART accumulators, a key vector
+// and a broadcast query coordinate fill the registers.
+constexpr int SCORE_PAIRS = W == 16 ? 6 : 3;
+
+// For NP (row, query head) pairs with queries q[p] (rotated, or sketched for QJL; index
+// j + k = rotated coordinate): s[p][i] = (first ? 0 : s[p][i]) + nk[i] * sum over the
+// group's dim coordinates of q[p][j + k] * kt[j + k][i], for the TILE lanes i.
+template <int NP>
+inline void score_pairs(const float* const* q, const float (*kt)[TILE], int j, int dim,
+                        const float* nk, bool first, float* const* s) {
+  static_assert(NPART == 4, "the partial sums are added as (p0 + p1) + (p2 + p3)");
+  for (int tv = 0; tv < TILE; tv += W) {
+    V a[NP][NPART];
+    for (int p = 0; p < NP; ++p)
+      for (int m = 0; m < NPART; ++m) a[p][m] = zero();
+    for (int k = j; k < j + dim; k += NPART)
+      for (int m = 0; m < NPART; ++m) {
+        const V kv = loadu(kt[k + m] + tv);
+        for (int p = 0; p < NP; ++p) a[p][m] = fmadd(set1(q[p][k + m]), kv, a[p][m]);
+      }
+    const V nv = loadu(nk + tv);
+    for (int p = 0; p < NP; ++p) {
+      const V sum = add(add(a[p][0], a[p][1]), add(a[p][2], a[p][3]));
+      storeu(s[p] + tv, fmadd(sum, nv, first ? zero() : loadu(s[p] + tv)));
+    }
+  }
+}
+
+// score_pairs over any number of pairs, SCORE_PAIRS at a time.
+inline void score_all(int npairs, const float* const* q, const float (*kt)[TILE], int j, int dim,
+                      const float* nk, bool first, float* const* s) {
+  int p = 0;
+  for (; p + SCORE_PAIRS <= npairs; p += SCORE_PAIRS)
+    score_pairs<SCORE_PAIRS>(q + p, kt, j, dim, nk, first, s + p);
+  switch (npairs - p) {
+    case 5: score_pairs<5>(q + p, kt, j, dim, nk, first, s + p); break;
+    case 4: score_pairs<4>(q + p, kt, j, dim, nk, first, s + p); break;
+    case 3: score_pairs<3>(q + p, kt, j, dim, nk, first, s + p); break;
+    case 2: score_pairs<2>(q + p, kt, j, dim, nk, first, s + p); break;
+    case 1: score_pairs<1>(q + p, kt, j, dim, nk, first, s + p); break;
+    default: break;
+  }
+}
+
 // One (row, KV head)'s running state: its G query heads' value accumulators, running
 // maxima and sums.
 struct RowState {
@@ -350,54 +422,41 @@ struct RowState {
 };
 
 // One tile of n tokens (slots) for RB rows, the G query heads q0 + r * Hq .. + G - 1 of
-// row r: scores, QJL bias and offsets, one online-softmax update, values into the rows'
-// accumulators. SCR: the tile's keys and values were decoded into kscr / vscr (token i at
-// i * d) by the caller, shared by several rows; the arithmetic is the same as decoding
-// them here, and a row's is the same whatever RB.
+// row r: scores (T: the tile's keys, coordinate-major), QJL bias and offsets, one
+// online-softmax update, values into the rows' accumulators. SCR: the tile's values were
+// decoded into vscr (token i at i * d) by the caller, shared by several rows; the
+// arithmetic is the same as decoding them here, and a row's is the same whatever RB.
 template <int GT, int RB, bool SCR>
-inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const float* kscr,
+inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const KeyTile& T,
                       const float* vscr, int64_t q0, const RowState* rs) {
   constexpr int GA = GT > 0 ? GT : MAX_G;           // accumulator array extent
   constexpr bool PAIR = GT > 0 && GT <= PAIR_MAX_G;
   const int G = GT > 0 ? GT : (int)P.G;
-  const int64_t d = P.d, qs = P.Hq * d;
-  const bool qjl = P.q_sk != nullptr;
-  const float* qb = P.q_rot + q0 * d;
-  const float* qsk = qjl ? P.q_sk + q0 * d : nullptr;
+  const int64_t d = P.d;
   alignas(64) float s[RB][GA][TILE];
-  alignas(64) V part[RB][GA][TILE];
-  // scores: each key decoded once, dotted with the RB x G queries in registers; one pass
-  // over the tile per key group (its code width a compile-time constant), then the QJL bias
-  int jk = 0;
-  for (int kg = 0; kg < P.kd.ngroups; ++kg) {
-    const int64_t seg = P.kd.seg_off[kg], norm_at = P.kd.norm_off + 2 * kg;
-    const int dim = (int)P.kd.dim[kg];
-    const Book& cb = P.kc.cb[kg];
-    const VI sh = P.kc.shifts[kg];
-    const bool first = kg == 0;
-    switch (P.kd.bits[kg]) {
-      case 1: score_tile<1, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
-      case 2: score_tile<2, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
-      case 3: score_tile<3, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
-      default: score_tile<4, GA, RB, PAIR, SCR>(slots, kscr, n, seg, norm_at, true, dim, jk, cb, sh, qb, qs, d, G, part, first); break;
-    }
-    jk += dim;
-  }
-  if (qjl)  // QJL bias: the sign bits as a 1-bit ±1 group dotted with the sketched queries
-    score_tile<1, GA, RB, PAIR, false>(slots, nullptr, n, P.kd.sign_off,
-                                       P.kd.norm_off + 2 * P.kd.ngroups, false, (int)d, 0,
-                                       P.kc.sign, P.kc.sign_shifts, qsk, qs, d, G, part, false,
-                                       P.qjl_scale);
+  // scores: each key group over all RB x G (row, query head) pairs, then the QJL bias
+  const int npairs = RB * G;
+  const float* qp[RB * GA];
+  float* sp[RB * GA];
   for (int r = 0; r < RB; ++r)
     for (int g = 0; g < G; ++g) {
-      for (int i = n; i < TILE; ++i) part[r][g][i] = zero();
-      reduce16(part[r][g], s[r][g]);
+      qp[r * G + g] = P.q_rot + (q0 + r * P.Hq + g) * d;
+      sp[r * G + g] = s[r][g];
     }
+  int jk = 0;
+  for (int kg = 0; kg < P.kd.ngroups; ++kg) {
+    const int dim = (int)P.kd.dim[kg];
+    score_all(npairs, qp, T.kt, jk, dim, T.nk[kg], kg == 0, sp);
+    jk += dim;
+  }
+  if (P.q_sk != nullptr) {  // QJL bias: the ±1 signs dotted with the sketched queries
+    for (int r = 0; r < RB; ++r)
+      for (int g = 0; g < G; ++g) qp[r * G + g] = P.q_sk + (q0 + r * P.Hq + g) * d;
+    score_all(npairs, qp, T.st, 0, (int)d, T.nk[P.kd.ngroups], false, sp);
+  }
   // a flagged key's logit loses <q, o>: fl = 1 for those tokens (sc - 1 * q_off is
   // sc - q_off exactly, sc - 0 is sc), then the softmax scale
-  alignas(64) float fl[TILE] = {};
-  if (P.q_off != nullptr)
-    for (int i = 0; i < n; ++i) fl[i] = (slots[i][P.kd.norm_off + 1] & 0x80) ? 1.f : 0.f;
+  const float* fl = T.fl;
   const V scale = set1(P.scale);
   for (int r = 0; r < RB; ++r)
     for (int g = 0; g < G; ++g) {
@@ -482,6 +541,13 @@ inline const uint8_t* tile_at(const Step& P, const int64_t* row, int64_t h, int6
   return P.cache + row[tt / P.block_size] * P.s_blk + h * P.s_head + (tt % P.block_size) * P.s_tok;
 }
 
+// The next tile's slots (TILE x s_tok contiguous bytes) toward L1 while this one is
+// scored: fill_keys gathers across the tile's slots, a pattern the hardware prefetchers
+// do not follow.
+inline void prefetch_tile(const Step& P, const uint8_t* tile) {
+  for (int64_t b = 0; b < TILE * P.s_tok; b += 64) _mm_prefetch(reinterpret_cast<const char*>(tile + b), _MM_HINT_T0);
+}
+
 // Decode: one task = (row, KV head, split); GT = the GQA group size it was compiled for
 // (0: any, read from P.G).
 template <int GT>
@@ -495,24 +561,30 @@ void attend(const Step& P, int64_t task) {
   init_state(G, P.d, acc, m, l);
   const RowState rs{acc, m, l};
   const int64_t* row = P.block_table + b * P.bt_stride;
-  // trellis codes decode sequentially (each code needs the ones before it): the tile is
-  // decoded into scratch first, as prefill does, and read back by the same arithmetic
+  // keys: each tile decoded and laid out coordinate-major for the scores (KeyTile). Values:
+  // decoded chunk by chunk into the accumulators, except trellis codes (each code needs
+  // the ones before it): those tiles are decoded into scratch first, as prefill does, and
+  // read back by the same arithmetic
   const bool scr = P.kd.trellis || P.vd.trellis;
   alignas(64) float kscr[TILE * MAX_D];
   alignas(64) float vscr[TILE * MAX_D];
+  KeyTile T;
   for (int64_t tt = t0; tt < t1; tt += TILE) {
     const int n = (int)std::min<int64_t>(TILE, t1 - tt);
     const uint8_t* tile = tile_at(P, row, h, tt);
+    if (tt + TILE < t1) prefetch_tile(P, tile_at(P, row, h, tt + TILE));
     const uint8_t* slots[TILE];
     for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
     if (scr) {
       for (int i = 0; i < n; ++i) {
-        unpack(slots[i], P.kd, P.kc, kscr + i * P.d);
+        if (P.kd.trellis) unpack(slots[i], P.kd, P.kc, kscr + i * P.d);
         unpack(slots[i], P.vd, P.vc, vscr + i * P.d);
       }
-      tile_step<GT, 1, true>(P, slots, n, kscr, vscr, b * P.Hq + h * G, &rs);
+      fill_keys(P, slots, n, kscr, T);
+      tile_step<GT, 1, true>(P, slots, n, T, vscr, b * P.Hq + h * G, &rs);
     } else {
-      tile_step<GT, 1, false>(P, slots, n, nullptr, nullptr, b * P.Hq + h * G, &rs);
+      fill_keys(P, slots, n, kscr, T);
+      tile_step<GT, 1, false>(P, slots, n, T, nullptr, b * P.Hq + h * G, &rs);
     }
   }
   write_split(P, b, h * G, sp, G, acc, m, l);
@@ -551,15 +623,17 @@ void attend_rows(const Step& P, int64_t task) {
   const int64_t* row = P.block_table + P.row_seq[r0] * P.bt_stride;
   alignas(64) float kscr[TILE * MAX_D];
   alignas(64) float vscr[TILE * MAX_D];
+  KeyTile T;
   for (int64_t tt = t0; tt < t_end; tt += TILE) {
     const int n = (int)std::min<int64_t>(TILE, t_end - tt);
     const uint8_t* tile = tile_at(P, row, h, tt);
     const uint8_t* slots[TILE];
     for (int i = 0; i < n; ++i) {
       slots[i] = tile + i * P.s_tok;
-      unpack(slots[i], P.kd, P.kc, kscr + i * d);
+      if (P.kd.trellis) unpack(slots[i], P.kd, P.kc, kscr + i * d);
       unpack(slots[i], P.vd, P.vc, vscr + i * d);
     }
+    fill_keys(P, slots, n, kscr, T);
     // the tokens of this tile row r reads: 0 if none
     auto reads = [&](int64_t r) { return (int)std::clamp<int64_t>(end_of(r) - tt, 0, n); };
     for (int64_t r = 0; r < nr;) {
@@ -574,11 +648,11 @@ void attend_rows(const Step& P, int64_t task) {
       if (together) {
         RowState rs[RB];
         for (int k = 0; k < RB; ++k) rs[k] = state_of(r + k);
-        tile_step<GT, RB, true>(P, slots, nrow, kscr, vscr, q0, rs);
+        tile_step<GT, RB, true>(P, slots, nrow, T, vscr, q0, rs);
         r += RB;
       } else {
         const RowState rs = state_of(r);
-        tile_step<GT, 1, true>(P, slots, nrow, kscr, vscr, q0, &rs);
+        tile_step<GT, 1, true>(P, slots, nrow, T, vscr, q0, &rs);
         ++r;
       }
     }
@@ -611,7 +685,7 @@ template <int GT> struct PrefillTask { static void run(const Step& P, int64_t t)
 
 // Shapes the kernel handles (0), or -1.
 int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_tokens,
-          const int64_t* kdesc_p, const int64_t* vdesc_p) {
+          int64_t s_tok, const int64_t* kdesc_p, const int64_t* vdesc_p) {
   if (H <= 0 || Hq % H || d % 16 || d > MAX_D || Hq / H > MAX_G || block_size % TILE ||
       split_tokens % TILE)
     return -1;
@@ -622,7 +696,14 @@ int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_to
     for (int64_t g = 0; g < desc[1] && S; ++g)  // every window inside its table row
       if (S < desc[4 + 3 * g] || S > 10 || stride < (int64_t(1) << (S + desc[4 + 3 * g]))) return -1;
   }
-  return 0;
+  // fill_keys reads a key's codes and sign bits as 4-byte words, up to 3 bytes past them:
+  // inside the slot stride (in the layout a key's bytes come before its value's)
+  const Desc kd = read_desc(kdesc_p);
+  int64_t key_end = 0;
+  for (int64_t g = 0; g < kd.ngroups && !kd.trellis; ++g)
+    key_end = std::max(key_end, kd.seg_off[g] + kd.bits[g] * kd.dim[g] / 8 + 3);
+  if (kd.sign_off >= 0) key_end = std::max(key_end, kd.sign_off + (d + 31) / 32 * 4);
+  return key_end > s_tok ? -1 : 0;
 }
 
 // Rotates (and sketches) each query once: q [rows, Hq, d] -> q_rot, q_sk. rot_k_t [H, d, d]
@@ -990,7 +1071,7 @@ extern "C" int tq_decode_cpu(
     int64_t split_tokens,
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
     const int64_t* vdesc_p, const float* v_books, float* out, int num_threads) {
-  if (check(Hq, H, d, block_size, split_tokens, kdesc_p, vdesc_p)) return -1;
+  if (check(Hq, H, d, block_size, split_tokens, s_tok, kdesc_p, vdesc_p)) return -1;
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
@@ -1023,7 +1104,7 @@ extern "C" int tq_prefill_cpu(
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
     const int64_t* vdesc_p, const float* v_books, float* out, int num_threads,
     int64_t group_rows) {
-  if (check(Hq, H, d, block_size, split_tokens, kdesc_p, vdesc_p) || group_rows < 1) return -1;
+  if (check(Hq, H, d, block_size, split_tokens, s_tok, kdesc_p, vdesc_p) || group_rows < 1) return -1;
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;

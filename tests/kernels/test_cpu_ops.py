@@ -31,6 +31,9 @@ def impl(request, monkeypatch):
     if request.param == "numba":
         monkeypatch.setenv(cpu_native.DISABLE_ENV, "1")
     elif cpu_native.load() is None:
+        if cpu_native.best_isa() is not None and cpu_native.find_compiler() is not None:
+            pytest.fail("the native kernel did not build although this CPU and compiler support "
+                        "it: see the compiler error logged by tq_vllm.kernels.cpu_native")
         pytest.skip("no AVX-512 or AVX2 CPU, or no C++ compiler here: native kernel unavailable")
     yield request.param
     cpu_native.load.cache_clear()
@@ -55,6 +58,23 @@ def test_decode_matches_reference(impl, name, dim, gqa, block_size, dtype):
     ref, _ = _reference(q, cache, table, seq_lens, [1] * len(seq_lens), codec, dtype)
     tol = ATOL if dtype == torch.float32 else 2 ** -8 * ref.abs().max().item()  # bf16 output rounding
     assert (out.float() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("dim", [64, 128])
+def test_native_decode_takes_every_preset(name, dim):
+    """The native kernel reads a tile's key codes and sign bits as 4-byte words (up to 3
+    bytes past them, inside the slot) and refuses a layout where that would leave the
+    slot: every preset's layout must be one it takes, and give the reference's result."""
+    if cpu_native.load() is None:
+        pytest.skip("native kernel unavailable here")
+    seq_lens = [16, 21]  # a full tile, and a partial one whose other lanes read unused slots
+    codec, cache, table, _, _ = build_cache(name, dim, 2, 16, seq_lens)
+    q = torch.randn(len(seq_lens), 6, dim)
+    out = torch.empty_like(q)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out)
+    ref, _ = _reference(q, cache, table, seq_lens, [1] * len(seq_lens), codec, torch.float32)
+    assert (out - ref).abs().max().item() <= ATOL
 
 
 @pytest.mark.parametrize("gqa", [4, 5, 6, 9, 16])
