@@ -86,10 +86,11 @@ inline V chunk(const uint8_t* seg, const float* scr, int k, const Book& cb, VI s
 }
 
 // Prefill runs RB consecutive rows of one sequence through a decoded tile together: each
-// key and value chunk is loaded once for all RB x G (row, query head) pairs, and their
-// RB x G (x 2 with PAIR) independent FMA chains hide each other's latency (one row's value
-// sums over a tile are G x 2 chains of 16 dependent FMAs: latency bound). Each pair's own
-// chain is exactly decode's, so every row keeps its decode bits. Decode runs RB = 1.
+// key vector of the tile's layout and each value chunk is loaded once for several
+// (row, query head) pairs, and the RB x G (x 2 with PAIR) independent value chains hide
+// each other's latency (one row's value sums over a tile are G x 2 chains of 16 dependent
+// FMAs: latency bound). Each pair's own arithmetic is exactly decode's, so every row keeps
+// its decode bits. Decode runs RB = 1.
 constexpr int NUM_VREGS = W == 16 ? 32 : 16;  // zmm0-31 (AVX-512) or ymm0-15 (AVX2)
 constexpr int MAX_RB = 4;
 // A pass keeps each (row, query head)'s TILE broadcast softmax weights (pn: 1 KiB with
@@ -291,8 +292,9 @@ struct Step {
 };
 
 // A tile's keys laid out for the scores, coordinate-major: lanes are the tile's tokens
-// (zero past its n tokens), so one query coordinate times one key vector adds that
-// coordinate's term to TILE logits at once: no per-token horizontal sums.
+// (past its n tokens: other slots of the block, with zero norms and masked logits), so
+// one query coordinate times one key vector adds that coordinate's term to TILE logits at
+// once: no per-token horizontal sums.
 struct KeyTile {
   alignas(64) float kt[MAX_D][TILE];  // unit-scale centroids: kt[k][i] = token i's coordinate k
   alignas(64) float st[MAX_D][TILE];  // QJL: sign of the residual's sketch coordinate k, ±1

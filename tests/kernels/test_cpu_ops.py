@@ -187,14 +187,15 @@ def test_store_bit_exact_with_reference(impl, name, dim, dtype):
     slot = PRESETS[name].layout(dim).slot_bytes
     ref = torch.randint(0, 256, (40, 3, 16, slot), dtype=torch.uint8)
     ours = ref.clone()
-    k, v = (torch.randn(200, 3, dim) * 3).to(dtype), torch.randn(200, 3, dim).to(dtype)
+    # 201 tokens: the native store takes them two at a time, the last one alone
+    k, v = (torch.randn(201, 3, dim) * 3).to(dtype), torch.randn(201, 3, dim).to(dtype)
     if offset is not None:  # keys near −offset: stored flagged
-        k[::5] = (-offset + 0.3 * torch.randn(40, 3, dim)).to(dtype)
+        k[::5] = (-offset + 0.3 * torch.randn(41, 3, dim)).to(dtype)
     k[7, 2, 5] = float("nan")
     v[9, 0, 1] = float("inf")
     k[11, 1] *= 1e4  # beyond fp16 for a norm only in float32/bf16
-    sm = torch.randperm(40 * 16)[:200]
-    sm[::9] = -1  # padding slots
+    sm = torch.randperm(40 * 16)[:201]
+    sm[::9] = -1  # padding slots: first or second of a pair
     tq_store(k, v, ref, sm, codec)
     ref_stats = dict(codec.key.stats)
     codec.key.stats.update(nonfinite_vectors=0, saturated_norms=0)
