@@ -757,6 +757,24 @@ void merge(const Step& P, int64_t rows, const float* rot_v, float* out, int num_
   }
 }
 
+// The per-call float buffers (rotated and sketched queries, offsets, split partials),
+// kept by the calling thread across calls at the largest size seen: allocated fresh each
+// call (megabytes for a long prefill chunk) they cost a page fault per 4 KiB and a zero
+// fill on every layer. A call writes every element it reads.
+struct Workspace {
+  std::vector<float> q_rot, q_sk, q_off, acc, m, l;
+};
+
+Workspace& workspace() {
+  thread_local Workspace w;
+  return w;
+}
+
+inline float* grow(std::vector<float>& v, int64_t n) {
+  if ((int64_t)v.size() < n) v.resize(n);
+  return v.data();
+}
+
 // The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d].
 void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float* rot_v,
          float* out, int num_threads) {
@@ -1077,16 +1095,18 @@ extern "C" int tq_decode_cpu(
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
-  std::vector<float> q_rot(B * Hq * d), q_sk(qjl ? B * Hq * d : 0), q_off(k_off ? B * Hq : 0);
-  std::vector<float> acc_out(B * Hq * n_splits * d), m_out(B * Hq * n_splits), l_out(B * Hq * n_splits);
-  rotate_queries(q, B, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot.data(),
-                 q_sk.data(), q_off.data(), num_threads);
+  Workspace& w = workspace();
+  float* q_rot = grow(w.q_rot, B * Hq * d);
+  float* q_sk = qjl ? grow(w.q_sk, B * Hq * d) : nullptr;
+  float* q_off = k_off ? grow(w.q_off, B * Hq) : nullptr;
+  rotate_queries(q, B, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot, q_sk, q_off,
+                 num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens, nullptr,
-                  nullptr, nullptr, q_rot.data(), qjl ? q_sk.data() : nullptr,
-                  k_off ? q_off.data() : nullptr,
+                  nullptr, nullptr, q_rot, q_sk, q_off,
                   Hq, H, G, d, block_size, n_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
-                  acc_out.data(), m_out.data(), l_out.data()};
+                  grow(w.acc, B * Hq * n_splits * d), grow(w.m, B * Hq * n_splits),
+                  grow(w.l, B * Hq * n_splits)};
   run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, out, num_threads);
   return 0;
 }
@@ -1121,15 +1141,17 @@ extern "C" int tq_prefill_cpu(
   }
   if (N > 0) groups.push_back(N);
   const int64_t n_groups = (int64_t)groups.size() - 1, total = row_split[N];
-  std::vector<float> q_rot(N * Hq * d), q_sk(qjl ? N * Hq * d : 0), q_off(k_off ? N * Hq : 0);
-  std::vector<float> acc_out(total * Hq * d), m_out(total * Hq), l_out(total * Hq);
-  rotate_queries(q, N, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot.data(),
-                 q_sk.data(), q_off.data(), num_threads);
+  Workspace& w = workspace();
+  float* q_rot = grow(w.q_rot, N * Hq * d);
+  float* q_sk = qjl ? grow(w.q_sk, N * Hq * d) : nullptr;
+  float* q_off = k_off ? grow(w.q_off, N * Hq) : nullptr;
+  rotate_queries(q, N, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot, q_sk, q_off,
+                 num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, row_len, row_seq,
-                  row_split.data(), groups.data(), q_rot.data(), qjl ? q_sk.data() : nullptr,
-                  k_off ? q_off.data() : nullptr, Hq, H, G, d, block_size, max_splits, split_tokens, scale,
+                  row_split.data(), groups.data(), q_rot, q_sk, q_off, Hq, H, G, d, block_size,
+                  max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
-                  acc_out.data(), m_out.data(), l_out.data()};
+                  grow(w.acc, total * Hq * d), grow(w.m, total * Hq), grow(w.l, total * Hq)};
   run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v, out, num_threads);
   return 0;
 }
