@@ -775,6 +775,22 @@ inline float* grow(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
+// The queries rotated (and sketched), with their offsets, in the workspace: see
+// rotate_queries; q_sk / q_off null without QJL / offsets.
+struct Queries {
+  float *q_rot, *q_sk, *q_off;
+};
+
+Queries prepare_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int64_t d,
+                        const float* rot_k_t, const float* sketch_t, const float* k_off,
+                        int num_threads) {
+  Workspace& w = workspace();
+  const Queries Q{grow(w.q_rot, rows * Hq * d), sketch_t ? grow(w.q_sk, rows * Hq * d) : nullptr,
+                  k_off ? grow(w.q_off, rows * Hq) : nullptr};
+  rotate_queries(q, rows, Hq, G, d, rot_k_t, sketch_t, k_off, Q.q_rot, Q.q_sk, Q.q_off, num_threads);
+  return Q;
+}
+
 // The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d].
 void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float* rot_v,
          float* out, int num_threads) {
@@ -1095,14 +1111,11 @@ extern "C" int tq_decode_cpu(
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
+  const Queries Q = prepare_queries(q, B, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off,
+                                    num_threads);
   Workspace& w = workspace();
-  float* q_rot = grow(w.q_rot, B * Hq * d);
-  float* q_sk = qjl ? grow(w.q_sk, B * Hq * d) : nullptr;
-  float* q_off = k_off ? grow(w.q_off, B * Hq) : nullptr;
-  rotate_queries(q, B, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot, q_sk, q_off,
-                 num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens, nullptr,
-                  nullptr, nullptr, q_rot, q_sk, q_off,
+                  nullptr, nullptr, Q.q_rot, Q.q_sk, Q.q_off,
                   Hq, H, G, d, block_size, n_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, B * Hq * n_splits * d), grow(w.m, B * Hq * n_splits),
@@ -1141,14 +1154,11 @@ extern "C" int tq_prefill_cpu(
   }
   if (N > 0) groups.push_back(N);
   const int64_t n_groups = (int64_t)groups.size() - 1, total = row_split[N];
+  const Queries Q = prepare_queries(q, N, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off,
+                                    num_threads);
   Workspace& w = workspace();
-  float* q_rot = grow(w.q_rot, N * Hq * d);
-  float* q_sk = qjl ? grow(w.q_sk, N * Hq * d) : nullptr;
-  float* q_off = k_off ? grow(w.q_off, N * Hq) : nullptr;
-  rotate_queries(q, N, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off, q_rot, q_sk, q_off,
-                 num_threads);
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, row_len, row_seq,
-                  row_split.data(), groups.data(), q_rot, q_sk, q_off, Hq, H, G, d, block_size,
+                  row_split.data(), groups.data(), Q.q_rot, Q.q_sk, Q.q_off, Hq, H, G, d, block_size,
                   max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, total * Hq * d), grow(w.m, total * Hq), grow(w.l, total * Hq)};
