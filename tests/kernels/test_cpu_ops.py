@@ -25,16 +25,22 @@ from test_reference import (build_cache, fed_search_case, key_offset, query_weig
 ATOL = 2e-5  # float32 reduction-order noise on O(1) outputs, ~20× observed max
 
 
+def _require_native():
+    """Skips where the native kernel cannot be built here; fails where it should have been."""
+    if cpu_native.load() is None:
+        if cpu_native.best_isa() is not None and cpu_native.find_compiler() is not None:
+            pytest.fail("the native kernel did not build although this CPU and compiler support "
+                        "it: see the compiler error logged by tq_vllm.kernels.cpu_native")
+        pytest.skip("no AVX-512 or AVX2 CPU, or no C++ compiler here: native kernel unavailable")
+
+
 @pytest.fixture(params=["native", "numba"])
 def impl(request, monkeypatch):
     cpu_native.load.cache_clear()
     if request.param == "numba":
         monkeypatch.setenv(cpu_native.DISABLE_ENV, "1")
-    elif cpu_native.load() is None:
-        if cpu_native.best_isa() is not None and cpu_native.find_compiler() is not None:
-            pytest.fail("the native kernel did not build although this CPU and compiler support "
-                        "it: see the compiler error logged by tq_vllm.kernels.cpu_native")
-        pytest.skip("no AVX-512 or AVX2 CPU, or no C++ compiler here: native kernel unavailable")
+    else:
+        _require_native()
     yield request.param
     cpu_native.load.cache_clear()
 
@@ -66,8 +72,7 @@ def test_native_decode_takes_every_preset(name, dim):
     """The native kernel reads a tile's key codes and sign bits as 4-byte words (up to 3
     bytes past them, inside the slot) and refuses a layout where that would leave the
     slot: every preset's layout must be one it takes, and give the reference's result."""
-    if cpu_native.load() is None:
-        pytest.skip("native kernel unavailable here")
+    _require_native()
     seq_lens = [16, 21]  # a full tile, and a partial one whose other lanes read unused slots
     codec, cache, table, _, _ = build_cache(name, dim, 2, 16, seq_lens)
     q = torch.randn(len(seq_lens), 6, dim)
@@ -187,7 +192,7 @@ def test_store_bit_exact_with_reference(impl, name, dim, dtype):
     slot = PRESETS[name].layout(dim).slot_bytes
     ref = torch.randint(0, 256, (40, 3, 16, slot), dtype=torch.uint8)
     ours = ref.clone()
-    # 201 tokens: the native store takes them two at a time, the last one alone
+    # 201 tokens: the native store takes them four at a time, the last one alone
     k, v = (torch.randn(201, 3, dim) * 3).to(dtype), torch.randn(201, 3, dim).to(dtype)
     if offset is not None:  # keys near −offset: stored flagged
         k[::5] = (-offset + 0.3 * torch.randn(41, 3, dim)).to(dtype)
@@ -195,7 +200,7 @@ def test_store_bit_exact_with_reference(impl, name, dim, dtype):
     v[9, 0, 1] = float("inf")
     k[11, 1] *= 1e4  # beyond fp16 for a norm only in float32/bf16
     sm = torch.randperm(40 * 16)[:201]
-    sm[::9] = -1  # padding slots: first or second of a pair
+    sm[::9] = -1  # padding slots, at every position of a task's four
     tq_store(k, v, ref, sm, codec)
     ref_stats = dict(codec.key.stats)
     codec.key.stats.update(nonfinite_vectors=0, saturated_norms=0)
