@@ -1,0 +1,145 @@
+"""Interleaved A/B of the native CPU kernels at several git revisions, in one process.
+
+Each revision's ``kernels/csrc`` is compiled with the flags ``kernels/cpu_native.py`` uses,
+the libraries are loaded side by side with ctypes, and the same decode, prefill and store
+cases run through the working tree's launchers (``kernels/cpu_ops.py``) against each
+library in turn, round after round; the best round per case is kept. Separate benchmark
+runs on a shared 2-core machine move by ±10%; interleaving in one process cancels most of
+that. The revisions' C signatures must be the working tree's (its launchers pass the
+arguments). ``WORKTREE`` names the uncommitted sources.
+
+    python eval/bench_kernel_ab.py HEAD~1 HEAD [--rounds 5]          # ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_reference import build_cache, key_offset, query_weight  # noqa: E402
+
+from tq_vllm.codec import LayerCodec  # noqa: E402
+from tq_vllm.config import PRESETS  # noqa: E402
+from tq_vllm.kernels import cpu_native, cpu_ops  # noqa: E402
+
+SIGNATURES = (("tq_decode_cpu", cpu_native.ARGTYPES), ("tq_prefill_cpu", cpu_native.PREFILL_ARGTYPES),
+              ("tq_trellis_encode_cpu", cpu_native.TRELLIS_ARGTYPES),
+              ("tq_trellis_encode_fed_cpu", cpu_native.TRELLIS_FED_ARGTYPES),
+              ("tq_store_cpu", cpu_native.STORE_ARGTYPES))
+D, KV_HEADS = 64, 3  # SmolLM2's head size and KV heads
+LAYERS = 8
+
+
+def build(rev: str, out_dir: Path) -> ctypes.CDLL:
+    """The kernel library compiled from ``rev``'s sources (``WORKTREE``: the files as they are)."""
+    src_dir = out_dir / rev.replace("/", "_").replace("~", "-")
+    src_dir.mkdir()
+    sources = []
+    for path in (*cpu_native.SOURCES, *cpu_native.HEADERS):
+        text = path.read_bytes() if rev == "WORKTREE" else subprocess.run(
+            ["git", "show", f"{rev}:kernels/csrc/{path.name}"], cwd=ROOT, check=True,
+            capture_output=True).stdout
+        (src_dir / path.name).write_bytes(text)
+        if path in cpu_native.SOURCES:
+            sources.append(str(src_dir / path.name))
+    isa = cpu_native.best_isa()
+    lib_path = src_dir / "lib.so"
+    subprocess.run([cpu_native.find_compiler(), *cpu_native.BASE_FLAGS, *cpu_native.ISAS[isa][0],
+                    *sources, "-o", str(lib_path)], check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(lib_path))
+    for name, argtypes in SIGNATURES:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def cases() -> list[tuple]:
+    """(label, call, repetitions per round[, calls of the kernel per call])."""
+    torch.manual_seed(0)
+    out = []
+    for name, batch, ctx in (("tq4", 16, 4096), ("tq4", 16, 1024), ("tq3.5", 16, 256), ("tq4", 1, 4096)):
+        codec, cache, table, _, _ = build_cache(name, D, KV_HEADS, 16, [ctx] * batch)
+        q = torch.randn(batch, KV_HEADS * 3, D)
+        o, lens, t64 = torch.empty_like(q), torch.full((batch,), ctx), table.to(torch.int64)
+        out.append((f"decode {name} {batch} x {ctx}",
+                    lambda c=codec, ca=cache, t=t64, s=lens, q=q, o=o:
+                    cpu_ops.decode(q, ca, t, s, c, 0.125, o),
+                    max(3, 100_000 // (batch * ctx))))
+    # as in a model: LAYERS caches of 16 x 4096 tokens (~13 MB each, together beyond L3)
+    # read in turn, so each layer's cache streams from memory; time per layer
+    layers = [build_cache("tq4", D, KV_HEADS, 16, [4096] * 16) for _ in range(LAYERS)]
+    lq = torch.randn(16, KV_HEADS * 3, D)
+    lo, llens = torch.empty_like(lq), torch.full((16,), 4096)
+    tables = [layer[2].to(torch.int64) for layer in layers]
+
+    def all_layers():
+        for (codec, cache, *_), table in zip(layers, tables):
+            cpu_ops.decode(lq, cache, table, llens, codec, 0.125, lo)
+    out.append((f"decode tq4 16 x 4096, per layer of {LAYERS}", all_layers, 1, LAYERS))
+    for name, gqa, lens in (("tq4", 3, [2048]), ("tq4", 7, [1024]), ("tq4", 3, [128] * 16)):
+        heads = 2 if gqa == 7 else KV_HEADS
+        codec, cache, table, _, _ = build_cache(name, D, heads, 16, lens)
+        q = torch.randn(sum(lens), heads * gqa, D).to(torch.bfloat16)
+        o = torch.empty_like(q)
+        qsl = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+        out.append((f"prefill {name} GQA {gqa} {len(lens)} x {lens[0]}",
+                    lambda c=codec, ca=cache, t=table, s=torch.tensor(lens), qs=qsl, q=q, o=o:
+                    cpu_ops.prefill(q, None, None, ca, t, s, qs, 0, c, 0.125, o, fresh_exact=False), 2))
+    for name in ("tq4", "tq3.5"):
+        preset = PRESETS[name]
+        codec = LayerCodec.create(preset, D, KV_HEADS, key_offset=key_offset(preset, KV_HEADS, D),
+                                  key_query_weight=query_weight(preset, KV_HEADS, D))
+        cache = torch.zeros(300, KV_HEADS, 16, preset.layout(D).slot_bytes, dtype=torch.uint8)
+        for n in (16, 2048):
+            k, v = (torch.randn(n, KV_HEADS, D, dtype=torch.bfloat16) for _ in range(2))
+            slots = torch.randperm(300 * 16)[:n]
+            out.append((f"store {name} {n} tokens",
+                        lambda k=k, v=v, s=slots, c=codec, ca=cache: cpu_ops.store(k, v, ca, s, c),
+                        max(2, 4000 // n)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("revs", nargs="+", help="git revisions (or WORKTREE); the first is the baseline")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if cpu_native.best_isa() is None or cpu_native.find_compiler() is None:
+        sys.exit("no AVX-512/AVX2 CPU or no C++ compiler: nothing to compare")
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = [build(rev, Path(tmp)) for rev in args.revs]
+        current = [libs[0]]
+        cpu_native._library = lambda: current[0]  # the launchers look the library up per call
+        cpu_native.load = lambda: current[0].tq_decode_cpu
+        todo = cases()
+        best: dict[tuple[str, int], float] = {}
+        for _ in range(args.rounds):
+            for i, lib in enumerate(libs):
+                current[0] = lib
+                for label, fn, reps, *per in todo:
+                    fn()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    dt = (time.perf_counter() - t0) / reps / (per[0] if per else 1) * 1e3
+                    best[label, i] = min(best.get((label, i), float("inf")), dt)
+    print("| case | " + " | ".join(f"{r} ms" for r in args.revs) + " |")
+    print("|---|" + "---|" * len(args.revs))
+    for label, *_ in todo:
+        base = best[label, 0]
+        print(f"| {label} | " + " | ".join(
+            f"{best[label, i]:.3f} ({best[label, i] / base:.2f})" for i in range(len(args.revs))) + " |")
+
+
+if __name__ == "__main__":
+    main()
