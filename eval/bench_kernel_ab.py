@@ -32,10 +32,6 @@ from tq_vllm.codec import LayerCodec  # noqa: E402
 from tq_vllm.config import PRESETS  # noqa: E402
 from tq_vllm.kernels import cpu_native, cpu_ops  # noqa: E402
 
-SIGNATURES = (("tq_decode_cpu", cpu_native.ARGTYPES), ("tq_prefill_cpu", cpu_native.PREFILL_ARGTYPES),
-              ("tq_trellis_encode_cpu", cpu_native.TRELLIS_ARGTYPES),
-              ("tq_trellis_encode_fed_cpu", cpu_native.TRELLIS_FED_ARGTYPES),
-              ("tq_store_cpu", cpu_native.STORE_ARGTYPES))
 D, KV_HEADS = 64, 3  # SmolLM2's head size and KV heads
 LAYERS = 8
 
@@ -56,11 +52,7 @@ def build(rev: str, out_dir: Path) -> ctypes.CDLL:
     lib_path = src_dir / "lib.so"
     subprocess.run([cpu_native.find_compiler(), *cpu_native.BASE_FLAGS, *cpu_native.ISAS[isa][0],
                     *sources, "-o", str(lib_path)], check=True, capture_output=True, text=True)
-    lib = ctypes.CDLL(str(lib_path))
-    for name, argtypes in SIGNATURES:
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    return lib
+    return cpu_native.bind(ctypes.CDLL(str(lib_path)))
 
 
 def cases() -> list[tuple]:

@@ -128,6 +128,11 @@ def _library():
         logger.warning("tq-vllm: building the %s kernel failed (%s); using Numba", isa,
                        detail[-2000:])
         return None
+    return bind(lib)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the argument and return types of its exported kernels set."""
     for name, argtypes in (("tq_decode_cpu", ARGTYPES), ("tq_prefill_cpu", PREFILL_ARGTYPES),
                            ("tq_trellis_encode_cpu", TRELLIS_ARGTYPES),
                            ("tq_trellis_encode_fed_cpu", TRELLIS_FED_ARGTYPES),

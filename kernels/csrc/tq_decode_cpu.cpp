@@ -309,17 +309,20 @@ inline void transpose_tile(float* rows, int64_t d, int n, float (*dst)[TILE]) {
     for (int64_t k0 = 0; k0 < d; k0 += W) transpose_block(rows + i0 * d + k0, d, dst[k0] + i0, TILE);
 }
 
-// kt rows j0 .. j0 + dim - 1 from one B-bit key group's codes (seg: the group's bytes in
-// the tile's first slot; offs: lane i -> token i's slot): per 8 coordinates one gather of
-// the tokens' B code bytes (a 4-byte read: up to 3 bytes past the group, inside the slot,
-// see check), then a shift and a codebook lookup per coordinate.
+// kt rows j0 .. j0 + dim - 1 from one B-bit group's codes (seg: the group's bytes in the
+// tile's first slot; offs: lane i -> token i's slot): one gather of a 4-byte word per
+// token for every 32 / B coordinates (8 at 3 bits: 3 bytes; a word reads up to 3 bytes
+// past the group, inside the slot, see check), then a shift and a codebook lookup per
+// coordinate. QJL sign bits are the group with B = 1 and codebook {-1, +1}.
 template <int B>
 inline void gather_group(const uint8_t* seg, const VI* offs, int dim, const Book& cb,
                          float (*kt)[TILE], int j0) {
-  for (int k = 0; k < dim; k += 8)
+  constexpr int PER_WORD = B == 3 ? 8 : 32 / B;  // coordinates whose codes fill whole bytes
+  for (int k = 0; k < dim; k += PER_WORD)
     for (int tv = 0; tv < TILE / W; ++tv) {
-      const VI w = gather_words(seg + B * (k / 8), offs[tv]);
-      for (int m = 0; m < 8; ++m) storeu(kt[j0 + k + m] + tv * W, lookup<B>(cb, shift_right(w, B * m)));
+      const VI w = gather_words(seg + B * k / 8, offs[tv]);
+      for (int m = 0; m < PER_WORD && k + m < dim; ++m)
+        storeu(kt[j0 + k + m] + tv * W, lookup<B>(cb, shift_right(w, B * m)));
     }
 }
 
@@ -354,12 +357,7 @@ inline void fill_keys(const Step& P, const uint8_t* const* slots, int n, float* 
   for (int i = 0; i < TILE; ++i)
     T.fl[i] = i < n && P.q_off != nullptr && (slots[i][P.kd.norm_off + 1] & 0x80) ? 1.f : 0.f;
   if (P.q_sk != nullptr) {  // the sign bits as a 1-bit group with codebook {-1, +1}
-    for (int64_t k = 0; k < d; k += 32)
-      for (int tv = 0; tv < TILE / W; ++tv) {
-        const VI w = gather_words(slots[0] + P.kd.sign_off + k / 8, offs[tv]);
-        for (int m = 0; m < 32 && k + m < d; ++m)
-          storeu(T.st[k + m] + tv * W, lookup<1>(P.kc.sign, shift_right(w, m)));
-      }
+    gather_group<1>(slots[0] + P.kd.sign_off, offs, (int)d, P.kc.sign, T.st, 0);
     const int64_t at = P.kd.ngroups;
     for (int i = 0; i < TILE; ++i)
       T.nk[at][i] = i < n ? P.qjl_scale * half_at(slots[i] + P.kd.norm_off + 2 * at) : 0.f;
@@ -577,17 +575,13 @@ void attend(const Step& P, int64_t task) {
     if (tt + TILE < t1) prefetch_tile(P, tile_at(P, row, h, tt + TILE));
     const uint8_t* slots[TILE];
     for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
-    if (scr) {
-      for (int i = 0; i < n; ++i) {
-        if (P.kd.trellis) unpack(slots[i], P.kd, P.kc, kscr + i * P.d);
-        unpack(slots[i], P.vd, P.vc, vscr + i * P.d);
-      }
-      fill_keys(P, slots, n, kscr, T);
-      tile_step<GT, 1, true>(P, slots, n, T, vscr, b * P.Hq + h * G, &rs);
-    } else {
-      fill_keys(P, slots, n, kscr, T);
-      tile_step<GT, 1, false>(P, slots, n, T, nullptr, b * P.Hq + h * G, &rs);
+    for (int i = 0; i < n && scr; ++i) {
+      if (P.kd.trellis) unpack(slots[i], P.kd, P.kc, kscr + i * P.d);
+      unpack(slots[i], P.vd, P.vc, vscr + i * P.d);
     }
+    fill_keys(P, slots, n, kscr, T);
+    if (scr) tile_step<GT, 1, true>(P, slots, n, T, vscr, b * P.Hq + h * G, &rs);
+    else tile_step<GT, 1, false>(P, slots, n, T, nullptr, b * P.Hq + h * G, &rs);
   }
   write_split(P, b, h * G, sp, G, acc, m, l);
 }
