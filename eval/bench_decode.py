@@ -9,8 +9,16 @@ noisy). Prints time, ratio vs bf16 and effective GB/s of cache bytes read; write
 and a plot. Presets with the key offset choice get a random offset (every key's flag
 is read, as in serving).
 
+A model's decode step reads every layer's cache once, so unless all layers' caches
+together fit in the last-level cache they come from memory. Each implementation is
+therefore timed over several distinct caches (``--layers``; by default enough layers
+that the bf16 caches total :data:`STREAM_BYTES`, at most :data:`MAX_LAYERS`) and
+reports the time per layer; ``--layers 1`` times one cache read over and over (for
+small caches: resident in L2/L3, the compute-bound view).
+
     python eval/bench_decode.py                     # the full grid (minutes)
     python eval/bench_decode.py --quick             # batch 8, context 4k, d 64, GQA 3
+    python eval/bench_decode.py --layers 1          # one cache per case (cache-resident)
 """
 
 from __future__ import annotations
@@ -30,6 +38,16 @@ from tq_vllm.kernels import cpu_ops
 from tq_vllm.reference import tq_paged_attention
 
 BLOCK_SIZE = 128  # vLLM-CPU's default block size
+STREAM_BYTES = 128 << 20
+"""bf16 cache bytes a case's layers add up to by default: 4x this host's 32 MiB L3, as a
+model's layers do (SmolLM2 at batch 1 x 4k: 30 layers x 3 MiB)."""
+MAX_LAYERS = 16
+
+
+def default_layers(batch: int, ctx: int, d: int, kv_heads: int) -> int:
+    """Layers whose bf16 caches total at least :data:`STREAM_BYTES` (1 to :data:`MAX_LAYERS`)."""
+    per_layer = batch * math.ceil(ctx / BLOCK_SIZE) * BLOCK_SIZE * kv_heads * 2 * d * 2
+    return max(1, min(MAX_LAYERS, -(-STREAM_BYTES // per_layer)))
 
 
 def _time_side_by_side(fns, min_time: float = 1.0, max_rounds: int = 30):
@@ -49,13 +67,14 @@ def _time_side_by_side(fns, min_time: float = 1.0, max_rounds: int = 30):
     return [(med(ts), med([t / t0 for t, t0 in zip(ts, times[0])])) for ts in times]
 
 
-def _bf16_case(batch, ctx, d, kv_heads, gqa):
+def _bf16_case(batch, ctx, d, kv_heads, gqa, layers=1):
+    """vLLM-CPU's decode over ``layers`` distinct bf16 caches in turn; (run, bytes per layer)."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     nb = batch * math.ceil(ctx / BLOCK_SIZE)
-    cache = torch.randn(nb, kv_heads, BLOCK_SIZE * 2, d, dtype=torch.bfloat16)
-    kc, vc = cache.chunk(2, dim=2)
+    caches = [torch.randn(nb, kv_heads, BLOCK_SIZE * 2, d, dtype=torch.bfloat16).chunk(2, dim=2)
+              for _ in range(layers)]
     table = torch.arange(nb, dtype=torch.int32).reshape(batch, -1)
     seq = torch.full((batch,), ctx, dtype=torch.int32)
     qsl = torch.arange(batch + 1, dtype=torch.int32)
@@ -66,8 +85,9 @@ def _bf16_case(batch, ctx, d, kv_heads, gqa):
                                                torch.bfloat16, qsl, True, -1, isa, True)
 
     def run():
-        ops.cpu_attention_with_kv_cache(q, kc, vc, out, qsl, seq, 1 / math.sqrt(d), True, None,
-                                        -1, table, 0.0, meta, None)
+        for kc, vc in caches:
+            ops.cpu_attention_with_kv_cache(q, kc, vc, out, qsl, seq, 1 / math.sqrt(d), True,
+                                            None, -1, table, 0.0, meta, None)
     return run, nb * kv_heads * BLOCK_SIZE * 2 * d * 2 * ctx / (math.ceil(ctx / BLOCK_SIZE) * BLOCK_SIZE)
 
 
@@ -88,17 +108,23 @@ def _reference_decode(q, cache, table, seq, codec, scale, out):
     out.copy_(tq_paged_attention(q, cache, table, seq, qsl, codec, scale))
 
 
-def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl):
+def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl, layers=1):
+    """Our decode (``impl``) over ``layers`` distinct packed caches in turn; (run, bytes per
+    layer)."""
     offset = torch.randn(kv_heads, d) if PRESETS[preset].transform.key_offset_choice else None
     codec = LayerCodec.create(PRESETS[preset], d, kv_heads, key_offset=offset)
     slot = PRESETS[preset].layout(d).slot_bytes
     nb = batch * math.ceil(ctx / BLOCK_SIZE)
-    # random bytes are valid codes; norms must be finite fp16: write small ones
-    cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, slot), dtype=torch.uint8)
     lay = PRESETS[preset].layout(d)
-    for t in (lay.key, lay.value):
-        n = t.norms
-        cache[..., n.offset:n.end] = torch.full((n.nbytes // 2,), 1.0, dtype=torch.float16).view(torch.uint8)
+    caches = []
+    for _ in range(layers):
+        # random bytes are valid codes; norms must be finite fp16: write small ones
+        cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, slot), dtype=torch.uint8)
+        for t in (lay.key, lay.value):
+            n = t.norms
+            cache[..., n.offset:n.end] = torch.full((n.nbytes // 2,), 1.0,
+                                                    dtype=torch.float16).view(torch.uint8)
+        caches.append(cache)
     table = torch.arange(nb, dtype=torch.int32).reshape(batch, -1)
     seq = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16)
@@ -106,7 +132,8 @@ def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl):
     fn = {"native": cpu_ops.decode, "numba": _numba_decode, "reference": _reference_decode}[impl]
 
     def run():
-        fn(q, cache, table, seq, codec, 1 / math.sqrt(d), out)
+        for cache in caches:
+            fn(q, cache, table, seq, codec, 1 / math.sqrt(d), out)
     return run, batch * ctx * kv_heads * slot
 
 
@@ -121,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default="native,numba,reference",
                     help="our implementations to time beside vLLM's bf16 attention")
     ap.add_argument("--reference-max-ctx", type=int, default=4096, help="skip the slow reference beyond")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="distinct caches per case, timed in turn (0: enough to stream, see above)")
     ap.add_argument("--out", default="eval/results/bench_decode")
     args = ap.parse_args(argv)
     if args.quick:
@@ -137,20 +166,23 @@ def main(argv=None) -> int:
     for b, c, d, g in grid_iter:
         if b * c > 32 * 16384:  # keep memory and time bounded on a 24 GiB machine
             continue
-        cases = [("vllm-cpu bf16", "auto", *_bf16_case(b, c, d, kv_heads, g))]
+        nl = args.layers or default_layers(b, c, d, kv_heads)
+        cases = [("vllm-cpu bf16", "auto", *_bf16_case(b, c, d, kv_heads, g, nl))]
         for p in args.presets.split(","):
             for impl in args.impls.split(","):
                 if impl == "reference" and c > args.reference_max_ctx:
                     continue
-                cases.append((f"tq {impl}", p, *_tq_case(p, b, c, d, kv_heads, g, impl)))
+                cases.append((f"tq {impl}", p, *_tq_case(p, b, c, d, kv_heads, g, impl, nl)))
         timed = _time_side_by_side([run for _, _, run, _ in cases])
         for (impl, p, _, nbytes), (t, ratio) in zip(cases, timed):
-            rows.append(dict(impl=impl, preset=p, batch=b, ctx=c, head_dim=d, gqa=g,
-                             ms=t * 1e3, gbps=nbytes / t / 1e9, vs_bf16=ratio))
-    print(f"{'impl':<14}{'preset':<9}{'B':>4}{'ctx':>7}{'d':>5}{'gqa':>4}{'ms':>10}{'GB/s':>8}{'t/t_bf16':>10}")
+            rows.append(dict(impl=impl, preset=p, batch=b, ctx=c, head_dim=d, gqa=g, layers=nl,
+                             ms=t * 1e3 / nl, gbps=nbytes * nl / t / 1e9, vs_bf16=ratio))
+        del cases
+    print(f"{'impl':<14}{'preset':<9}{'B':>4}{'ctx':>7}{'d':>5}{'gqa':>4}{'layers':>7}"
+          f"{'ms/layer':>10}{'GB/s':>8}{'t/t_bf16':>10}")
     for r in rows:
         print(f"{r['impl']:<14}{r['preset']:<9}{r['batch']:>4}{r['ctx']:>7}{r['head_dim']:>5}{r['gqa']:>4}"
-              f"{r['ms']:>10.3f}{r['gbps']:>8.2f}{r['vs_bf16']:>10.2f}")
+              f"{r['layers']:>7}{r['ms']:>10.3f}{r['gbps']:>8.2f}{r['vs_bf16']:>10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

@@ -12,6 +12,7 @@ that bandwidth as a fraction of the device's peak; writes JSON and a plot.
     python eval/bench_decode_gpu.py --sweep         # launch constants of triton_ops, one case
     python eval/bench_decode_gpu.py --prefill       # chunked prefill over the packed cache
     python eval/bench_decode_gpu.py --graph         # time CUDA-graph replays (as vLLM decodes)
+    python eval/bench_decode_gpu.py --store         # the store kernel (scalar, feedback, trellis)
 
 Needs only PyTorch with CUDA and Triton (no vLLM): ``kernels/`` never imports vLLM.
 """
@@ -75,10 +76,27 @@ def _bf16_case(batch, ctx, d, kv_heads, gqa):
     return run, 2 * k.numel() * k.element_size()
 
 
+def _codec(preset: str, d: int, kv_heads: int) -> LayerCodec:
+    """The preset's codec with every calibrated part a run would have, drawn at random:
+    outlier halves, a key offset (so decode reads the offset flags) and a query second
+    moment for keys that round with feedback (so the store runs that search)."""
+    p = PRESETS[preset]
+    gen = torch.Generator().manual_seed(d + kv_heads)
+    perms = [torch.stack([torch.randperm(d, generator=gen) for _ in range(kv_heads)])
+             if p.transform.calibrated_split and c.split else None for c in (p.key, p.value)]
+    offset = 0.5 * torch.randn(kv_heads, d, generator=gen) if p.transform.key_offset_choice else None
+    weight = None
+    if p.key.feedback:
+        a = torch.randn(kv_heads, d, d, generator=gen) * torch.logspace(-1, 1, d)
+        weight = a @ a.mT / d
+    return LayerCodec.create(p, d, kv_heads, layer=3, key_perm=perms[0], value_perm=perms[1],
+                             key_offset=offset, key_query_weight=weight).to("cuda")
+
+
 def _tq_case(preset, batch, ctx, d, kv_heads, gqa):
     """Our Triton decode over a packed paged cache filled with valid random slots."""
     lay = PRESETS[preset].layout(d)
-    codec = LayerCodec.create(PRESETS[preset], d, kv_heads).to("cuda")
+    codec = _codec(preset, d, kv_heads)
     per_seq = math.ceil(ctx / BLOCK_SIZE)
     nb = batch * per_seq
     cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, lay.slot_bytes), dtype=torch.uint8,
@@ -125,7 +143,7 @@ def prefill(kv_heads: int) -> list[dict]:
         t_ref = _time_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask))
         del qd, kd, vd
         lay = PRESETS[preset].layout(d)
-        codec = LayerCodec.create(PRESETS[preset], d, kv_heads).to("cuda")
+        codec = _codec(preset, d, kv_heads)
         nb = nseq * math.ceil(s / BLOCK_SIZE)
         cache = torch.randint(0, 256, (nb, kv_heads, BLOCK_SIZE, lay.slot_bytes),
                               dtype=torch.uint8, device="cuda")
@@ -148,12 +166,46 @@ def prefill(kv_heads: int) -> list[dict]:
     return rows
 
 
+STORE_TOKENS = (16, 256, 4096)
+"""Tokens per store call: a decode step of 16 sequences, a chunk, a long prompt."""
+
+
+def store(presets: list[str], d: int, kv_heads: int) -> list[dict]:
+    """Time :func:`triton_ops.store` (rotation, codes, norms, packing, slot writes) against
+    writing the same K/V into a paged bf16 cache by slot (vLLM's ``reshape_and_cache``'s
+    work, done here by ``index_copy_``)."""
+    rows = []
+    for t in STORE_TOKENS:
+        k = torch.randn(t, kv_heads, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        nb = math.ceil(t / BLOCK_SIZE) + 1
+        slots = torch.randperm(nb * BLOCK_SIZE, device="cuda")[:t]
+        dense = torch.zeros(2, nb * BLOCK_SIZE, kv_heads, d, dtype=torch.bfloat16, device="cuda")
+
+        def bf16():
+            dense[0].index_copy_(0, slots, k)
+            dense[1].index_copy_(0, slots, v)
+        t_ref = _time_ms(bf16)
+        for p in presets:
+            lay = PRESETS[p].layout(d)
+            codec = _codec(p, d, kv_heads)
+            cache = torch.zeros(nb, kv_heads, BLOCK_SIZE, lay.slot_bytes, dtype=torch.uint8,
+                                device="cuda")
+            ms = _time_ms(lambda: triton_ops.store(k, v, cache, slots, codec))
+            rows.append(dict(preset=p, tokens=t, head_dim=d, kv_heads=kv_heads, ms=ms,
+                             bf16_ms=t_ref, vs_bf16=ms / t_ref,
+                             us_per_token=1e3 * ms / t))
+            print(f"store {p:<14} {t:>5} tokens d{d}: {ms:.4f} ms ({1e3 * ms / t:.2f} us/token), "
+                  f"bf16 slot write {t_ref:.4f} ms, {ms / t_ref:.1f}x", flush=True)
+    return rows
+
+
 def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) -> list[dict]:
     """Time one case over the decode launch constants (tokens per tile, warps, pipeline
     stages)."""
     run, _ = _bf16_case(batch, ctx, d, kv_heads, gqa)
     t_bf16 = _time_ms(run)
-    saved = (dict(triton_ops.DECODE_BLOCK_N), triton_ops.DECODE_NUM_WARPS,
+    saved = (dict(triton_ops.DECODE_BLOCK_N), dict(triton_ops.DECODE_NUM_WARPS),
              triton_ops.DECODE_NUM_STAGES, triton_ops.DOT_PRECISION[torch.bfloat16])
     rows = []
     try:
@@ -161,7 +213,7 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
             for warps in (2, 4, 8):
                 for stages in (1, 3):
                     triton_ops.DECODE_BLOCK_N[d] = block_n
-                    triton_ops.DECODE_NUM_WARPS = warps
+                    triton_ops.DECODE_NUM_WARPS[d] = warps
                     triton_ops.DECODE_NUM_STAGES = stages
                     run, nbytes = _tq_case(preset, batch, ctx, d, kv_heads, gqa)
                     t = _time_ms(run)
@@ -171,7 +223,7 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
                           f"stages {stages}: {t:.4f} ms  {nbytes / t / 1e6:7.0f} GB/s  "
                           f"{t / t_bf16:6.2f}x bf16", flush=True)
         best = min(rows, key=lambda r: r["ms"])
-        triton_ops.DECODE_BLOCK_N[d], triton_ops.DECODE_NUM_WARPS = best["block_n"], best["warps"]
+        triton_ops.DECODE_BLOCK_N[d], triton_ops.DECODE_NUM_WARPS[d] = best["block_n"], best["warps"]
         triton_ops.DECODE_NUM_STAGES = best["stages"]
         for prec in ("ieee", "tf32x3", "tf32"):
             triton_ops.DOT_PRECISION[torch.bfloat16] = prec  # the benchmark's queries are bf16
@@ -183,7 +235,9 @@ def sweep(preset: str, batch: int, ctx: int, d: int, kv_heads: int, gqa: int) ->
         triton_ops.DOT_PRECISION[torch.bfloat16] = saved[3]
         triton_ops.DECODE_BLOCK_N.clear()
         triton_ops.DECODE_BLOCK_N.update(saved[0])
-        triton_ops.DECODE_NUM_WARPS, triton_ops.DECODE_NUM_STAGES = saved[1], saved[2]
+        triton_ops.DECODE_NUM_WARPS.clear()
+        triton_ops.DECODE_NUM_WARPS.update(saved[1])
+        triton_ops.DECODE_NUM_STAGES = saved[2]
     return rows
 
 
@@ -192,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="tune the launch constants on one case")
     ap.add_argument("--prefill", action="store_true", help="time chunked prefill instead")
+    ap.add_argument("--store", action="store_true", help="time the store kernel instead")
     ap.add_argument("--graph", action="store_true",
                     help="time CUDA-graph replays of each decode step (launcher cost excluded)")
     ap.add_argument("--presets", default="tq4,tq3.5,tq3,tq2.5,tq4-qjl,tq3-qjl")
@@ -213,6 +268,12 @@ def main(argv=None) -> int:
         rows = prefill(args.kv_heads)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).with_suffix(".prefill.json").write_text(json.dumps(rows, indent=1))
+        return 0
+    if args.store:
+        rows = [r for d in map(int, args.head_dims.split(","))
+                for r in store(args.presets.split(","), d, args.kv_heads)]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_suffix(".store.json").write_text(json.dumps(rows, indent=1))
         return 0
     if args.quick:
         args.batches, args.contexts, args.head_dims, args.gqa = "8", "4096,32768", "128", "4"

@@ -70,20 +70,22 @@ SKETCH_COLS = 32
 """QJL sketch columns per float64 ``tl.dot`` in the store: a [d, 32] fp64 tile is
 64 KiB at d = 256 (fits shared memory), and 32 outputs pack into 4 whole sign bytes."""
 
-DECODE_BLOCK_N = {64: 32, 128: 32, 256: 16}
-"""Decode tokens per tile by head size. Measured on an H100 (``eval/bench_decode_gpu.py
---sweep``, batch 8, 16k context, d = 128, tq3.5 / tq3, word-unpacked codes, tf32x3
-dots): 32 tokens 1.16 / 1.26 ms per step, 16 tokens 1.42 / 1.32 ms; 64 tokens spilled
-registers in the first (per-byte) kernel. With one pipeline stage (tq3.5): 16 tokens
-1.04, 32 tokens 0.60, 64 tokens 0.60 ms. d = 256 keeps 16 (not measured)."""
+DECODE_BLOCK_N = {64: 64, 128: 64, 256: 16}
+"""Decode tokens per tile by head size. With code runs read as int32 words (``A4``), 2
+warps and 64-token tiles took 0.67–0.87× the time of 4 warps and 32-token tiles on an
+H100 in every case timed (CUDA-graph replays, d 128 GQA 4 at B 1/8/32 × 4k/32k and d 64
+GQA 7 at B 32 × 32k, tq4 / tq3.5 / tq3 / tq3.5-trellis; 2 warps with 32-token tiles
+within 3% of it for tq3.5 only; 2026-11-25, docs/performance.md). Before, with byte
+loads (batch 8, 16k, d 128, tq3.5, one stage): 16 tokens 1.04, 32 tokens 0.60, 64 tokens
+0.60 ms. d = 256 keeps 16 (not measured)."""
 
 MIN_G_PAD = 16
 """Query-head rows per decode program are padded to this: ``tl.dot`` needs M ≥ 16."""
 
-DECODE_NUM_WARPS = 4
-"""Warps per decode program: with tf32x3 dots 4 warps beat 8 by 36% (same sweep); with
-one pipeline stage 8 warps take 2.2× as long, 2 warps are within 4% of 4 (faster at
-d = 128, slower at d = 64 and batch 1)."""
+DECODE_NUM_WARPS = {64: 2, 128: 2, 256: 4}
+"""Warps per decode program by head size: 2 with the word loads (see
+:data:`DECODE_BLOCK_N`); before them, with one pipeline stage, 8 warps took 2.2× as long
+as 4 and 2 were within 4% of 4. d = 256 keeps 4 (not measured)."""
 
 DECODE_NUM_STAGES = 1
 """Software-pipelining depth of the decode loop. With Triton's default (3 on Hopper) the
@@ -243,6 +245,17 @@ def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
     # any strides work (the kernels address bytes through all four); Triton takes the
     # view's data pointer, i.e. storage offset included
     return tuple(int(s) for s in kv_cache.stride())  # type: ignore[return-value]
+
+
+def word_aligned(kv_cache: torch.Tensor) -> bool:
+    """Whether every slot of ``kv_cache`` starts 4-byte aligned with its bytes contiguous,
+    so the attention kernels may read code runs as int32 words (``A4``): a data pointer
+    and block/head/token strides that are multiples of 4, byte stride 1. Slots of any
+    preset whose size is a multiple of 4 (every scalar ``tq{b}`` preset) qualify in vLLM's
+    cache; others take byte loads."""
+    s_blk, s_head, s_tok, s_byte = _cache_strides(kv_cache)
+    return (s_byte == 1 and kv_cache.data_ptr() % 4 == 0
+            and all(s % 4 == 0 for s in (s_blk, s_head, s_tok)))
 
 
 def _pad_pow2(n: int, at_least: int = 1) -> int:
@@ -510,7 +523,8 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         block_table, block_table.stride(0), seq_lens.contiguous(), block_size, split_tokens,
         lutk, lutv, float(scale), acc, m, l, hq, splits,
         G=g, G_PAD=_pad_pow2(g, MIN_G_PAD), BLOCK_N=block_n, **_kernel_consts(codec),
-        DOT_PREC=dot_precision(q), num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        DOT_PREC=dot_precision(q), A4=word_aligned(kv_cache), num_warps=DECODE_NUM_WARPS[d],
+        num_stages=DECODE_NUM_STAGES,
     )
     o_rot = torch.empty(b, hq, d, dtype=torch.float32, device=device)
     tq_reduce_kernel[(b * hq,)](acc, m, l, o_rot, splits, D=d)
@@ -598,7 +612,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
         q_rot, q_sk, q_off if q_off is not None else q_rot, o_rot, items, kv_cache, s0, s1, s2, s3,
         block_table, block_table.stride(0), block_size, lutk, lutv, float(scale), hq,
         G=g, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N[d], **_kernel_consts(codec),
-        DOT_PREC=dot_precision(q), num_stages=PREFILL_NUM_STAGES,
+        DOT_PREC=dot_precision(q), A4=word_aligned(kv_cache), num_stages=PREFILL_NUM_STAGES,
     )
     for q0, q1 in spans:
         out[q0:q1] = _unrotate(o_rot[q0 - lo:q1 - lo], codec, num_kv).to(out.dtype)

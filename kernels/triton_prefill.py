@@ -13,7 +13,7 @@ QJL bias from the sign bits); fp32 online softmax; output in the rotated domain.
 import triton
 import triton.language as tl
 
-from tq_vllm.kernels.triton_decode import decode_half, load_half, offset_flag, qjl_half
+from tq_vllm.kernels.triton_decode import decode_half, field_half, offset_flag, qjl_half
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def tq_prefill_kernel(
     K_QJL: tl.constexpr, K_OFF: tl.constexpr, K_TS: tl.constexpr,
     V_NG: tl.constexpr, V_B0: tl.constexpr, V_B1: tl.constexpr, V_W: tl.constexpr,
     V_NORM: tl.constexpr, V_C0: tl.constexpr, V_C1: tl.constexpr, V_TS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, A4: tl.constexpr,
 ):
     """Grid ``(W, H)``."""
     wi = tl.program_id(0)
@@ -71,19 +71,19 @@ def tq_prefill_kernel(
         blk = tl.load(row + pos // block_size, mask=valid, other=0).to(tl.int64)
         base = cache_ptr + blk * s_blk + head_off + (pos % block_size).to(tl.int64) * s_tok
         k0 = decode_half(base, valid, s_byte, lutk_ptr, 0, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
-                         K_NORM, K_C0, K_C1, K_TS)
+                         K_NORM, K_C0, K_C1, K_TS, A4)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         k1 = decode_half(base, valid, s_byte, lutk_ptr, 1, BLOCK_N, D, K_NG, K_B0, K_B1, K_W,
-                         K_NORM, K_C0, K_C1, K_TS)
+                         K_NORM, K_C0, K_C1, K_TS, A4)
         s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         if K_QJL:
-            pm0 = qjl_half(base, valid, s_byte, 0, BLOCK_N, D, K_SIGN)
+            pm0 = qjl_half(base, valid, s_byte, 0, BLOCK_N, D, K_SIGN, A4)
             sq = tl.dot(qs0, tl.trans(pm0), input_precision=DOT_PREC)
-            pm1 = qjl_half(base, valid, s_byte, 1, BLOCK_N, D, K_SIGN)
+            pm1 = qjl_half(base, valid, s_byte, 1, BLOCK_N, D, K_SIGN, A4)
             sq += tl.dot(qs1, tl.trans(pm1), input_precision=DOT_PREC)
-            s += sq * load_half(base + (K_NORM + 2 * K_NG) * s_byte, valid)[None, :]
+            s += sq * field_half(base, valid, s_byte, K_NORM + 2 * K_NG, A4)[None, :]
         if K_OFF:
-            s -= qo[:, None] * offset_flag(base, valid, s_byte, K_NORM)[None, :]
+            s -= qo[:, None] * offset_flag(base, valid, s_byte, K_NORM, A4)[None, :]
         causal = valid[None, :] & (pos[None, :] <= qpos[:, None])
         s = tl.where(causal, s * scale, float("-inf"))
         # every row sees position 0 in the first tile, so m is finite from then on
@@ -92,10 +92,10 @@ def tq_prefill_kernel(
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         v0 = decode_half(base, valid, s_byte, lutv_ptr, 0, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
-                         V_NORM, V_C0, V_C1, V_TS)
+                         V_NORM, V_C0, V_C1, V_TS, A4)
         acc0 = acc0 * alpha[:, None] + tl.dot(p, v0, input_precision=DOT_PREC)
         v1 = decode_half(base, valid, s_byte, lutv_ptr, 1, BLOCK_N, D, V_NG, V_B0, V_B1, V_W,
-                         V_NORM, V_C0, V_C1, V_TS)
+                         V_NORM, V_C0, V_C1, V_TS, A4)
         acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT_PREC)
         m = m_new
 

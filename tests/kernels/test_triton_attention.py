@@ -220,6 +220,48 @@ def test_decode_on_strided_cache_view(build_cache, device):
                  _decode_ref(q, packed, table, seq_lens, codec))
 
 
+@pytest.mark.parametrize("name,dim", [("tq4", 64), ("tq3", 128), ("tq4-qjl", 64),
+                                      ("tq2.5-trellis", 64), ("tq3.5-trellis", 64)])
+def test_word_loads_equal_byte_loads(name, dim, build_cache, device):
+    """Code runs, norms and offset flags read as aligned int32 words (every slot 4-byte
+    aligned: ``A4``) decode what the byte loads decode (the same slots at an odd stride):
+    straddling 3- and 4-bit runs, two channel groups, QJL sign runs and residual norms,
+    trellis windows with the run before. Under the interpreter both run one arithmetic:
+    the same bits. Compiled, the two variants are two kernels whose reductions the
+    compiler may lay out differently (1–4e-7 apart on an H100, with or without FMA
+    fusion), so there they are held to the kernels' fp32 tolerance; a misread word
+    would be off by O(1)."""
+    seq_lens, q_lens = [29, 40], [3, 1]
+    codec, packed, table, _, _ = build_cache(name, dim, KV_HEADS, 16, seq_lens)
+    slot = packed.shape[-1]
+
+    def in_slots_of(width):
+        base = torch.zeros(*packed.shape[:3], width, dtype=torch.uint8, device=device)
+        view = base[..., :slot]
+        view.copy_(packed)
+        return view
+
+    words, single = in_slots_of(-(-slot // 4) * 4), in_slots_of(slot + 1)
+    assert triton_ops.word_aligned(words) and not triton_ops.word_aligned(single)
+    def same(a, b):
+        if device.type == "cpu":
+            assert torch.equal(a, b)
+        else:
+            assert_close(a, b)
+
+    q = _randn(2, KV_HEADS * 3, dim, device=device)
+    same(_decode(q, words, table, seq_lens, codec), _decode(q, single, table, seq_lens, codec))
+    qp = _randn(sum(q_lens), KV_HEADS * 3, dim, device=device)
+    fresh = _randn(sum(q_lens), KV_HEADS, dim, device=device)
+    outs = []
+    for cache in (words, single):
+        out = torch.zeros_like(qp)
+        triton_ops.prefill(qp, fresh, fresh, cache, table, torch.tensor(seq_lens),
+                           torch.tensor([0, 3, 4]), 0, codec, dim ** -0.5, out, False)
+        outs.append(out)
+    same(*outs)
+
+
 def test_launchers_reject_bad_inputs(build_cache):
     """Validation runs before any launch: checked on CPU tensors on every test device."""
     codec, cache, table, _, _ = build_cache("tq4", 64, KV_HEADS, 16, [20],
