@@ -18,8 +18,8 @@ Families at each budget ``b`` (bits per coordinate of codes) in {4, 3.5, 3, 2.5}
 ``tq{b}-trellis``  ``tq{b}`` with bitshift-trellis codes (:data:`TRELLIS_STATE_BITS`):
                the same bytes, decoded with the stream bits before each code
                (``tq_vllm.trellis``), keys searched against the calibration queries
-               (feedback in the search); CPU kernels, Triton kernels (interpreter-tested)
-               and the PyTorch reference.
+               (feedback in the search); CPU kernels, Triton kernels (tested on an
+               H100, where they are slow) and the PyTorch reference.
 
 Above them, ``tq4.5`` (:data:`QJL_RECOMMENDED`): ``tq4`` with the key residual's QJL
 sketch on top (orthonormal rows, the term scaled by its optimal factor) — 5 bits of key
