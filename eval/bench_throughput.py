@@ -21,6 +21,9 @@ compressed cache holds them all (capacity-bound serving):
 is then float32 too); ``--attentions strict,fast-prefill`` runs each tq dtype in both
 attention modes; ``--cached-rerun`` times the same prompts a second time from the prefix
 cache, a mostly-decode pass (TPOT without other requests' prefill chunks interleaved).
+``--rounds N`` repeats the whole sequence of engines N times (each round on fresh
+prompts) and adds the median over rounds of each dtype's tokens/s and of its per-round
+ratio to ``auto``: on a noisy host one round's ratio moves by several hundredths.
 """
 
 from __future__ import annotations
@@ -100,9 +103,11 @@ def _timed(llm, ps: list[str], params) -> dict:
 
 def run(model: str, dtype: str, compiled: bool, n: int, words: int, new_tokens: int,
         budget_mib: float | None = None, max_model_len: int = 2048,
-        model_dtype: str = "bfloat16", cached_rerun: bool = False) -> dict:
+        model_dtype: str = "bfloat16", cached_rerun: bool = False, skip: int = 0) -> dict:
     """One engine: warm-up on other prompts, the timed run, and with ``cached_rerun`` the
-    same prompts again (their blocks now prefix-cached, so that pass is mostly decode)."""
+    same prompts again (their blocks now prefix-cached, so that pass is mostly decode).
+    ``skip``: prompts of the shared sequence to pass over first (a later round's fresh
+    prompts)."""
     from vllm import LLM, SamplingParams
 
     extra = {}
@@ -113,7 +118,7 @@ def run(model: str, dtype: str, compiled: bool, n: int, words: int, new_tokens: 
     llm = LLM(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=max_model_len,
               seed=0, enforce_eager=not compiled, disable_log_stats=False, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    *ps, warm = prompts(n + 1, words)  # the warm-up prompt shares no block with the timed ones
+    *ps, warm = prompts(skip + n + 1, words)[skip:]  # the warm-up shares no block with them
     llm.generate([warm], SamplingParams(max_tokens=4), use_tqdm=False)
     res = {"kv_cache_dtype": dtype, "model_dtype": model_dtype, "compiled": compiled,
            "attention": os.environ.get("TQ_VLLM_ATTENTION", "strict"), **_timed(llm, ps, params)}
@@ -127,9 +132,33 @@ def run(model: str, dtype: str, compiled: bool, n: int, words: int, new_tokens: 
 
 
 def _auto_row(rows: list[dict], r: dict) -> dict | None:
-    """``auto``'s row in the same mode as ``r`` (the ratios' denominator)."""
+    """``auto``'s row in the same mode and round as ``r`` (the ratios' denominator)."""
     return next((a for a in rows
-                 if a["kv_cache_dtype"] == "auto" and a["compiled"] == r["compiled"]), None)
+                 if a["kv_cache_dtype"] == "auto" and a["compiled"] == r["compiled"]
+                 and a.get("round", 0) == r.get("round", 0)), None)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: per (mode, dtype) the median over rounds of tokens/s and of the
+    per-round ratio to ``auto``, with the range of that ratio."""
+    lines = ["| mode | kv-cache-dtype | rounds | median tok/s | median vs auto | range vs auto |",
+             "|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["compiled"], _dtype_label(r)) for r in rows))
+    for compiled, label in keys:
+        rs = [r for r in rows if r["compiled"] == compiled and _dtype_label(r) == label]
+        ratios = [r["tokens_per_s"] / a["tokens_per_s"] for r in rs
+                  if (a := _auto_row(rows, r)) is not None]
+        rng = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "n/a"
+        med = f"{_median(ratios):.2f}" if ratios else "n/a"
+        lines.append(f"| {'compiled' if compiled else 'eager'} | {label} | {len(rs)} | "
+                     f"{_median([r['tokens_per_s'] for r in rs]):.1f} | {med} | {rng} |")
+    return "\n".join(lines)
 
 
 def _dtype_label(r: dict) -> str:
@@ -157,7 +186,9 @@ def table(rows: list[dict], args) -> str:
         ratio = f"{r['tokens_per_s'] / auto['tokens_per_s']:.2f}" if auto else "n/a"
         ttft = f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "?"
         tpot = f"{1e3 * r['tpot_s']:.0f}" if r["tpot_s"] is not None else "?"
-        line = (f"| {'compiled' if r['compiled'] else 'eager'} | {_dtype_label(r)} | "
+        mode = ("compiled" if r["compiled"] else "eager") + (
+            f" (round {r['round'] + 1})" if args.rounds > 1 else "")
+        line = (f"| {mode} | {_dtype_label(r)} | "
                 f"{r['tokens_per_s']:.1f} | {ratio} | {r['requests_per_s']:.3f} | {ttft} | "
                 f"{tpot} | {r['preemptions']} | {r['kv_tokens']:,} |")
         if rerun:
@@ -235,6 +266,9 @@ def main() -> int:
     ap.add_argument("--attentions", default="strict",
                     help="comma list of TQ_VLLM_ATTENTION modes for the tq dtypes "
                          "(strict, fast-prefill); auto and fp8 run once")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every engine this many times (fresh prompts each round) and "
+                         "report medians over rounds")
     ap.add_argument("--out", default="eval/results/bench_throughput.json")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -245,20 +279,26 @@ def main() -> int:
     if not set(modes) <= {"eager", "compiled"}:
         raise SystemExit(f"--modes takes eager and/or compiled, got {args.modes!r}")
     rows = []
-    for mode in modes:
-        for dtype in args.dtypes.split(","):
-            for att in args.attentions.split(",") if dtype.startswith("tq") else ["strict"]:
-                os.environ["TQ_VLLM_ATTENTION"] = att
-                print(f"[bench] {dtype} ({mode}, {att}) ...", flush=True)
-                rows.append(run(model, dtype, mode == "compiled", args.prompts,
-                                args.prompt_words, args.new_tokens, args.kv_budget_mib,
-                                args.max_model_len, args.model_dtype, args.cached_rerun))
+    for rnd in range(args.rounds):
+        for mode in modes:
+            for dtype in args.dtypes.split(","):
+                for att in args.attentions.split(",") if dtype.startswith("tq") else ["strict"]:
+                    os.environ["TQ_VLLM_ATTENTION"] = att
+                    print(f"[bench] round {rnd + 1}/{args.rounds}: {dtype} ({mode}, {att}) ...",
+                          flush=True)
+                    r = run(model, dtype, mode == "compiled", args.prompts, args.prompt_words,
+                            args.new_tokens, args.kv_budget_mib, args.max_model_len,
+                            args.model_dtype, args.cached_rerun, skip=rnd * (args.prompts + 1))
+                    rows.append({**r, "round": rnd})
     md = table(rows, args)
+    if args.rounds > 1:
+        md += "\n\nMedians over rounds (ratios taken within each round):\n\n" + summary(rows)
     print(md)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     Path(args.out).with_suffix(".md").write_text(md + "\n")
-    plot(rows, md.splitlines()[0], Path(args.out).with_suffix(".png"))
+    plot([r for r in rows if r["round"] == 0], md.splitlines()[0],  # the first round's bars
+         Path(args.out).with_suffix(".png"))
     return 0
 
 
