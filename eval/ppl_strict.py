@@ -38,6 +38,9 @@ Variant syntax: ``PRESET[+nc][+kmean][+ksmooth][+vmean][+perm][+nofb][@ends=N]``
     trellis=S  K and V as bitshift-trellis codes with S state bits (``tq_vllm.trellis``:
              same bits, 1.2–2.1 dB less distortion at S = 6; ``tq{b}-trellis`` is
              ``tq{b}@trellis=6``); searched by the CPU kernel where it builds
+    vtrellis=S  the values alone as trellis codes (keys as the preset has them): the
+             values carry most of the loss below 4 bits, and their plain search is a
+             fraction of the keys' search against the queries
     jitter=S realization S: float noise of 5e-7 (relative) on every quantized layer's
              attention output, about what the serving kernels differ from SDPA by; the
              quantizer turns it into other code choices downstream, so Δ perplexity moves
@@ -78,7 +81,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tq_vllm import trellis  # noqa: E402
 from tq_vllm.calibration import LayerTransform, calibrated_codec  # noqa: E402
-from tq_vllm.config import Preset, get_preset, mse_codec, with_trellis  # noqa: E402
+from tq_vllm.config import (Preset, TensorCodec, get_preset, mse_codec,  # noqa: E402
+                            with_trellis)
 from tq_vllm.rotation import hadamard  # noqa: E402
 from tq_vllm.tools import hf_attention  # noqa: E402
 from tq_vllm.tools.calibrate import calibration_token_chunks  # noqa: E402
@@ -207,7 +211,7 @@ def parse_variant(spec: str) -> dict:
             **{k: kw.get(k, 0) for k in AT_SETTINGS}}
 
 
-AT_SETTINGS = ("ends", "sink", "jitter", "trellis")
+AT_SETTINGS = ("ends", "sink", "jitter", "trellis", "vtrellis")
 
 
 VARIANT_CODECS = re.compile(r"k([\d.]+)(?:q(\d*)(o?))?v([\d.]+)")
@@ -254,6 +258,10 @@ def variant_preset(variant: dict) -> Preset:
         preset = preset.model_copy(update={"key": preset.key.model_copy(update={"feedback": False})})
     if variant["trellis"]:
         preset = with_trellis(preset, variant["trellis"])
+    if variant["vtrellis"]:
+        value = TensorCodec.model_validate({**preset.value.model_dump(),
+                                            "trellis": variant["vtrellis"]})
+        preset = preset.model_copy(update={"value": value})
     update = {k: v for opt in o for k, v in OPTION_TRANSFORM.get(opt, {}).items()}
     return preset.model_copy(update={"transform": preset.transform.model_copy(update=update)})
 
@@ -379,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(s) for s in specs]
     for v in variants:  # refuse a bad spec before loading anything
         vllm_cache = v["preset"] == "fp8" or v["preset"] in PER_TOKEN_HEAD
-        if vllm_cache and (v["opts"] or v["trellis"] or v["ends"]):
+        if vllm_cache and (v["opts"] or v["trellis"] or v["vtrellis"] or v["ends"]):
             raise SystemExit(f"{v['spec']}: {v['preset']} takes no options "
                              "(only @sink and @jitter)")
         if v["preset"] != "auto" and not vllm_cache:
@@ -400,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     with hf_attention.capture(model) as calib:
         for chunk in chunks:
             model(chunk[None])
-    if any(v["trellis"] or "trellis" in v["preset"] for v in variants):
+    if any(v["trellis"] or v["vtrellis"] or "trellis" in v["preset"] for v in variants):
         how = "CPU kernel" if use_native_trellis_search() else "PyTorch reference (slow)"
         print(f"trellis codes searched by the {how}", flush=True)
     if not any(v["preset"] == "auto" for v in variants):

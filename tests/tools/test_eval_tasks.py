@@ -272,6 +272,17 @@ def test_ppl_strict_variant_settings_and_realization_summary(capsys):
     assert "+1.00% / 0.0200" in line and "+2.00% ± 0.71 / 0.0220" in line and "(2 " in line
 
 
+def test_ppl_strict_vtrellis_makes_only_the_values_trellis_codes():
+    """``@vtrellis=S``: the values become S-state trellis codes, the keys stay as the
+    preset has them (scalar codes rounded with feedback for ``tq3.5``)."""
+    import ppl_strict
+
+    p = ppl_strict.variant_preset(ppl_strict.parse_variant("tq3.5@vtrellis=6"))
+    base = ppl_strict.get_preset("tq3.5")
+    assert p.value.trellis == 6 and p.key == base.key and p.key.trellis == 0
+    assert p.layout(64).slot_bytes == base.layout(64).slot_bytes
+
+
 def test_ppl_strict_fp8_is_vllms_saturating_e4m3_cache():
     """``fp8`` emulates vLLM's fp8 cache (e4m3, scale 1): e4m3 values round-trip, others
     land on the nearest one (3 mantissa bits), beyond ±448 saturates; every layer is
