@@ -192,28 +192,91 @@ inline void unpack_trellis(const uint8_t* seg, int dim, int S, const float* tab,
   }
 }
 
-inline void unpack(const uint8_t* slot, const Desc& dd, const Codebooks& c, float* dst) {
+#if defined(__AVX512F__)
+// TRELLIS_REG_ENTRIES: decode tables up to this size (S + B <= 6) are held in four
+// registers, loaded once for a tile's slots, and a window's value is a register permute
+// (two two-table permutes and a blend on the window's bit 5) instead of a gather: the same
+// table entry, so the same bits. Larger tables (the tq{b}-trellis presets' S = 6 codes:
+// 512-1024 entries) gather.
+constexpr int TRELLIS_REG_ENTRIES = 64;
+
+template <int B>
+inline void unpack_trellis_regs(const uint8_t* const* slots, int n_slots, int64_t seg_off,
+                                int dim, int S, const float* tab, float* dst, int64_t stride) {
+  const int n = 1 << (S + B);
+  __m512 t[4];
+  for (int q = 0; q < 4; ++q) {  // entries past the table read as 0 and are never selected
+    const int left = std::clamp(n - 16 * q, 0, 16);
+    t[q] = _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), tab + 16 * q);
+  }
+  const __m256i step = _mm256_set_epi64x(3 * B, 2 * B, B, 0);
+  const __m256i sh_lo = _mm256_add_epi64(_mm256_set1_epi64x(32 - S), step);
+  const __m256i sh_hi = _mm256_add_epi64(sh_lo, _mm256_set1_epi64x(4 * B));
+  const __m256i mask = _mm256_set1_epi64x((int64_t(1) << (S + B)) - 1);
+  const __m512i bit5 = _mm512_set1_epi32(32);
+  for (int i = 0; i < n_slots; ++i) {
+    const uint8_t* seg = slots[i] + seg_off;
+    float* out = dst + i * stride;
+    uint32_t hist = 0;
+    for (int k = 0; k < dim; k += 8) {
+      const uint32_t cur = load_le<B>(seg + B * (k / 8));
+      const __m256i ext = _mm256_set1_epi64x((int64_t)(((uint64_t)cur << 32) | hist));
+      const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_lo), mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_hi), mask);
+      const __m512i idx = _mm512_castsi256_si512(
+          _mm256_set_m128i(_mm256_cvtepi64_epi32(hi), _mm256_cvtepi64_epi32(lo)));
+      const __m512 v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5),
+                                            _mm512_permutex2var_ps(t[0], idx, t[1]),
+                                            _mm512_permutex2var_ps(t[2], idx, t[3]));
+      _mm256_storeu_ps(out + k, _mm512_castps512_ps256(v));  // the 8 windows' values
+      if constexpr (B == 4) hist = cur;
+      else hist = (hist >> (8 * B)) | (cur << (32 - 8 * B));
+    }
+  }
+}
+#endif
+
+// One trellis group (B-bit codes at byte seg_off of each slot, decode table tab) of a
+// tile's slots into dst + i * stride: unpack_trellis_regs where the table fits registers,
+// else unpack_trellis's gathers slot by slot.
+template <int B>
+inline void unpack_trellis_group(const uint8_t* const* slots, int n_slots, int64_t seg_off,
+                                 int dim, int S, const float* tab, float* dst, int64_t stride) {
+#if defined(__AVX512F__)
+  if ((1 << (S + B)) <= TRELLIS_REG_ENTRIES)
+    return unpack_trellis_regs<B>(slots, n_slots, seg_off, dim, S, tab, dst, stride);
+#endif
+  for (int i = 0; i < n_slots; ++i) unpack_trellis<B>(slots[i] + seg_off, dim, S, tab, dst + i * stride);
+}
+
+// A tile's slots (n of them) decoded into dst + i * stride, K or V as `dd` describes:
+// unit-scale floats (the group norms are applied by the tile step).
+inline void unpack_tile(const uint8_t* const* slots, int n, const Desc& dd, const Codebooks& c,
+                        float* dst, int64_t stride) {
   int j = 0;
   for (int g = 0; g < dd.ngroups; ++g) {
-    const uint8_t* seg = slot + dd.seg_off[g];
+    const int64_t off = dd.seg_off[g];
     const int dim = (int)dd.dim[g];
     if (dd.trellis) {
       const int S = (int)dd.trellis;
       const float* tab = c.tables + g * dd.tab_stride;
       switch (dd.bits[g]) {
-        case 1: unpack_trellis<1>(seg, dim, S, tab, dst + j); break;
-        case 2: unpack_trellis<2>(seg, dim, S, tab, dst + j); break;
-        case 3: unpack_trellis<3>(seg, dim, S, tab, dst + j); break;
-        default: unpack_trellis<4>(seg, dim, S, tab, dst + j); break;
+        case 1: unpack_trellis_group<1>(slots, n, off, dim, S, tab, dst + j, stride); break;
+        case 2: unpack_trellis_group<2>(slots, n, off, dim, S, tab, dst + j, stride); break;
+        case 3: unpack_trellis_group<3>(slots, n, off, dim, S, tab, dst + j, stride); break;
+        default: unpack_trellis_group<4>(slots, n, off, dim, S, tab, dst + j, stride); break;
       }
-      j += dim;
-      continue;
-    }
-    switch (dd.bits[g]) {
-      case 1: unpack_group<1>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
-      case 2: unpack_group<2>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
-      case 3: unpack_group<3>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
-      default: unpack_group<4>(seg, dim, c.cb[g], c.shifts[g], dst + j); break;
+    } else {
+      for (int i = 0; i < n; ++i) {
+        const uint8_t* seg = slots[i] + off;
+        float* out = dst + i * stride + j;
+        switch (dd.bits[g]) {
+          case 1: unpack_group<1>(seg, dim, c.cb[g], c.shifts[g], out); break;
+          case 2: unpack_group<2>(seg, dim, c.cb[g], c.shifts[g], out); break;
+          case 3: unpack_group<3>(seg, dim, c.cb[g], c.shifts[g], out); break;
+          default: unpack_group<4>(seg, dim, c.cb[g], c.shifts[g], out); break;
+        }
+      }
     }
     j += dim;
   }
@@ -575,9 +638,9 @@ void attend(const Step& P, int64_t task) {
     if (tt + TILE < t1) prefetch_tile(P, tile_at(P, row, h, tt + TILE));
     const uint8_t* slots[TILE];
     for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
-    for (int i = 0; i < n && scr; ++i) {
-      if (P.kd.trellis) unpack(slots[i], P.kd, P.kc, kscr + i * P.d);
-      unpack(slots[i], P.vd, P.vc, vscr + i * P.d);
+    if (scr) {
+      if (P.kd.trellis) unpack_tile(slots, n, P.kd, P.kc, kscr, P.d);
+      unpack_tile(slots, n, P.vd, P.vc, vscr, P.d);
     }
     fill_keys(P, slots, n, kscr, T);
     if (scr) tile_step<GT, 1, true>(P, slots, n, T, vscr, b * P.Hq + h * G, &rs);
@@ -624,11 +687,9 @@ void attend_rows(const Step& P, int64_t task) {
     const int n = (int)std::min<int64_t>(TILE, t_end - tt);
     const uint8_t* tile = tile_at(P, row, h, tt);
     const uint8_t* slots[TILE];
-    for (int i = 0; i < n; ++i) {
-      slots[i] = tile + i * P.s_tok;
-      if (P.kd.trellis) unpack(slots[i], P.kd, P.kc, kscr + i * d);
-      unpack(slots[i], P.vd, P.vc, vscr + i * d);
-    }
+    for (int i = 0; i < n; ++i) slots[i] = tile + i * P.s_tok;
+    if (P.kd.trellis) unpack_tile(slots, n, P.kd, P.kc, kscr, d);
+    unpack_tile(slots, n, P.vd, P.vc, vscr, d);
     fill_keys(P, slots, n, kscr, T);
     // the tokens of this tile row r reads: 0 if none
     auto reads = [&](int64_t r) { return (int)std::clamp<int64_t>(end_of(r) - tt, 0, n); };

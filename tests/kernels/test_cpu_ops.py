@@ -130,6 +130,36 @@ def test_prefill_matches_reference(impl, name, dim, gqa, block_size):
     assert (out - ref).abs().max().item() <= ATOL
 
 
+def _values_as_trellis(name: str, state_bits: int):
+    """``name`` with its values alone as trellis codes of ``state_bits`` state bits."""
+    p = PRESETS[name]
+    value = p.value.model_copy(update={"trellis": state_bits})
+    return p.model_copy(update={"name": f"{name}@vtrellis={state_bits}", "value": value})
+
+
+@pytest.mark.parametrize("preset", [trellis_preset(3, "tq3-mse"), trellis_preset(3, "tq2.5-mse"),
+                                    _values_as_trellis("tq3.5", 3), _values_as_trellis("tq3", 3)],
+                         ids=lambda p: p.name)
+def test_small_trellis_tables_decode_and_prefill_match_reference(impl, preset):
+    """Trellis tables of at most 64 entries (S + B <= 6: 3 state bits with 1-3-bit codes)
+    are read by register permutes in the AVX-512 build, larger ones by gathers: decode and
+    prefill of such codes (both tensors, two groups of 3 and 2 bits, values only beside
+    scalar keys rounded with feedback) against the reference."""
+    seq_lens, q_lens = [37, 130], [5, 1]
+    codec, cache, table, _, _ = build_cache(preset, 64, 2, 16, seq_lens)
+    q = torch.randn(len(seq_lens), 6, 64)
+    out = torch.empty_like(q)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out)
+    ref, _ = _reference(q, cache, table, seq_lens, [1] * len(seq_lens), codec, torch.float32)
+    assert (out - ref).abs().max().item() <= ATOL
+    qp = torch.randn(sum(q_lens), 6, 64)
+    ref, qsl = _reference(qp, cache, table, seq_lens, q_lens, codec, torch.float32)
+    outp = torch.zeros_like(qp)
+    cpu_ops.prefill(qp, None, None, cache, table, torch.tensor(seq_lens), qsl, 0, codec, 0.3,
+                    outp, fresh_exact=False)
+    assert (outp - ref).abs().max().item() <= ATOL
+
+
 @pytest.mark.parametrize("name", ["tq3.5", "tq4-qjl", "tq3.5-trellis"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gqa", [3, 7, 9])  # paired chunks, single chunks, the generic body
