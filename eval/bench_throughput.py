@@ -181,13 +181,14 @@ def table(rows: list[dict], args) -> str:
         title += "; rerun: the same prompts again, prefix-cached (mostly decode)"
         head += " rerun tok/s | rerun vs auto | rerun TPOT ms |"
     lines = [title, "", head, "|---" * (head.count("|") - 1) + "|"]
+    rounds = len({r.get("round", 0) for r in rows})
     for r in rows:
         auto = _auto_row(rows, r)
         ratio = f"{r['tokens_per_s'] / auto['tokens_per_s']:.2f}" if auto else "n/a"
         ttft = f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "?"
         tpot = f"{1e3 * r['tpot_s']:.0f}" if r["tpot_s"] is not None else "?"
         mode = ("compiled" if r["compiled"] else "eager") + (
-            f" (round {r['round'] + 1})" if args.rounds > 1 else "")
+            f" (round {r['round'] + 1})" if rounds > 1 else "")
         line = (f"| {mode} | {_dtype_label(r)} | "
                 f"{r['tokens_per_s']:.1f} | {ratio} | {r['requests_per_s']:.3f} | {ttft} | "
                 f"{tpot} | {r['preemptions']} | {r['kv_tokens']:,} |")

@@ -172,23 +172,35 @@ inline void unpack_group(const uint8_t* seg, int dim, const Book& cb, VI shifts,
 // being stream bits [B k - S, B k + B) (zeros before the group's start). Eight codes of B
 // bits are B bytes of the stream; with the 32 stream bits before them (`hist`) in the low
 // half of a 64-bit word, each window is one variable shift and mask, with no dependency
-// between codes, and eight table lookups are two 4-lane gathers (AVX2, both builds).
+// between codes. `next` gives the run at code k's windows as 64-bit lanes (lo: codes
+// k..k+3, hi: k+4..k+7) and takes the run into the history; runs are read in order.
 template <int B>
-inline void unpack_trellis(const uint8_t* seg, int dim, int S, const float* tab, float* dst) {
-  const __m256i step = _mm256_set_epi64x(3 * B, 2 * B, B, 0);
-  const __m256i sh_lo = _mm256_add_epi64(_mm256_set1_epi64x(32 - S), step);
-  const __m256i sh_hi = _mm256_add_epi64(sh_lo, _mm256_set1_epi64x(4 * B));
-  const __m256i mask = _mm256_set1_epi64x((int64_t(1) << (S + B)) - 1);
+struct TrellisWindows {
+  __m256i sh_lo, sh_hi, mask;
   uint32_t hist = 0;
-  for (int k = 0; k < dim; k += 8) {
+  explicit TrellisWindows(int S)
+      : sh_lo(_mm256_add_epi64(_mm256_set1_epi64x(32 - S), _mm256_set_epi64x(3 * B, 2 * B, B, 0))),
+        sh_hi(_mm256_add_epi64(sh_lo, _mm256_set1_epi64x(4 * B))),
+        mask(_mm256_set1_epi64x((int64_t(1) << (S + B)) - 1)) {}
+  void next(const uint8_t* seg, int k, __m256i& lo, __m256i& hi) {
     const uint32_t cur = load_le<B>(seg + B * (k / 8));
     const __m256i ext = _mm256_set1_epi64x((int64_t)(((uint64_t)cur << 32) | hist));
-    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_lo), mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_hi), mask);
-    _mm256_storeu_ps(dst + k, _mm256_set_m128(_mm256_i64gather_ps(tab, hi, 4),
-                                              _mm256_i64gather_ps(tab, lo, 4)));
+    lo = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_lo), mask);
+    hi = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_hi), mask);
     if constexpr (B == 4) hist = cur;
     else hist = (hist >> (8 * B)) | (cur << (32 - 8 * B));
+  }
+};
+
+// One slot's trellis group: eight table lookups are two 4-lane gathers (AVX2, both builds).
+template <int B>
+inline void unpack_trellis(const uint8_t* seg, int dim, int S, const float* tab, float* dst) {
+  TrellisWindows<B> win(S);
+  for (int k = 0; k < dim; k += 8) {
+    __m256i lo, hi;
+    win.next(seg, k, lo, hi);
+    _mm256_storeu_ps(dst + k, _mm256_set_m128(_mm256_i64gather_ps(tab, hi, 4),
+                                              _mm256_i64gather_ps(tab, lo, 4)));
   }
 }
 
@@ -209,28 +221,21 @@ inline void unpack_trellis_regs(const uint8_t* const* slots, int n_slots, int64_
     const int left = std::clamp(n - 16 * q, 0, 16);
     t[q] = _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), tab + 16 * q);
   }
-  const __m256i step = _mm256_set_epi64x(3 * B, 2 * B, B, 0);
-  const __m256i sh_lo = _mm256_add_epi64(_mm256_set1_epi64x(32 - S), step);
-  const __m256i sh_hi = _mm256_add_epi64(sh_lo, _mm256_set1_epi64x(4 * B));
-  const __m256i mask = _mm256_set1_epi64x((int64_t(1) << (S + B)) - 1);
   const __m512i bit5 = _mm512_set1_epi32(32);
+  TrellisWindows<B> win(S);
   for (int i = 0; i < n_slots; ++i) {
     const uint8_t* seg = slots[i] + seg_off;
     float* out = dst + i * stride;
-    uint32_t hist = 0;
+    win.hist = 0;
     for (int k = 0; k < dim; k += 8) {
-      const uint32_t cur = load_le<B>(seg + B * (k / 8));
-      const __m256i ext = _mm256_set1_epi64x((int64_t)(((uint64_t)cur << 32) | hist));
-      const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_lo), mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srlv_epi64(ext, sh_hi), mask);
+      __m256i lo, hi;
+      win.next(seg, k, lo, hi);
       const __m512i idx = _mm512_castsi256_si512(
           _mm256_set_m128i(_mm256_cvtepi64_epi32(hi), _mm256_cvtepi64_epi32(lo)));
       const __m512 v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5),
                                             _mm512_permutex2var_ps(t[0], idx, t[1]),
                                             _mm512_permutex2var_ps(t[2], idx, t[3]));
       _mm256_storeu_ps(out + k, _mm512_castps512_ps256(v));  // the 8 windows' values
-      if constexpr (B == 4) hist = cur;
-      else hist = (hist >> (8 * B)) | (cur << (32 - 8 * B));
     }
   }
 }

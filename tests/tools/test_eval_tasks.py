@@ -246,6 +246,28 @@ def test_throughput_table_and_plot_name_modes_and_reruns(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_throughput_rounds_take_ratios_within_each_round():
+    """``--rounds``: the table names each row's round, and the summary's median ratio is
+    taken from per-round ratios (auto 4 then 8 tok/s, tq4 3 then 8: ratios 0.75 and 1.0,
+    median 0.88), not from the median tokens/s (6.0 / 5.5)."""
+    import argparse
+
+    import bench_throughput
+
+    def row(dtype, rnd, tps):
+        return {"kv_cache_dtype": dtype, "compiled": False, "attention": "strict", "round": rnd,
+                "tokens_per_s": tps, "requests_per_s": 0.1, "ttft_s": 1.0, "tpot_s": 0.2,
+                "preemptions": 0, "kv_tokens": 1000}
+
+    rows = [row("auto", 0, 4.0), row("tq4", 0, 3.0), row("auto", 1, 8.0), row("tq4", 1, 8.0)]
+    args = argparse.Namespace(kv_budget_mib=None, prompts=16, prompt_words=100,
+                              new_tokens=128, model_dtype="bfloat16")
+    md = bench_throughput.table(rows, args).splitlines()
+    assert "| eager (round 2) | tq4 | 8.0 | 1.00 |" in md[7]
+    summary = bench_throughput.summary(rows).splitlines()
+    assert summary[3] == "| eager | tq4 | 2 | 5.5 | 0.88 | 0.75–1.00 |"
+
+
 def test_tp_equality_compare_finds_the_first_differing_token():
     import tp_equality
 
