@@ -51,7 +51,11 @@ batch of 64) found the inputs of only 28 of its 60 prefill + first-decode attent
 identical, while every call whose inputs were identical gave identical outputs. Greedy
 outputs under another schedule (chunked prefill, prefix-cache hits, preemption, batch
 neighbours) then differ through vLLM's layers, not ours; on such hosts those comparisons
-are skipped and the trace's per-call equality still runs. On the AMD EPYC hosts they held."""
+are skipped and the trace's per-call equality still runs. On the AMD EPYC hosts they held.
+Control with ``auto`` on the same host: 2 of 4 requests alone differ from the same requests
+in a batch of 64 (vLLM's layers alone); chunked prefill vs plain gave the same 8 answers, so
+for the chunked and prefix-cache schedules the cause is inferred from the batch trace, not
+traced itself — an exact cache absorbs small input changes that can move a code."""
 SCHEDULE_VARIANT_HOST = pytest.mark.skipif(
     AMX, reason="vLLM-CPU's AMX bf16 layers are batch-variant (see AMX): greedy outputs "
                 "under another schedule differ through vLLM's own layers on this host")
