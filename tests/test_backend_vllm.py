@@ -37,14 +37,7 @@ def run_engines(runs, tmp_path, timeout=1500):
     return json.loads(out.read_text())
 
 
-def _has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-AMX = _has_amx()
+AMX = "amx_bf16" in cpu_native._cpu_flags()
 """On a Xeon with AMX (2026-12-06) vLLM-CPU's own bf16 layers are batch-variant in the
 prompt's prefill as well as in decode: the layer-by-layer trace of request 0 (alone vs in a
 batch of 64) found the inputs of only 28 of its 60 prefill + first-decode attention calls
