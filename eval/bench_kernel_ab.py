@@ -67,6 +67,12 @@ def cases() -> list[tuple]:
                     lambda c=codec, ca=cache, t=t64, s=lens, q=q, o=o:
                     cpu_ops.decode(q, ca, t, s, c, 0.125, o),
                     max(3, 100_000 // (batch * ctx))))
+    # Qwen2.5-0.5B's grouping: 7 query heads per KV head (2 KV heads)
+    codec, cache, table, _, _ = build_cache("tq4", D, 2, 16, [4096] * 8)
+    q = torch.randn(8, 2 * 7, D)
+    o, lens, t64 = torch.empty_like(q), torch.full((8,), 4096), table.to(torch.int64)
+    out.append(("decode tq4 GQA 7 8 x 4096",
+                lambda c=codec, ca=cache, t=t64, s=lens, q=q, o=o: cpu_ops.decode(q, ca, t, s, c, 0.125, o), 3))
     # as in a model: LAYERS caches of 16 x 4096 tokens (~13 MB each, together beyond L3)
     # read in turn, so each layer's cache streams from memory; time per layer
     layers = [build_cache("tq4", D, KV_HEADS, 16, [4096] * 16) for _ in range(LAYERS)]

@@ -93,10 +93,10 @@ inline V chunk(const uint8_t* seg, const float* scr, int k, const Book& cb, VI s
 // its decode bits. Decode runs RB = 1.
 constexpr int NUM_VREGS = W == 16 ? 32 : 16;  // zmm0-31 (AVX-512) or ymm0-15 (AVX2)
 constexpr int MAX_RB = 4;
-// A pass keeps each (row, query head)'s TILE broadcast softmax weights (pn: 1 KiB with
-// AVX-512) on the stack beside the tile's key layout and decoded values. Bounding the
-// pairs kept L1 from overflowing with an earlier, larger per-pair score tile (G = 7: 3
-// rows were slower than 2); with this layout 16 and 32 measure the same.
+// A pass keeps each (row, query head)'s TILE scores, weights and weights x norms (64 B
+// each) on the stack beside the tile's key layout and decoded values. Bounding the pairs
+// kept L1 from overflowing with an earlier, larger per-pair score tile (G = 7: 3 rows
+// were slower than 2); with the layout since then 16 and 32 measure the same.
 constexpr int MAX_ROW_HEADS = 16;
 
 // Rows per pass for group size GT: RB x (accumulators per row) + the two chunks and two
@@ -111,14 +111,15 @@ constexpr int rows_per_pass() {
 }
 
 // acc[r][g][k ..] += sum_i pn[r][g][i] * c[code_i] over the n tokens of a tile, for the
-// chunk at byte `off` of each slot (and, PAIR, the next chunk too); pn, broadcast to W
-// lanes once per tile (an FMA then reads it as its memory operand), already holds p * (the
-// token's group norm). Chunk-outer order keeps the accumulators in registers across the
+// chunk at byte `off` of each slot (and, PAIR, the next chunk too); pn already holds p *
+// (the token's group norm), a scalar the FMA broadcasts from memory (AVX-512's embedded
+// broadcast: no shuffle uop, and the tile's weights take 1/W of the L1 a pre-broadcast
+// copy took). Chunk-outer order keeps the accumulators in registers across the
 // tile. SCR: the tile's values are already decoded, token i at scr + i * d (k: the
 // rotated coordinate, as in acc).
 template <int B, int GA, int RB, bool PAIR, bool SCR>
 inline void accumulate(const uint8_t* const* slots, const float* scr, int64_t d, int n,
-                       int64_t off, const Book& cb, VI shifts, const V (*pn)[GA][TILE], int G,
+                       int64_t off, const Book& cb, VI shifts, const float (*pn)[GA][TILE], int G,
                        float (*const* acc)[MAX_D], int k) {
   V a[RB][GA], b[RB][GA];
   for (int r = 0; r < RB; ++r)
@@ -134,13 +135,13 @@ inline void accumulate(const uint8_t* const* slots, const float* scr, int64_t d,
       const V c1 = chunk<B, SCR>(seg, row, W, cb, shifts);
       for (int r = 0; r < RB; ++r)
         for (int g = 0; g < G; ++g) {
-          const V p = pn[r][g][i];
+          const V p = set1(pn[r][g][i]);
           a[r][g] = fmadd(p, c0, a[r][g]);
           b[r][g] = fmadd(p, c1, b[r][g]);
         }
     } else {
       for (int r = 0; r < RB; ++r)
-        for (int g = 0; g < G; ++g) a[r][g] = fmadd(pn[r][g][i], c0, a[r][g]);
+        for (int g = 0; g < G; ++g) a[r][g] = fmadd(set1(pn[r][g][i]), c0, a[r][g]);
     }
   }
   for (int r = 0; r < RB; ++r)
@@ -153,7 +154,7 @@ inline void accumulate(const uint8_t* const* slots, const float* scr, int64_t d,
 template <int B, int GA, int RB, bool PAIR, bool SCR>
 inline void accumulate_group(const uint8_t* const* slots, const float* scr, int64_t d, int n,
                              int64_t seg_off, int dim, const Book& cb, VI shifts,
-                             const V (*pn)[GA][TILE], int G, float (*const* acc)[MAX_D], int j) {
+                             const float (*pn)[GA][TILE], int G, float (*const* acc)[MAX_D], int j) {
   int k = 0;
   if constexpr (PAIR)
     for (; k + 2 * W <= dim; k += 2 * W)
@@ -465,13 +466,26 @@ inline void score_pairs(const float* const* q, const float (*kt)[TILE], int j, i
   }
 }
 
-// score_pairs over any number of pairs, SCORE_PAIRS at a time.
+// score_pairs over any number of pairs, in the fewest calls of at most SCORE_PAIRS, as
+// even as can be: every call keeps several pairs x NPART chains in flight (G = 7 as 6 + 1
+// left the last pair's 4 chains latency bound; it now runs as 4 + 3).
 inline void score_all(int npairs, const float* const* q, const float (*kt)[TILE], int j, int dim,
                       const float* nk, bool first, float* const* s) {
   int p = 0;
-  for (; p + SCORE_PAIRS <= npairs; p += SCORE_PAIRS)
-    score_pairs<SCORE_PAIRS>(q + p, kt, j, dim, nk, first, s + p);
+  for (int calls = (npairs + SCORE_PAIRS - 1) / SCORE_PAIRS; calls > 1; --calls) {
+    const int take = (npairs - p + calls - 1) / calls;  // ceil of an even share of the rest
+    switch (take) {
+      case 6: score_pairs<6>(q + p, kt, j, dim, nk, first, s + p); break;
+      case 5: score_pairs<5>(q + p, kt, j, dim, nk, first, s + p); break;
+      case 4: score_pairs<4>(q + p, kt, j, dim, nk, first, s + p); break;
+      case 3: score_pairs<3>(q + p, kt, j, dim, nk, first, s + p); break;
+      case 2: score_pairs<2>(q + p, kt, j, dim, nk, first, s + p); break;
+      default: score_pairs<1>(q + p, kt, j, dim, nk, first, s + p); break;
+    }
+    p += take;
+  }
   switch (npairs - p) {
+    case 6: score_pairs<6>(q + p, kt, j, dim, nk, first, s + p); break;
     case 5: score_pairs<5>(q + p, kt, j, dim, nk, first, s + p); break;
     case 4: score_pairs<4>(q + p, kt, j, dim, nk, first, s + p); break;
     case 3: score_pairs<3>(q + p, kt, j, dim, nk, first, s + p); break;
@@ -544,7 +558,7 @@ inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const K
       V mv = loadu(sg);
       for (int i = W; i < TILE; i += W) mv = vmax(mv, loadu(sg + i));
       const float m_new = std::max(m, reduce_max(mv));
-      const float corr = std::exp(m - m_new);
+      const float corr = m_new == m ? 1.f : std::exp(m - m_new);  // exp(0) is 1: skip the call
       V lsum = zero();
       for (int i = 0; i < TILE; i += W) storeu(pg + i, vexp(sub(loadu(sg + i), set1(m_new))));
       for (int i = n; i < TILE; ++i) pg[i] = 0.f;  // vexp clamps: exp(-inf) is not 0
@@ -562,12 +576,13 @@ inline void tile_step(const Step& P, const uint8_t* const* slots, int n, const K
   for (int r = 0; r < RB; ++r) acc[r] = rs[r].acc;
   int j = 0;
   for (int vg = 0; vg < P.vd.ngroups; ++vg) {
-    alignas(64) V pn[RB][GA][TILE];
-    for (int i = 0; i < n; ++i) {
-      const float nv = half_at(slots[i] + P.vd.norm_off + 2 * vg);
-      for (int r = 0; r < RB; ++r)
-        for (int g = 0; g < G; ++g) pn[r][g][i] = set1(p[r][g][i] * nv);
-    }
+    alignas(64) float nv[TILE];
+    for (int i = 0; i < n; ++i) nv[i] = half_at(slots[i] + P.vd.norm_off + 2 * vg);
+    for (int i = n; i < TILE; ++i) nv[i] = 0.f;
+    alignas(64) float pn[RB][GA][TILE];
+    for (int r = 0; r < RB; ++r)
+      for (int g = 0; g < G; ++g)
+        for (int i = 0; i < TILE; i += W) storeu(pn[r][g] + i, mul(loadu(p[r][g] + i), loadu(nv + i)));
     const int64_t off = P.vd.seg_off[vg];
     const int dim = (int)P.vd.dim[vg];
     const Book& cb = P.vc.cb[vg];
