@@ -9,12 +9,15 @@ noisy). Prints time, ratio vs bf16 and effective GB/s of cache bytes read; write
 and a plot. Presets with the key offset choice get a random offset (every key's flag
 is read, as in serving).
 
-A model's decode step reads every layer's cache once, so unless all layers' caches
-together fit in the last-level cache they come from memory. Each implementation is
-therefore timed over several distinct caches (``--layers``; by default enough layers
-that the bf16 caches total :data:`STREAM_BYTES`, at most :data:`MAX_LAYERS`) and
-reports the time per layer; ``--layers 1`` times one cache read over and over (for
-small caches: resident in L2/L3, the compute-bound view).
+A model's decode step reads every layer's cache once, so whether the caches come from
+memory or from the last-level cache depends on all layers' bytes together, not one
+layer's. Each implementation is therefore timed over distinct caches, one per layer of a
+model (``--layers``; by default :data:`MODEL_LAYERS`, fewer where their bf16 caches
+would pass :data:`MEMORY_CAP`, which already streams from memory), and reports the time
+per layer. So a case is cache-resident exactly when a model's would be on this host:
+with the EPYC's 32 MiB L3 nearly every case streams, with the Xeon's 480 MiB L3 the
+small ones (batch 1 x 4k: 30 x 2 MiB) stay in L3. ``--layers 1`` times one cache read
+over and over (resident in L2/L3: the compute-bound view).
 
     python eval/bench_decode.py                     # the full grid (minutes)
     python eval/bench_decode.py --quick             # batch 8, context 4k, d 64, GQA 3
@@ -38,16 +41,18 @@ from tq_vllm.kernels import cpu_ops
 from tq_vllm.reference import tq_paged_attention
 
 BLOCK_SIZE = 128  # vLLM-CPU's default block size
-STREAM_BYTES = 128 << 20
-"""bf16 cache bytes a case's layers add up to by default: 4x this host's 32 MiB L3, as a
-model's layers do (SmolLM2 at batch 1 x 4k: 30 layers x 3 MiB)."""
-MAX_LAYERS = 16
+MODEL_LAYERS = 30
+"""Distinct caches a case reads in turn by default: SmolLM2-135M's 30 layers."""
+MEMORY_CAP = 4 << 30
+"""bf16 cache bytes of one case's layers at most (this 24 GiB machine holds the bf16
+caches and each preset's beside them); 4 GiB is 8x the largest L3 seen here."""
 
 
 def default_layers(batch: int, ctx: int, d: int, kv_heads: int) -> int:
-    """Layers whose bf16 caches total at least :data:`STREAM_BYTES` (1 to :data:`MAX_LAYERS`)."""
+    """:data:`MODEL_LAYERS`, or fewer (at least 1) where their bf16 caches would pass
+    :data:`MEMORY_CAP`."""
     per_layer = batch * math.ceil(ctx / BLOCK_SIZE) * BLOCK_SIZE * kv_heads * 2 * d * 2
-    return max(1, min(MAX_LAYERS, -(-STREAM_BYTES // per_layer)))
+    return max(1, min(MODEL_LAYERS, MEMORY_CAP // per_layer))
 
 
 def _time_side_by_side(fns, min_time: float = 1.0, max_rounds: int = 30):
