@@ -6,7 +6,9 @@ cases run through the working tree's launchers (``kernels/cpu_ops.py``) against 
 library in turn, round after round; the best round per case is kept. Separate benchmark
 runs on a shared 2-core machine move by ±10%; interleaving in one process cancels most of
 that. The revisions' C signatures must be the working tree's (its launchers pass the
-arguments). ``WORKTREE`` names the uncommitted sources.
+arguments). ``WORKTREE`` names the uncommitted sources. On the 2-core Xeon host
+(2026-12-06) the library listed first ran faster: the same store code read 0.98-0.99 in one
+order and 1.27-1.45 in the other. Run both orders there and count only what wins in both.
 
     python eval/bench_kernel_ab.py HEAD~1 HEAD [--rounds 5]          # ~2 min
 """
