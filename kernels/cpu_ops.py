@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tq_vllm import trellis
 from tq_vllm.codec import LayerCodec, TensorQuantizer
 from tq_vllm.kernels import cpu_native, cpu_numba
+from tq_vllm.reference import fresh_attention
 
 SPLIT_TOKENS = 512
 """Decode splits the KV axis into fixed runs of this many tokens (a multiple of the
@@ -396,11 +396,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
         if n == 0:
             continue
         if s == n and fresh_exact:
-            o = F.scaled_dot_product_attention(
-                q[q0:q1].float().transpose(0, 1)[None], k[q0:q1].float().transpose(0, 1)[None],
-                v[q0:q1].float().transpose(0, 1)[None], is_causal=True, scale=scale,
-                enable_gqa=True)
-            out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
+            out[q0:q1] = fresh_attention(q[q0:q1], k[q0:q1], v[q0:q1], scale).to(out.dtype)
             continue
         rows.append(torch.arange(q0, q1))
         seqs.append(torch.full((n,), i, dtype=torch.int64))

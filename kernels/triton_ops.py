@@ -48,7 +48,6 @@ operands through shared memory), DRAM 6%. Left: the per-code centroid gather, th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from tq_vllm import trellis
@@ -59,7 +58,7 @@ from tq_vllm.kernels.triton_prefill import tq_prefill_kernel
 from tq_vllm.kernels.triton_rotate import tq_rotate_kernel
 from tq_vllm.kernels.triton_store import tq_store_kernel
 from tq_vllm.kernels.triton_trellis import tq_trellis_fed_search_kernel, tq_trellis_search_kernel
-from tq_vllm.reference import check_cache
+from tq_vllm.reference import check_cache, fresh_attention
 
 STORE_BLOCK_T = 16
 """Tokens per store program: ``tl.dot`` (QJL sketch) needs ≥ 16 rows, and 16 × d tiles
@@ -588,11 +587,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
         if s > block_table.shape[1] * block_size:
             raise ValueError(f"prefill: sequence {i} seq_len {s} exceeds its block table")
         if s == n and fresh_exact:
-            o = F.scaled_dot_product_attention(
-                q[q0:q1].float().transpose(0, 1)[None], k[q0:q1].float().transpose(0, 1)[None],
-                v[q0:q1].float().transpose(0, 1)[None], is_causal=True, scale=scale,
-                enable_gqa=True)
-            out[q0:q1] = o[0].transpose(0, 1).to(out.dtype)
+            out[q0:q1] = fresh_attention(q[q0:q1], k[q0:q1], v[q0:q1], scale).to(out.dtype)
             continue
         work += [(i, t0, q0, q1, s) for t0 in range(q0, q1, block_m)]
         spans.append((q0, q1))

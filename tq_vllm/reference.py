@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.layout import pack_slots, unpack_slots
@@ -123,6 +124,20 @@ def dequantize_sequence(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len
     lay = codec.preset.layout(codec.key.head_dim)
     k_enc, v_enc = unpack_slots(lay, gather_slots(kv_cache, block_row, seq_len))
     return codec.key.decode(k_enc), codec.value.decode(v_enc)
+
+
+def fresh_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of a prompt chunk with no cached context over its own fresh K/V
+    (``fast-prefill``): ``query`` ``[L, Hq, d]``, ``key``/``value`` ``[L, H, d]`` →
+    ``[L, Hq, d]``, by torch's SDPA in the inputs' dtype when they share one (a bf16 model's:
+    vLLM's own attention also runs in bf16; on the 2-core Xeon host bf16 SDPA took 40 ms
+    per layer of a 4k prompt against 113 ms in float32, its outputs within the bf16
+    rounding of the float32 ones), else in float32."""
+    dt = query.dtype if query.dtype == key.dtype == value.dtype else torch.float32
+    o = F.scaled_dot_product_attention(*(x.to(dt).transpose(0, 1)[None] for x in (query, key, value)),
+                                       is_causal=True, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def exact_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
