@@ -472,7 +472,7 @@ inline void score_pairs(const float* const* q, const float (*kt)[TILE], int j, i
 inline void score_all(int npairs, const float* const* q, const float (*kt)[TILE], int j, int dim,
                       const float* nk, bool first, float* const* s) {
   int p = 0;
-  for (int calls = (npairs + SCORE_PAIRS - 1) / SCORE_PAIRS; calls > 1; --calls) {
+  for (int calls = (npairs + SCORE_PAIRS - 1) / SCORE_PAIRS; calls > 0; --calls) {
     const int take = (npairs - p + calls - 1) / calls;  // ceil of an even share of the rest
     switch (take) {
       case 6: score_pairs<6>(q + p, kt, j, dim, nk, first, s + p); break;
@@ -483,15 +483,6 @@ inline void score_all(int npairs, const float* const* q, const float (*kt)[TILE]
       default: score_pairs<1>(q + p, kt, j, dim, nk, first, s + p); break;
     }
     p += take;
-  }
-  switch (npairs - p) {
-    case 6: score_pairs<6>(q + p, kt, j, dim, nk, first, s + p); break;
-    case 5: score_pairs<5>(q + p, kt, j, dim, nk, first, s + p); break;
-    case 4: score_pairs<4>(q + p, kt, j, dim, nk, first, s + p); break;
-    case 3: score_pairs<3>(q + p, kt, j, dim, nk, first, s + p); break;
-    case 2: score_pairs<2>(q + p, kt, j, dim, nk, first, s + p); break;
-    case 1: score_pairs<1>(q + p, kt, j, dim, nk, first, s + p); break;
-    default: break;
   }
 }
 
