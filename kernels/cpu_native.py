@@ -49,15 +49,17 @@ ISA_ENV = "TQ_VLLM_NATIVE_ISA"
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _F = ctypes.c_float
-ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F,
-            _F, _P, _P, _P, _P, _P, ctypes.c_int]
-PREFILL_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I,
-                    _F, _F, _P, _P, _P, _P, _P, ctypes.c_int, _I]
-TRELLIS_ARGTYPES = [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int]
-TRELLIS_FED_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, ctypes.c_int]
-STORE_ARGTYPES = [_P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P,
-                  _P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _P, _P,
-                  ctypes.c_int]
+_C = ctypes.c_int
+ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _C, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I,
+            _I, _F, _F, _P, _P, _P, _P, _P, _C, _I, _C]
+PREFILL_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _P, _P, _C, _I, _P, _P, _P, _P, _P, _I, _I, _I,
+                    _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _C, _I, _C, _I]
+TRELLIS_ARGTYPES = [_P, _I, _I, _I, _I, _P, _P, _C]
+TRELLIS_FED_ARGTYPES = [_P, _I, _I, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _C]
+STORE_ARGTYPES = [_P, _P, _C, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I,
+                  _P, _P, _P, _P, _I, _P, _P, _P, _C, _P, _P, _P, _C, _P, _P, _P, _P, _P, _P, _C]
+DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
+"""The model dtypes the kernels read and write directly (``DT_*`` in csrc/tq_cpu_common.h)."""
 
 
 def _cpu_flags() -> set[str]:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from tq_vllm import trellis
 from tq_vllm.codec import LayerCodec, TensorQuantizer
 from tq_vllm.kernels import cpu_native, cpu_numba
-from tq_vllm.reference import fresh_attention
+from tq_vllm.reference import check_cache, fresh_attention
+
+if TYPE_CHECKING:
+    from tq_vllm.calibration import LayerTransform
+
+FUSES_TRANSFORMS = True
+""":func:`store` and :func:`decode` take the layer's transform and apply it themselves (the
+native kernels in the same pass as the model's rows are read, with its roundings): on a
+2-core host each PyTorch op between the model's GEMMs cost ~8 us of a ~50 ms decode step
+in vLLM, and the transform and dtype copies were a dozen of them per layer."""
 
 SPLIT_TOKENS = 512
 """Decode splits the KV axis into fixed runs of this many tokens (a multiple of the
@@ -83,10 +94,29 @@ class _Tables:
         fb = codec.key.feedback
         self.k_fb = (fb.float().contiguous() if fb is not None else torch.zeros(1, 1, 1)).numpy()
         self.k_use_fb = fb is not None and codec.key.tables is None  # trellis: searched fed
-        # the native store: R_h^T in float64 (the reference's rotation sums in float64)
-        self.rot_k64_t = codec.key.rot64.transpose(-1, -2).contiguous()
-        self.rot_v64_t = codec.value.rot64.transpose(-1, -2).contiguous()
+        # the native store: R_h^T float32 for keys (as decode's) and values, summed in float64
+        self.rot_v_t = codec.value.rot.transpose(-1, -2).float().contiguous()
         self.scalar = codec.key.tables is None and codec.value.tables is None
+        # the native kernels' constant arguments as addresses, once: in vLLM each attribute
+        # read and ``ndarray.ctypes`` object made per call showed up (microseconds apiece
+        # between the model's GEMMs, 30 layers a step)
+        addr = (lambda a: None if a is None else a.ctypes.data)
+        self.rot_t_ptrs = (self.rot_k_t.data_ptr(), self.rot_v_t.data_ptr())
+        self.off_rot_ptr = self.off_rot.data_ptr() if self.has_off and not self.by_norm else None
+        self.store_tail = (
+            lay.key.nbytes, addr(self.kdesc), self.k_books.data_ptr(), addr(self.k_bounds),
+            int(codec.key.codec.norm_correction), addr(self.vdesc), self.v_books.data_ptr(),
+            addr(self.v_bounds), int(codec.value.codec.norm_correction),
+            addr(self.sketch64) if sk is not None else None,
+            addr(self.k_fb) if self.k_use_fb else None)
+        self.attn_mats = (self.k_off_ptr, self.rot_k_t.data_ptr(), self.sketch_t_ptr,
+                          self.rot_v.data_ptr())
+        self.attn_books = (addr(self.kdesc), self.k_books.data_ptr(), addr(self.vdesc),
+                           self.v_books.data_ptr())
+        # the last store's and decode's resolved arguments, reused while their inputs'
+        # layout holds; one caller at a time (vLLM's worker calls a layer from one thread)
+        self.store_plan: _StorePlan | None = None
+        self.decode_plan: _DecodePlan | None = None
 
 
 def tables(codec: LayerCodec) -> _Tables:
@@ -112,6 +142,40 @@ def _flat(kv_cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
     strides = _strides(kv_cache)
     storage = torch.empty(0, dtype=torch.uint8).set_(kv_cache.untyped_storage())
     return storage.numpy()[kv_cache.storage_offset():], strides
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int] | None:
+    """(dtype code, row stride) under which the native kernels read or write ``x``
+    ``[N, H, d]`` in place — a float32 / bfloat16 / float16 CPU tensor whose heads lie
+    contiguously in each row (vLLM's query, key, value and output views) — else None."""
+    code = cpu_native.DTYPES.get(str(x.dtype).removeprefix("torch."))
+    if code is None or x.device.type != "cpu" or x.stride(2) != 1 or (
+            x.shape[1] > 1 and x.stride(1) != x.shape[2]):
+        return None
+    return code, x.stride(0)
+
+
+def _channel_ptr(t: torch.Tensor | None, heads: int, d: int) -> int | None:
+    """Pointer to a transform's float32 contiguous ``[H, d]`` channel vector, None when it is
+    off; raises LookupError when it is not in that form (the caller applies it in PyTorch)."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (heads, d):
+        raise LookupError
+    return t.data_ptr()
+
+
+def _fused_transform(transform: "LayerTransform | None", heads: int, d: int,
+                     names: tuple[str, ...]) -> tuple | None:
+    """Pointers of ``transform``'s fields ``names`` for the native kernels to apply with the
+    transform's own roundings (all None: no transform), or None when one is not float32
+    ``[H, d]`` (then :class:`~tq_vllm.calibration.LayerTransform` runs in PyTorch first)."""
+    if transform is None:
+        return (None,) * len(names)
+    try:
+        return tuple(_channel_ptr(getattr(transform, n), heads, d) for n in names)
+    except LookupError:
+        return None
 
 
 PREFILL_GROUP_ROWS = 16
@@ -212,25 +276,46 @@ def _trellis_codes(tq: TensorQuantizer, y: torch.Tensor) -> np.ndarray:
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-          slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
-    """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped).
+          slot_mapping: torch.Tensor, codec: LayerCodec,
+          transform: "LayerTransform | None" = None) -> None:
+    """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped), after
+    ``transform``'s :meth:`~tq_vllm.calibration.LayerTransform.keys` / ``values`` when given.
 
-    Same bits as :func:`tq_vllm.reference.tq_store`: the native store
-    (``csrc/tq_store_cpu.cpp``: rotation, non-finite policy, feedback rounding, offset
-    choice, packing, in one call) where it is built, else the codec's own rotation
+    Same bits as :func:`tq_vllm.reference.tq_store` of the transformed K/V: the native
+    store (``csrc/tq_store_cpu.cpp``: the transform, rotation, non-finite policy, feedback
+    rounding, offset choice, packing, in one call, reading the model's rows in place)
+    where it is built, else the codec's own rotation
     (:meth:`tq_vllm.codec.TensorQuantizer.rotate_finite`) and one Numba pass. Trellis codes
     are searched first (:func:`_trellis_codes`) on the codec's rotation either way.
     """
-    num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
-    sm = slot_mapping.to(torch.int64).contiguous()
-    if sm.numel() == 0:
-        return
     tab = tables(codec)
+    sig = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), key.dtype, key.shape[1:],
+           key.stride(), value.dtype, value.shape[1:], value.stride())
+    plan = tab.store_plan
+    if plan is None or plan.sig != sig or plan.transform is not transform:
+        plan = tab.store_plan = _StorePlan(sig, key, value, kv_cache, codec, tab, transform)
+    n = key.shape[0]
+    if value.shape[0] != n or slot_mapping.shape != (n,):
+        raise ValueError(f"store: key {tuple(key.shape)}, value {tuple(value.shape)}, "
+                         f"slot_mapping {tuple(slot_mapping.shape)} disagree")
+    if n == 0:
+        return
+    sm = _index(slot_mapping)
+    if plan.fn is not None:
+        rc = plan.fn(key.data_ptr(), value.data_ptr(), *plan.head, sm.data_ptr(), n, *plan.mid,
+                     plan.counts_ptr, torch.get_num_threads())
+        _store_done(rc, plan.counts, kv_cache, codec)
+        return
+    num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
     native = cpu_native.load_store()
     if native is not None and tab.scalar and not tab.by_norm:
+        if transform is not None:
+            key, value = transform.keys(key), transform.values(value)
         _store_native(native, key.float().contiguous(), value.float().contiguous(), kv_cache, sm,
                       codec, tab, rotated=False)
         return
+    if transform is not None:
+        key, value = transform.keys(key), transform.values(value)
     lo, hi = (int(v) for v in torch.aminmax(sm))
     if hi >= num_blocks * block_size:
         raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
@@ -269,6 +354,49 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         codec.key.stats["saturated_norms"] += n_sat
 
 
+class _StorePlan:
+    """One layer's native store with everything but the step's tensors resolved: the
+    arguments :func:`store` passes around each step's K/V, slots and token count, for the
+    cache, dtypes, strides and transform in ``sig`` / ``transform`` (checked at every call,
+    rebuilt when they change). ``fn`` None: :func:`store`'s general path serves these
+    inputs (no native build, trellis codes, offset choice by norm, or rows / a transform the
+    kernel does not read in place; the transform then runs in PyTorch)."""
+
+    __slots__ = ("sig", "transform", "fn", "head", "mid", "counts", "counts_ptr")
+
+    def __init__(self, sig: tuple, key: torch.Tensor, value: torch.Tensor,
+                 kv_cache: torch.Tensor, codec: LayerCodec, tab: _Tables,
+                 transform: "LayerTransform | None"):
+        check_cache(kv_cache, codec)
+        if key.dim() != 3 or key.shape[1:] != value.shape[1:]:
+            raise ValueError(f"store: key {tuple(key.shape)} and value {tuple(value.shape)} "
+                             "must both be [T, H, d]")
+        if key.shape[1] != kv_cache.shape[1] or key.shape[2] != codec.key.head_dim:
+            raise ValueError(f"store: key/value {tuple(key.shape)} do not match the cache's "
+                             f"{kv_cache.shape[1]} KV heads and head_dim {codec.key.head_dim}")
+        if not key.is_floating_point() or not value.is_floating_point():
+            raise ValueError(f"store: key/value must be floating point, got {key.dtype} / "
+                             f"{value.dtype}")
+        self.sig, self.transform, self.fn = sig, transform, None
+        num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
+        sb, sh, st = _strides(kv_cache)
+        d = key.shape[2]
+        native = cpu_native.load_store()
+        if native is None or not tab.scalar or tab.by_norm:
+            return
+        fused = _fused_transform(transform, num_kv, d, ("k_mean", "k_scale", "v_mean", "v_scale"))
+        rk, rv = _rows(key), _rows(value)
+        if fused is None or rk is None or rv is None or rk[0] != rv[0]:
+            return
+        self.fn = native
+        self.head = (rk[0], rk[1], rv[1], *fused)
+        self.mid = (num_kv, d, kv_cache.data_ptr(), sb, sh, st, num_blocks * block_size,
+                    block_size, slot_bytes, *tab.rot_t_ptrs, tab.off_rot_ptr, None,
+                    *tab.store_tail, None, None, None)
+        self.counts = np.empty(3, dtype=np.int64)  # every entry written by each call
+        self.counts_ptr = self.counts.ctypes.data
+
+
 def _store_native(fn, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   sm: torch.Tensor, codec: LayerCodec, tab: _Tables, rotated: bool,
                   codes: tuple = (), flags: np.ndarray = None) -> None:
@@ -280,26 +408,31 @@ def _store_native(fn, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
     n, _, d = k.shape
     sb, sh, st = _strides(kv_cache)
-    counts = np.zeros(3, dtype=np.int64)
-    ptr = (lambda a: a.ctypes.data if a is not _NO_CODES else None)
-    k_codes, k_alt_codes, v_codes = (ptr(c) for c in codes) if codes else (None, None, None)
-    rc = fn(k.data_ptr(), v.data_ptr(), sm.data_ptr(), n, num_kv, d, kv_cache.data_ptr(), sb, sh,
+    counts = np.empty(3, dtype=np.int64)  # every entry written by the kernel
+    k_codes = k_alt_codes = v_codes = None
+    if codes:
+        ptr = (lambda a: a.ctypes.data if a is not _NO_CODES else None)
+        k_codes, k_alt_codes, v_codes = (ptr(c) for c in codes)
+    rc = fn(k.data_ptr(), v.data_ptr(), 0, num_kv * d, num_kv * d, None, None, None, None,
+            sm.data_ptr(), n, num_kv, d, kv_cache.data_ptr(), sb, sh,
             st, num_blocks * block_size, block_size, slot_bytes,
-            None if rotated else tab.rot_k64_t.data_ptr(),
-            None if rotated else tab.rot_v64_t.data_ptr(),
-            tab.off_rot.data_ptr() if tab.has_off and not tab.by_norm else None,
-            flags.ctypes.data if tab.by_norm else None, tab.layout.key.nbytes,
-            tab.kdesc.ctypes.data, tab.k_books.data_ptr(), tab.k_bounds.ctypes.data,
-            int(codec.key.codec.norm_correction), tab.vdesc.ctypes.data, tab.v_books.data_ptr(),
-            tab.v_bounds.ctypes.data, int(codec.value.codec.norm_correction),
-            tab.sketch64.ctypes.data if tab.sketch is not None else None,
-            tab.k_fb.ctypes.data if tab.k_use_fb else None, k_codes, k_alt_codes, v_codes,
-            counts.ctypes.data, torch.get_num_threads())
+            *((None, None) if rotated else tab.rot_t_ptrs), tab.off_rot_ptr,
+            flags.ctypes.data if tab.by_norm else None, *tab.store_tail, k_codes, k_alt_codes,
+            v_codes, counts.ctypes.data, torch.get_num_threads())
+    _store_done(rc, counts, kv_cache, codec)
+
+
+def _store_done(rc: int, counts: np.ndarray, kv_cache: torch.Tensor, codec: LayerCodec) -> None:
+    """Raise on the native store's error code, else add its counts (non-finite keys and
+    values, norms clamped to fp16) to the codec's stats."""
     if rc == -1:
-        raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
+        slots = kv_cache.shape[0] * kv_cache.shape[2]
+        raise IndexError(f"slot_mapping has slots beyond the cache's {slots}")
     if rc != 0:
         raise RuntimeError(f"native store kernel rejected its arguments (code {rc})")
-    bad_k, bad_v, n_sat = (int(c) for c in counts)
+    bad_k, bad_v, n_sat = counts.tolist()
+    if not (bad_k or bad_v or n_sat):
+        return
     for stats, key_, count in ((codec.key.stats, "nonfinite_vectors", bad_k),
                                (codec.value.stats, "nonfinite_vectors", bad_v),
                                (codec.key.stats, "saturated_norms", n_sat)):
@@ -314,41 +447,116 @@ def _native_ok(hq: int, kv_cache: torch.Tensor) -> bool:
 
 def _native_call(fn, name: str, q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
                  row_args: tuple, codec: LayerCodec, scale: float, out: torch.Tensor,
-                 splits: tuple, tail: tuple = ()) -> None:
+                 splits: tuple, tail: tuple = (), transform: "LayerTransform | None" = None) -> None:
     """Calls a native kernel with the arguments decode and prefill share; theirs are
     ``row_args`` (the row descriptors after the block table), ``splits`` (after the
-    block size) and ``tail`` (after the thread count)."""
+    block size) and ``tail`` (after the thread count). ``q`` and ``out`` are read and written
+    in place where :func:`_rows` allows, and ``transform``'s query scale is applied by the
+    kernel (:meth:`~tq_vllm.calibration.LayerTransform.queries`' roundings) where it is
+    float32 ``[H, d]``."""
     rows, hq, d = q.shape
+    num_kv = kv_cache.shape[1]
     sb, sh, st = _strides(kv_cache)
     tab = tables(codec)
-    qf = q.float().contiguous()
-    res = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(rows, hq, d)
+    fused = _fused_transform(transform, num_kv, d, ("k_scale",))
+    rq = _rows(q)
+    if fused is None or rq is None:
+        if transform is not None:
+            q = transform.queries(q)
+        q, fused, rq = q.float().contiguous(), (None,), (0, hq * d)
+    ro = _rows(out)
+    res = out if ro is not None else torch.empty(rows, hq, d)
+    ro = ro or (0, hq * d)
     rc = fn(kv_cache.data_ptr(), sb, sh, st, table.data_ptr(), table.stride(0), *row_args,
-            qf.data_ptr(), tab.k_off_ptr, tab.rot_k_t.data_ptr(), tab.sketch_t_ptr,
-            tab.rot_v.data_ptr(), rows, hq, kv_cache.shape[1], d, kv_cache.shape[2], *splits,
-            float(scale), tab.qjl_scale, tab.kdesc.ctypes.data, tab.k_books.data_ptr(),
-            tab.vdesc.ctypes.data, tab.v_books.data_ptr(), res.data_ptr(),
-            torch.get_num_threads(), *tail)
+            q.data_ptr(), rq[0], rq[1], *fused, *tab.attn_mats, rows, hq, num_kv, d,
+            kv_cache.shape[2], *splits, float(scale), tab.qjl_scale, *tab.attn_books,
+            res.data_ptr(), ro[0], ro[1], torch.get_num_threads(), *tail)
     if rc != 0:
         raise RuntimeError(f"native {name} kernel rejected its arguments (code {rc})")
     if res is not out:
         out.copy_(res)
 
 
+def _index(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as int64 contiguous (the kernels' index type; vLLM's metadata builder for our
+    backend already gives it so, once per step)."""
+    return x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
+
+
+class _DecodePlan:
+    """One layer's native decode with everything but the step's tensors resolved (as
+    :class:`_StorePlan`): the arguments around each step's block table, lengths, query and
+    output pointers and batch size. ``fn`` None: :func:`decode`'s general path (no native
+    build, a shape the native kernel does not take, or a query / output / transform it does
+    not read or write in place)."""
+
+    __slots__ = ("sig", "transform", "fn", "head", "q_args", "mid", "out_args")
+
+    def __init__(self, sig: tuple, q: torch.Tensor, kv_cache: torch.Tensor, codec: LayerCodec,
+                 tab: _Tables, scale: float, out: torch.Tensor,
+                 transform: "LayerTransform | None"):
+        check_cache(kv_cache, codec)
+        if q.dim() != 3 or out.shape[1:] != q.shape[1:]:
+            raise ValueError(f"decode: q {tuple(q.shape)} and out {tuple(out.shape)} must both "
+                             "be [B, Hq, d]")
+        hq, d = q.shape[1:]
+        num_kv = kv_cache.shape[1]
+        if hq % num_kv:
+            raise ValueError(f"{hq} query heads are not a multiple of {num_kv}")
+        if d != codec.key.head_dim:
+            raise ValueError(f"decode: head_dim {d} does not match the codec's "
+                             f"{codec.key.head_dim}")
+        self.sig, self.transform, self.fn = sig, transform, None
+        sb, sh, st = _strides(kv_cache)
+        native = cpu_native.load()
+        fused = _fused_transform(transform, num_kv, d, ("k_scale",))
+        rq, ro = _rows(q), _rows(out)
+        if native is None or not _native_ok(hq, kv_cache) or fused is None or rq is None or ro is None:
+            return
+        self.fn = native
+        self.head = (kv_cache.data_ptr(), sb, sh, st)
+        self.q_args = (rq[0], rq[1], *fused, *tab.attn_mats)
+        self.mid = (hq, num_kv, d, kv_cache.shape[2], 0, SPLIT_TOKENS, float(scale),
+                    tab.qjl_scale, *tab.attn_books)
+        self.out_args = ro
+
+
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-           seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor) -> None:
-    """Decode attention, q/out ``[B, Hq, d]``: the native SIMD kernel (AVX-512 or AVX2)
-    where the CPU has one, else the Numba kernel (same algorithm)."""
-    b, hq, d = q.shape
+           seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor,
+           transform: "LayerTransform | None" = None) -> None:
+    """Decode attention, q/out ``[B, Hq, d]``, of ``transform``'s
+    :meth:`~tq_vllm.calibration.LayerTransform.queries` when given: the native SIMD kernel
+    (AVX-512 or AVX2; it reads ``q``, applies the query scale and writes ``out`` in the
+    model's dtype, in place) where the CPU has one, else the Numba kernel (same
+    algorithm)."""
+    tab = tables(codec)
+    sig = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), q.dtype, q.shape[1:],
+           q.stride(), out.dtype, out.shape[1:], out.stride(), scale)
+    plan = tab.decode_plan
+    if plan is None or plan.sig != sig or plan.transform is not transform:
+        plan = tab.decode_plan = _DecodePlan(sig, q, kv_cache, codec, tab, scale, out, transform)
+    b = q.shape[0]
+    if out.shape[0] != b or block_table.shape[0] != b or seq_lens.shape != (b,):
+        raise ValueError(f"decode: q {tuple(q.shape)}, out {tuple(out.shape)}, block_table "
+                         f"{tuple(block_table.shape)}, seq_lens {tuple(seq_lens.shape)} disagree")
+    seq, table = _index(seq_lens), _index(block_table)
+    if plan.fn is not None:
+        rc = plan.fn(*plan.head, table.data_ptr(), table.stride(0), seq.data_ptr(), q.data_ptr(),
+                     *plan.q_args, b, *plan.mid, out.data_ptr(), *plan.out_args,
+                     torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native decode kernel rejected its arguments (code {rc})")
+        return
+    hq, d = q.shape[1:]
     num_kv = kv_cache.shape[1]
-    seq = seq_lens.to(torch.int64).contiguous()
-    table = block_table.to(torch.int64).contiguous()
-    splits = num_splits(int(seq.max()))
     native = cpu_native.load()
     if native is not None and _native_ok(hq, kv_cache):
         _native_call(native, "decode", q, kv_cache, table, (seq.data_ptr(),), codec, scale, out,
-                     (splits, SPLIT_TOKENS))
+                     (0, SPLIT_TOKENS), transform=transform)
         return
+    if transform is not None:
+        q = transform.queries(q)
+    splits = num_splits(int(seq.max()))
     flat, (sb, sh, st) = _flat(kv_cache)
     tab = tables(codec)
     q_off = codec.key.query_offsets(q)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from tq_vllm import reference
+from tq_vllm.calibration import LayerTransform
 from tq_vllm.codec import LayerCodec
 
 
@@ -25,25 +26,32 @@ def _impl(device: torch.device):
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-          slot_mapping: torch.Tensor, codec: LayerCodec) -> None:
-    """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped)."""
-    reference.check_cache(kv_cache, codec)
-    if key.shape != value.shape or key.dim() != 3 or slot_mapping.shape != key.shape[:1]:
-        raise ValueError(f"store: key {tuple(key.shape)}, value {tuple(value.shape)}, "
-                         f"slot_mapping {tuple(slot_mapping.shape)} disagree")
-    _impl(kv_cache.device).store(key, value, kv_cache, slot_mapping, codec)
+          slot_mapping: torch.Tensor, codec: LayerCodec,
+          transform: LayerTransform | None = None) -> None:
+    """Quantize and write ``[T, H, d]`` K/V at ``slot_mapping`` ``[T]`` (-1 skipped):
+    ``transform.keys(key)`` / ``transform.values(value)`` when a transform is given. The
+    launchers validate their inputs."""
+    impl = _impl(kv_cache.device)
+    if impl.FUSES_TRANSFORMS:
+        impl.store(key, value, kv_cache, slot_mapping, codec, transform=transform)
+    elif transform is None:
+        impl.store(key, value, kv_cache, slot_mapping, codec)
+    else:
+        impl.store(transform.keys(key), transform.values(value), kv_cache, slot_mapping, codec)
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-           seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor) -> None:
-    """Decode attention: q/out ``[B, Hq, d]``, block_table ``[B, M]``, seq_lens ``[B]``."""
-    reference.check_cache(kv_cache, codec)
-    if q.dim() != 3 or out.shape != q.shape or block_table.shape[0] != q.shape[0]:
-        raise ValueError(f"decode: q {tuple(q.shape)}, out {tuple(out.shape)}, "
-                         f"block_table {tuple(block_table.shape)} disagree")
-    if q.shape[1] % kv_cache.shape[1]:
-        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {kv_cache.shape[1]}")
-    _impl(q.device).decode(q, kv_cache, block_table, seq_lens, codec, scale, out)
+           seq_lens: torch.Tensor, codec: LayerCodec, scale: float, out: torch.Tensor,
+           transform: LayerTransform | None = None) -> None:
+    """Decode attention: q/out ``[B, Hq, d]``, block_table ``[B, M]``, seq_lens ``[B]``; the
+    queries are ``transform.queries(q)`` when a transform is given. The launchers validate
+    their inputs."""
+    impl = _impl(q.device)
+    if impl.FUSES_TRANSFORMS:
+        impl.decode(q, kv_cache, block_table, seq_lens, codec, scale, out, transform=transform)
+    else:
+        q = q if transform is None else transform.queries(q)
+        impl.decode(q, kv_cache, block_table, seq_lens, codec, scale, out)
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

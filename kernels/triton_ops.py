@@ -60,6 +60,9 @@ from tq_vllm.kernels.triton_store import tq_store_kernel
 from tq_vllm.kernels.triton_trellis import tq_trellis_fed_search_kernel, tq_trellis_search_kernel
 from tq_vllm.reference import check_cache, fresh_attention
 
+FUSES_TRANSFORMS = False
+"""The layer's transform runs in PyTorch before these launchers (:mod:`tq_vllm.kernels.ops`)."""
+
 STORE_BLOCK_T = 16
 """Tokens per store program: ``tl.dot`` (QJL sketch) needs ≥ 16 rows, and 16 × d tiles
 (fp32 plus the fp64 squares) stay in registers up to d = 256. The store is memory

@@ -112,7 +112,8 @@ request 0's rows first); later calls (decode steps) keep row 0, request 0's."""
 @contextlib.contextmanager
 def trace_attention(path):
     """Record, per attention layer in call order, the CPU kernels' inputs and outputs —
-    ``("store", key, value)``, ``("prefill" | "decode", q, out)`` (float32) — and save
+    ``("store", key, value)``, ``("prefill" | "decode", q, out)`` (float32; store and
+    decode inputs before the layer's transform, prefill's after it) — and save
     ``{layer: [events]}`` to ``path`` with torch (nothing when ``path`` is None)."""
     if not path:
         yield
@@ -130,12 +131,12 @@ def trace_attention(path):
         rows = TRACE_FIRST_ROWS if not events or (kind != "store" and len(events) == 1) else 1
         events.append((kind, a[:rows].float().clone(), b[:rows].float().clone()))
 
-    def store(key, value, kv_cache, slot_mapping, codec):
-        saved["store"](key, value, kv_cache, slot_mapping, codec)
+    def store(key, value, kv_cache, slot_mapping, codec, transform=None):
+        saved["store"](key, value, kv_cache, slot_mapping, codec, transform=transform)
         keep(codec, "store", key, value)
 
-    def decode(q, kv_cache, block_table, seq_lens, codec, scale, out):
-        saved["decode"](q, kv_cache, block_table, seq_lens, codec, scale, out)
+    def decode(q, kv_cache, block_table, seq_lens, codec, scale, out, transform=None):
+        saved["decode"](q, kv_cache, block_table, seq_lens, codec, scale, out, transform=transform)
         keep(codec, "decode", q, out)
 
     def prefill(q, k, v, kv_cache, block_table, seq_lens_cpu, query_start_loc_cpu, first,

@@ -217,11 +217,10 @@ class TQAttentionImpl(AttentionImpl):
         n = slot_mapping.shape[0]
         if n == 0:
             return
-        k = key[:n].view(n, self.num_kv_heads, self.head_size)
-        v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        codec = self.codec(layer, key.device)
-        tf = self._transform
-        ops.store(tf.keys(k), tf.values(v), kv_cache, slot_mapping, codec)
+        k = _rows(key, n).view(n, self.num_kv_heads, self.head_size)
+        v = _rows(value, n).view(n, self.num_kv_heads, self.head_size)
+        ops.store(k, v, kv_cache, slot_mapping, self.codec(layer, key.device),
+                  transform=self._transform)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TQMetadata | None,
@@ -236,15 +235,17 @@ class TQAttentionImpl(AttentionImpl):
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
-        out = output[:n].view(n, self.num_heads, self.head_size)
+        out = _rows(output, n).view(n, self.num_heads, self.head_size)
         codec = self.codec(layer, query.device)
         tf = self._transform
-        q = tf.queries(query[:n].view(n, self.num_heads, self.head_size))
+        query = _rows(query, n).view(n, self.num_heads, self.head_size)
         nd, ndt = m.num_decodes, m.num_decode_tokens
-        if nd:
-            ops.decode(q[:ndt], kv_cache, m.block_table[:nd], m.seq_lens[:nd], codec,
-                       self.scale, out=out[:ndt])
+        if nd:  # the kernels apply the query transform (on the CPU, fused: no copies)
+            ops.decode(_rows(query, ndt), kv_cache, _rows(m.block_table, nd),
+                       _rows(m.seq_lens, nd), codec, self.scale, out=_rows(out, ndt),
+                       transform=tf)
         if ndt < n:
+            q = tf.queries(query)
             k = tf.keys(key[:n].view(n, self.num_kv_heads, self.head_size))
             v = tf.values(value[:n].view(n, self.num_kv_heads, self.head_size))
             ops.prefill(q, k, v, kv_cache, m.block_table, m.seq_lens_cpu,
@@ -252,6 +253,13 @@ class TQAttentionImpl(AttentionImpl):
                         fresh_exact=self.fresh_exact)
         tf.restore_output(out)
         return output
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x[:n]``, without the slicing op when ``x`` has exactly ``n`` rows: each PyTorch op
+    between the model's GEMMs costs microseconds on a CPU, and a decode step calls these
+    for every layer."""
+    return x if x.shape[0] == n else x[:n]
 
 
 def _current_model_path() -> str:

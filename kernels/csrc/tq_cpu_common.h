@@ -54,6 +54,71 @@ inline uint32_t load_le(const uint8_t* p) {
   return v;
 }
 
+// ---------------------------------------------------------------- model-dtype rows
+// The kernels read queries, keys and values and write outputs in the model's dtype
+// (vLLM's tensors, no float32 copies): code 0 float32, 1 bfloat16, 2 float16.
+constexpr int DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2;
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN as 0x7FC0: c10::BFloat16's conversion (torch's .to(bfloat16))
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Element i of a row of dtype dt, as float (exact).
+inline float elem_at(const void* row, int dt, int64_t i) {
+  if (dt == DT_BF16) return bf16_to_float(static_cast<const uint16_t*>(row)[i]);
+  if (dt == DT_F16) return _cvtsh_ss(static_cast<const uint16_t*>(row)[i]);
+  return static_cast<const float*>(row)[i];
+}
+
+// x rounded to dtype dt and back to float (round to nearest even, as torch's .to(dt)).
+inline float round_to(float x, int dt) {
+  if (dt == DT_BF16) return bf16_to_float(float_to_bf16(x));
+  if (dt == DT_F16) return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return x;
+}
+
+// dst [n] = src [n] of dtype dt (a row of the model's tensor) as float, with a per-channel
+// transform as tq_vllm.calibration.LayerTransform applies it in float32 — x - mean, then
+// / scale (keys, values) or * scale (mul_scale: queries), each operation rounded once —
+// and its result rounded back to dt, as the transform's .to(x.dtype) does. mean / scale
+// null: that step is skipped (neither: the row as is).
+inline void load_row(const void* src, int dt, int64_t n, const float* mean, const float* scale,
+                     bool mul_scale, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = elem_at(src, dt, i);
+  if (mean == nullptr && scale == nullptr) return;
+  for (int64_t i = 0; i < n; ++i) {
+    float y = dst[i];
+    if (mean != nullptr) y = y - mean[i];
+    if (scale != nullptr) y = mul_scale ? y * scale[i] : y / scale[i];
+    dst[i] = round_to(y, dt);
+  }
+}
+
+// dst [n] of dtype dt = src [n] rounded (as torch's copy_ into a dt tensor).
+inline void store_row(const float* src, int64_t n, int dt, void* dst) {
+  if (dt == DT_BF16) {
+    for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(dst)[i] = float_to_bf16(src[i]);
+  } else if (dt == DT_F16) {
+    for (int64_t i = 0; i < n; ++i)
+      static_cast<uint16_t*>(dst)[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+inline int64_t dtype_bytes(int dt) { return dt == DT_F32 ? 4 : 2; }
+
 // ---------------------------------------------------------------------------- simd
 // W float lanes per vector; 8 codes of B bits are exactly B bytes of the stream.
 #if defined(__AVX512F__)

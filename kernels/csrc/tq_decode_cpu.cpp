@@ -792,9 +792,20 @@ void rotate_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int64_t
   }
 }
 
+// Attention outputs [rows, Hq, d] in the model's dtype dt (DT_*): row r at r * row_stride
+// elements, its heads d apart.
+struct Output {
+  void* p;
+  int dt;
+  int64_t row_stride;
+  void* row(int64_t r, int64_t at) const {
+    return static_cast<uint8_t*>(p) + (r * row_stride + at) * dtype_bytes(dt);
+  }
+};
+
 // Log-sum-exp combine of each row's splits in split order, then rotate back once per
-// (row, KV head) for its G query heads: out [rows, Hq, d] = R_v^T o.
-void merge(const Step& P, int64_t rows, const float* rot_v, float* out, int num_threads) {
+// (row, KV head) for its G query heads: out [rows, Hq, d] = R_v^T o (see Output).
+void merge(const Step& P, int64_t rows, const float* rot_v, const Output& out, int num_threads) {
   const int64_t Hq = P.Hq, G = P.G, H = P.H, d = P.d;
 #pragma omp parallel for num_threads(num_threads)
   for (int64_t i = 0; i < rows * H; ++i) {
@@ -819,7 +830,9 @@ void merge(const Step& P, int64_t rows, const float* rot_v, float* out, int num_
       const float inv = denom > 0.f ? 1.f / denom : 0.f;
       for (int k = 0; k < d; ++k) og[k] *= inv;
     }
-    mat_rows(rot_v + h * d * d, o, G, (int)d, out + (r * Hq + h * G) * d);
+    alignas(64) float y[MAX_G * MAX_D];
+    mat_rows(rot_v + h * d * d, o, G, (int)d, y);
+    store_row(y, G * d, out.dt, out.row(r, h * G * d));
   }
 }
 
@@ -828,7 +841,7 @@ void merge(const Step& P, int64_t rows, const float* rot_v, float* out, int num_
 // call (megabytes for a long prefill chunk) they cost a page fault per 4 KiB and a zero
 // fill on every layer. A call writes every element it reads.
 struct Workspace {
-  std::vector<float> q_rot, q_sk, q_off, acc, m, l;
+  std::vector<float> q, q_rot, q_sk, q_off, acc, m, l;
 };
 
 Workspace& workspace() {
@@ -847,10 +860,28 @@ struct Queries {
   float *q_rot, *q_sk, *q_off;
 };
 
-Queries prepare_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int64_t d,
+// The query rows as the model gives them: [rows, Hq, d] of dtype dt (DT_*), row r at
+// r * row_stride elements, its heads d apart; scale [H, d] (or null) multiplies each query
+// head's channels by its KV head's row first (LayerTransform.queries, see load_row).
+struct QueryIn {
+  const void* p;
+  int dt;
+  int64_t row_stride;
+  const float* scale;
+};
+
+Queries prepare_queries(const QueryIn& in, int64_t rows, int64_t Hq, int64_t G, int64_t d,
                         const float* rot_k_t, const float* sketch_t, const float* k_off,
                         int num_threads) {
   Workspace& w = workspace();
+  float* q = grow(w.q, rows * Hq * d);
+  const int64_t ib = dtype_bytes(in.dt);
+#pragma omp parallel for num_threads(num_threads)
+  for (int64_t i = 0; i < rows * Hq; ++i) {
+    const int64_t r = i / Hq, hq = i % Hq;
+    load_row(static_cast<const uint8_t*>(in.p) + (r * in.row_stride + hq * d) * ib, in.dt, d,
+             nullptr, in.scale ? in.scale + hq / G * d : nullptr, true, q + i * d);
+  }
   const Queries Q{grow(w.q_rot, rows * Hq * d), sketch_t ? grow(w.q_sk, rows * Hq * d) : nullptr,
                   k_off ? grow(w.q_off, rows * Hq) : nullptr};
   rotate_queries(q, rows, Hq, G, d, rot_k_t, sketch_t, k_off, Q.q_rot, Q.q_sk, Q.q_off, num_threads);
@@ -859,7 +890,7 @@ Queries prepare_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int
 
 // The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d].
 void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float* rot_v,
-         float* out, int num_threads) {
+         const Output& out, int num_threads) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
   merge(step, rows, rot_v, out, num_threads);
@@ -1160,25 +1191,33 @@ extern "C" int tq_trellis_encode_fed_cpu(const float* y, int64_t rows, int64_t d
 }
 
 // Decode attention for B sequences, one query token each.
-//   q [B, Hq, d] float32 (original domain); k_off [H, d] key offsets o or null (none)
-//   rot_k_t = R_k^T, rot_v = R_v [H, d, d]; sketch_t [d, d] (transposed) or null
-//   out [B, Hq, d] float32 (original domain)
+//   q [B, Hq, d] of dtype q_dt (DT_*), row b at b * q_row elements (original domain),
+//   multiplied by q_scale [H, d] first when not null (see QueryIn); k_off [H, d] key
+//   offsets o or null (none); rot_k_t = R_k^T, rot_v = R_v [H, d, d]; sketch_t [d, d]
+//   (transposed) or null; n_splits < 1: as many as the longest sequence needs
+//   out [B, Hq, d] of dtype out_dt, row b at b * out_row elements (original domain)
 // Returns 0, or -1 when a shape is outside what the kernel handles.
 extern "C" int tq_decode_cpu(
     const uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok,
     const int64_t* block_table, int64_t bt_stride, const int64_t* seq_lens,
-    const float* q, const float* k_off, const float* rot_k_t, const float* sketch_t,
-    const float* rot_v,
+    const void* q, int q_dt, int64_t q_row, const float* q_scale, const float* k_off,
+    const float* rot_k_t, const float* sketch_t, const float* rot_v,
     int64_t B, int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t n_splits,
     int64_t split_tokens,
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
-    const int64_t* vdesc_p, const float* v_books, float* out, int num_threads) {
+    const int64_t* vdesc_p, const float* v_books, void* out, int out_dt, int64_t out_row,
+    int num_threads) {
   if (check(Hq, H, d, block_size, split_tokens, s_tok, kdesc_p, vdesc_p)) return -1;
+  if (n_splits < 1) {  // from the longest sequence
+    int64_t longest = 1;
+    for (int64_t b = 0; b < B; ++b) longest = std::max(longest, seq_lens[b]);
+    n_splits = (longest + split_tokens - 1) / split_tokens;
+  }
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
-  const Queries Q = prepare_queries(q, B, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off,
-                                    num_threads);
+  const Queries Q = prepare_queries({q, q_dt, q_row, q_scale}, B, Hq, G, d, rot_k_t,
+                                    qjl ? sketch_t : nullptr, k_off, num_threads);
   Workspace& w = workspace();
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, seq_lens, nullptr,
                   nullptr, nullptr, Q.q_rot, Q.q_sk, Q.q_off,
@@ -1186,7 +1225,8 @@ extern "C" int tq_decode_cpu(
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, B * Hq * n_splits * d), grow(w.m, B * Hq * n_splits),
                   grow(w.l, B * Hq * n_splits)};
-  run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, out, num_threads);
+  run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, {out, out_dt, out_row},
+      num_threads);
   return 0;
 }
 
@@ -1195,16 +1235,16 @@ extern "C" int tq_decode_cpu(
 // the bits tq_decode_cpu gives that token as a decode step. Consecutive rows of one
 // sequence are taken group_rows at a time, and each tile of the cache is decoded once
 // for the group.
-//   q [N, Hq, d] float32; k_off [H, d] or null; out [N, Hq, d] float32
+//   q, q_scale, k_off, out: as tq_decode_cpu's, with N rows
 extern "C" int tq_prefill_cpu(
     const uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok,
     const int64_t* block_table, int64_t bt_stride, const int64_t* row_seq,
-    const int64_t* row_len, const float* q, const float* k_off, const float* rot_k_t,
-    const float* sketch_t, const float* rot_v,
+    const int64_t* row_len, const void* q, int q_dt, int64_t q_row, const float* q_scale,
+    const float* k_off, const float* rot_k_t, const float* sketch_t, const float* rot_v,
     int64_t N, int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_tokens,
     float scale, float qjl_scale, const int64_t* kdesc_p, const float* k_books,
-    const int64_t* vdesc_p, const float* v_books, float* out, int num_threads,
-    int64_t group_rows) {
+    const int64_t* vdesc_p, const float* v_books, void* out, int out_dt, int64_t out_row,
+    int num_threads, int64_t group_rows) {
   if (check(Hq, H, d, block_size, split_tokens, s_tok, kdesc_p, vdesc_p) || group_rows < 1) return -1;
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
@@ -1220,14 +1260,15 @@ extern "C" int tq_prefill_cpu(
   }
   if (N > 0) groups.push_back(N);
   const int64_t n_groups = (int64_t)groups.size() - 1, total = row_split[N];
-  const Queries Q = prepare_queries(q, N, Hq, G, d, rot_k_t, qjl ? sketch_t : nullptr, k_off,
-                                    num_threads);
+  const Queries Q = prepare_queries({q, q_dt, q_row, q_scale}, N, Hq, G, d, rot_k_t,
+                                    qjl ? sketch_t : nullptr, k_off, num_threads);
   Workspace& w = workspace();
   const Step step{cache, s_blk, s_head, s_tok, block_table, bt_stride, row_len, row_seq,
                   row_split.data(), groups.data(), Q.q_rot, Q.q_sk, Q.q_off, Hq, H, G, d, block_size,
                   max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, total * Hq * d), grow(w.m, total * Hq), grow(w.l, total * Hq)};
-  run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v, out, num_threads);
+  run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v,
+      {out, out_dt, out_row}, num_threads);
   return 0;
 }

@@ -31,10 +31,17 @@
 
 namespace {
 
-// The rotation's float64 accumulators: ROT_VECS vectors of WD outputs (64 with AVX-512,
-// 32 with AVX2) stay in registers across a pass's d multiply-adds; head_dim must be a
-// multiple of ROT_VECS * WD.
-constexpr int ROT_VECS = 8;
+// The rotation's float64 accumulators: ROT_VECS vectors of WD outputs (32 with AVX-512,
+// 16 with AVX2) for each of up to ROT_TOKENS tokens stay in registers across a pass's d
+// multiply-adds (ROT_VECS x ROT_TOKENS accumulators + ROT_VECS matrix vectors + the
+// broadcasts fit the 32 zmm / 16 ymm registers); head_dim must be a multiple of
+// ROT_VECS * WD. Each matrix vector loaded feeds ROT_TOKENS tokens (one token a pass read
+// R's d x d entries once per token), and R is read as the float32 R^T the decode kernel
+// uses for the queries (widened exactly): half the bytes of a float64 copy, one table
+// for both kernels (a float64 R^T with four tokens a pass timed the same alone, within
+// the ~5% run-to-run noise; in vLLM the tables come from L3 after every layer's GEMMs).
+constexpr int ROT_VECS = 4;
+constexpr int ROT_TOKENS = W == 16 ? 4 : 2;
 
 constexpr float HALF_MAX = 65504.0f;  // largest finite fp16: norms clamp here
 constexpr float TINY = 1e-30f;        // floor of a norm used as a divisor
@@ -50,25 +57,63 @@ inline void put_half(uint8_t* p, float v) {
   std::memcpy(p, &h, 2);
 }
 
-// y [d] = R x in float64 sums, rot_t = R^T [d, d]; false (y zeroed) for a non-finite x.
-bool rotate(const float* x, const double* rot_t, int d, float* y) {
+// One float32 matrix row segment as WD doubles (exact).
+inline VD load_widen(const float* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtps_pd(_mm256_loadu_ps(p));
+#else
+  return _mm256_cvtps_pd(_mm_loadu_ps(p));
+#endif
+}
+
+// Whether every coordinate of x [d] is finite.
+inline bool all_finite(const float* x, int d) {
   bool finite = true;
   for (int k = 0; k < d; ++k) finite &= std::isfinite(x[k]);
-  if (!finite) {
-    std::fill(y, y + d, 0.f);
-    return false;
-  }
+  return finite;
+}
+
+// y_t [d] = R x_t for NT vectors in float64 sums (R's float32 entries, rot_t = R^T [d, d]
+// float32): each output element summed over k = 0..d-1 in order, one fused multiply-add
+// per term, rounded once to float32.
+template <int NT>
+void rotate_fixed(const float* const* x, const float* rot_t, int d, float* const* y) {
   for (int e0 = 0; e0 < d; e0 += ROT_VECS * WD) {
-    VD acc[ROT_VECS];
-    for (int j = 0; j < ROT_VECS; ++j) acc[j] = zerod();
+    VD acc[NT][ROT_VECS];
+    for (int t = 0; t < NT; ++t)
+      for (int j = 0; j < ROT_VECS; ++j) acc[t][j] = zerod();
     for (int k = 0; k < d; ++k) {
-      const VD xk = set1d((double)x[k]);
-      const double* r = rot_t + (int64_t)k * d + e0;
-      for (int j = 0; j < ROT_VECS; ++j) acc[j] = fmaddd(xk, loadud(r + j * WD), acc[j]);
+      const float* r = rot_t + (int64_t)k * d + e0;
+      VD m[ROT_VECS];
+      for (int j = 0; j < ROT_VECS; ++j) m[j] = load_widen(r + j * WD);
+      for (int t = 0; t < NT; ++t) {
+        const VD xk = set1d((double)x[t][k]);
+        for (int j = 0; j < ROT_VECS; ++j) acc[t][j] = fmaddd(xk, m[j], acc[t][j]);
+      }
     }
-    for (int j = 0; j < ROT_VECS; ++j) store_floats(y + e0 + j * WD, acc[j]);
+    for (int t = 0; t < NT; ++t)
+      for (int j = 0; j < ROT_VECS; ++j) store_floats(y[t] + e0 + j * WD, acc[t][j]);
   }
-  return true;
+}
+
+// rotate_fixed over n <= PAIR_TOKENS vectors, ROT_TOKENS at a time.
+void rotate(const float* const* x, int n, const float* rot_t, int d, float* const* y) {
+  int t = 0;
+  for (; t + ROT_TOKENS <= n; t += ROT_TOKENS) rotate_fixed<ROT_TOKENS>(x + t, rot_t, d, y + t);
+  for (; t < n; ++t) rotate_fixed<1>(x + t, rot_t, d, y + t);
+}
+
+// Packs n codes of `bits` bits into seg's zeroed bytes, little-endian bit order (code k at
+// bit k * bits): built in a register, each byte written once.
+inline void pack_codes(const int32_t* codes, int n, int bits, uint8_t* seg) {
+  uint64_t acc = 0;
+  int nb = 0, o = 0;
+  for (int k = 0; k < n; ++k) {
+    acc |= (uint64_t)codes[k] << nb;
+    nb += bits;
+    for (; nb >= 8; nb -= 8, acc >>= 8) seg[o++] |= (uint8_t)acc;
+  }
+  if (nb > 0) seg[o] |= (uint8_t)acc;
 }
 
 // What encode reads for one of K/V.
@@ -95,6 +140,8 @@ void encode(const float* const* y, int d, uint8_t* const* slot, const Tensor& T,
   want_r = want_r || D.sign_off >= 0;
   alignas(64) float work[R][MAX_D];
   alignas(64) float fed[R][MAX_D];
+  alignas(64) int32_t code_buf[R][MAX_D];  // a group's codes, packed after its loop: int
+  // stores cannot alias the float / double state (byte stores could: it was reloaded)
   if (fb != nullptr)
     for (int r = 0; r < R; ++r) std::copy(y[r], y[r] + d, fed[r]);
   int j0 = 0;
@@ -106,16 +153,18 @@ void encode(const float* const* y, int d, uint8_t* const* slot, const Tensor& T,
     float n[R], inv[R];
     double cn[R];
     int64_t state[R];
+    double ss[R];
+    for (int r = 0; r < R; ++r) ss[r] = 0.0;
+    for (int k = 0; k < dim; ++k)  // the R sums side by side, each in coordinate order
+      for (int r = 0; r < R; ++r) ss[r] += (double)y[r][j0 + k] * (double)y[r][j0 + k];
     for (int r = 0; r < R; ++r) {
-      double ss = 0.0;
-      for (int k = 0; k < dim; ++k) ss += (double)y[r][j0 + k] * (double)y[r][j0 + k];
-      n[r] = (float)std::sqrt(ss);
+      n[r] = (float)std::sqrt(ss[r]);
       inv[r] = n[r] > TINY ? n[r] : TINY;
       cn[r] = 0.0;
       state[r] = 0;
     }
     for (int k = 0; k < dim; ++k) {
-      const int j = j0 + k, bp = k * bits;
+      const int j = j0 + k;
       for (int r = 0; r < R; ++r) {
         int code;
         float c;
@@ -136,14 +185,13 @@ void encode(const float* const* y, int d, uint8_t* const* slot, const Tensor& T,
               storeu(fed[r] + jj, sub(loadu(fed[r] + jj), mul(err, loadu(row + jj))));
           }
         }
-        uint8_t* seg = slot[r] + D.seg_off[g];
-        seg[bp >> 3] |= (uint8_t)(code << (bp & 7));
-        if ((bp & 7) + bits > 8) seg[(bp >> 3) + 1] |= (uint8_t)(code >> (8 - (bp & 7)));
+        code_buf[r][k] = code;
         work[r][j] = c;
         cn[r] += (double)c * (double)c;
       }
     }
     for (int r = 0; r < R; ++r) {
+      pack_codes(code_buf[r], dim, bits, slot[r] + D.seg_off[g]);
       if (T.norm_correction) {
         const float c_norm = (float)std::sqrt(cn[r]);
         if (c_norm > 0.f) n[r] = n[r] / (c_norm > TINY ? c_norm : TINY);
@@ -160,15 +208,17 @@ void encode(const float* const* y, int d, uint8_t* const* slot, const Tensor& T,
     }
     j0 += dim;
   }
-  for (int r = 0; r < R; ++r) {
-    gamma[r] = 0.f;
-    if (!want_r) continue;
-    double rr = 0.0;
-    for (int j = 0; j < d; ++j) {
+  for (int r = 0; r < R; ++r) gamma[r] = 0.f;
+  if (!want_r) return;
+  double rr[R];
+  for (int r = 0; r < R; ++r) rr[r] = 0.0;
+  for (int j = 0; j < d; ++j)  // the R sums side by side, each in coordinate order
+    for (int r = 0; r < R; ++r) {
       work[r][j] = y[r][j] - work[r][j];
-      rr += (double)work[r][j] * (double)work[r][j];
+      rr[r] += (double)work[r][j] * (double)work[r][j];
     }
-    gamma[r] = (float)std::sqrt(rr);
+  for (int r = 0; r < R; ++r) {
+    gamma[r] = (float)std::sqrt(rr[r]);
     if (D.sign_off < 0) continue;
     for (int i = 0; i < d; ++i) {
       double acc = 0.0;
@@ -214,9 +264,12 @@ int check_store(int64_t d, const int64_t* kdesc_p, const int64_t* vdesc_p, int64
 
 }  // namespace
 
-// Store N tokens' K/V, k/v [N, H, d] float32: the model's vectors (rot_k_t, rot_v_t =
-// R_h^T [H, d, d] float64) or already rotated (both null: the trellis path rotates and
-// searches first). slots [N] (negative: skipped); every slot is checked before any write.
+// Store N tokens' K/V, k/v [N, H, d] of dtype in_dt (DT_*; token t's row at t * k_row /
+// t * v_row elements, its heads d apart): the model's vectors (rot_k_t, rot_v_t =
+// R_h^T [H, d, d] float32, summed in float64), first transformed as load_row says by k_mean / k_scale /
+// v_mean / v_scale [H, d] (each null when off), or already rotated float32 (rot_k_t and
+// rot_v_t null: the trellis path rotates and searches first). slots [N] (negative:
+// skipped); every slot is checked before any write.
 //   k_off_rot [H, d] R_h o, or null (no choice by residual); k_flags [N, H] uint8: the
 //   offset choice made (by norm) and k the chosen vectors, or null; k_bytes: the key's bytes
 //   kdesc/vdesc, k_books/v_books, k_bounds/v_bounds [G, 16]: see Tensor
@@ -226,9 +279,11 @@ int check_store(int64_t d, const int64_t* kdesc_p, const int64_t* vdesc_p, int64
 // Returns 0; -1 when a slot is beyond the cache's num_slots (nothing written); -2 when a
 // shape is outside what the kernel handles.
 extern "C" int tq_store_cpu(
-    const float* k, const float* v, const int64_t* slots, int64_t N, int64_t H, int64_t d,
+    const void* k, const void* v, int in_dt, int64_t k_row, int64_t v_row, const float* k_mean,
+    const float* k_scale, const float* v_mean, const float* v_scale,
+    const int64_t* slots, int64_t N, int64_t H, int64_t d,
     uint8_t* cache, int64_t s_blk, int64_t s_head, int64_t s_tok, int64_t num_slots,
-    int64_t block_size, int64_t slot_bytes, const double* rot_k_t, const double* rot_v_t,
+    int64_t block_size, int64_t slot_bytes, const float* rot_k_t, const float* rot_v_t,
     const float* k_off_rot, const uint8_t* k_flags, int64_t k_bytes, const int64_t* kdesc_p,
     const float* k_books,
     const float* k_bounds, int k_nc, const int64_t* vdesc_p, const float* v_books,
@@ -258,21 +313,31 @@ extern "C" int tq_store_cpu(
     alignas(64) float yv[PAIR_TOKENS][MAX_D];
     uint8_t* slot[PAIR_TOKENS];
     const uint8_t *kc[PAIR_TOKENS], *vc[PAIR_TOKENS];
+    alignas(64) float xk[PAIR_TOKENS][MAX_D], xv[PAIR_TOKENS][MAX_D];
+    const float *xks[PAIR_TOKENS], *xvs[PAIR_TOKENS];
+    float *yks[PAIR_TOKENS], *yvs[PAIR_TOKENS];
+    const int64_t ib = dtype_bytes(in_dt);
     for (int i = 0; i < nl; ++i) {
-      const int64_t sm = slots[ti[i] / H];
+      const int64_t sm = slots[ti[i] / H], t = ti[i] / H;
       slot[i] = cache + (sm / block_size) * s_blk + h * s_head + (sm % block_size) * s_tok;
       std::memset(slot[i], 0, slot_bytes);
-      const float* xk = k + ti[i] * d;
-      const float* xv = v + ti[i] * d;
-      if (rotated) {
-        std::copy(xk, xk + d, yk[i]);
-        std::copy(xv, xv + d, yv[i]);
-      } else {
-        bad_k += !rotate(xk, rot_k_t + h * d * d, (int)d, yk[i]);
-        bad_v += !rotate(xv, rot_v_t + h * d * d, (int)d, yv[i]);
+      float* xki = rotated ? yk[i] : xk[i];
+      float* xvi = rotated ? yv[i] : xv[i];
+      load_row(static_cast<const uint8_t*>(k) + (t * k_row + h * d) * ib, in_dt, d,
+               k_mean ? k_mean + h * d : nullptr, k_scale ? k_scale + h * d : nullptr, false, xki);
+      load_row(static_cast<const uint8_t*>(v) + (t * v_row + h * d) * ib, in_dt, d,
+               v_mean ? v_mean + h * d : nullptr, v_scale ? v_scale + h * d : nullptr, false, xvi);
+      if (!rotated) {  // a non-finite vector is stored as zeros (rotated: +0 throughout)
+        if (!all_finite(xki, (int)d)) std::fill(xki, xki + d, 0.f), ++bad_k;
+        if (!all_finite(xvi, (int)d)) std::fill(xvi, xvi + d, 0.f), ++bad_v;
       }
+      xks[i] = xk[i], xvs[i] = xv[i], yks[i] = yk[i], yvs[i] = yv[i];
       kc[i] = k_codes != nullptr ? k_codes + ti[i] * d : nullptr;
       vc[i] = v_codes != nullptr ? v_codes + ti[i] * d : nullptr;
+    }
+    if (!rotated) {
+      rotate(xks, nl, rot_k_t + h * d * d, (int)d, yks);
+      rotate(xvs, nl, rot_v_t + h * d * d, (int)d, yvs);
     }
     const float* fb = k_fb != nullptr ? k_fb + h * d * d : nullptr;
     float gamma[2 * PAIR_TOKENS];

@@ -413,3 +413,137 @@ def test_kernels_refuse_what_they_cannot_read_before_writing():
     with pytest.raises(ValueError, match="at most 4 bits"):
         triton_ops.store(kv, kv, cache, torch.tensor([0, 1, 2]), codec)
     assert not cache.any()
+
+
+def _layer_transform(heads: int, dim: int, values: bool):
+    """A calibrated-looking transform: key mean and scale (the recommended presets'), and
+    with ``values`` a value mean and scale too."""
+    from tq_vllm.calibration import LayerTransform
+
+    scale = (lambda: torch.rand(heads, dim) + 0.5)
+    return LayerTransform(k_mean=torch.randn(heads, dim), k_scale=scale(),
+                          v_mean=torch.randn(heads, dim) if values else None,
+                          v_scale=scale() if values else None)
+
+
+def _qkv_views(n: int, hq: int, h: int, dim: int, dtype):
+    """q ``[n, hq, d]``, k, v ``[n, h, d]`` as views into one fused projection row per token
+    (vLLM's layout: row stride (hq + 2h) d, heads contiguous)."""
+    qkv = (torch.randn(n, (hq + 2 * h) * dim) * 2).to(dtype)
+    q = qkv[:, :hq * dim].view(n, hq, dim)
+    k = qkv[:, hq * dim:(hq + h) * dim].view(n, h, dim)
+    v = qkv[:, (hq + h) * dim:].view(n, h, dim)
+    return q, k, v
+
+
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl", "tq3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("values", [False, True])
+def test_store_applies_the_transform_in_the_models_dtype(impl, name, dtype, values):
+    """The launcher takes the model's strided K/V rows and the layer's transform: the same
+    bytes and counts as ``LayerTransform.keys`` / ``values`` in PyTorch (float32 arithmetic,
+    rounded back to the model's dtype) followed by the reference store."""
+    from tq_vllm.reference import tq_store
+
+    preset, h, dim = PRESETS[name], 2, 64
+    codec = LayerCodec.create(preset, dim, h, key_offset=key_offset(preset, h, dim),
+                              key_query_weight=query_weight(preset, h, dim))
+    tf = _layer_transform(h, dim, values)
+    _, k, v = _qkv_views(45, 6, h, dim, dtype)
+    k[3, 1, 7] = float("nan")  # non-finite policy after the transform
+    assert not k.is_contiguous()
+    ref = torch.randint(0, 256, (6, h, 16, preset.layout(dim).slot_bytes), dtype=torch.uint8)
+    ours = ref.clone()
+    sm = torch.randperm(96)[:45]
+    sm[::8] = -1
+    tq_store(tf.keys(k), tf.values(v), ref, sm, codec)
+    ref_stats = dict(codec.key.stats)
+    codec.key.stats.update(nonfinite_vectors=0, saturated_norms=0)
+    cpu_ops.store(k, v, ours, sm, codec, transform=tf)
+    assert torch.equal(ours, ref)
+    assert codec.key.stats == ref_stats
+
+
+def test_store_applies_a_float64_transform_in_pytorch(impl):
+    """A transform the kernels do not take (float64 channels) runs in PyTorch first."""
+    from tq_vllm.calibration import LayerTransform
+    from tq_vllm.reference import tq_store
+
+    codec = LayerCodec.create(PRESETS["tq4"], 64, 2)
+    f32 = _layer_transform(2, 64, True)
+    tf = LayerTransform(*(t.double() for t in (f32.k_mean, f32.k_scale, f32.v_mean, f32.v_scale)))
+    _, k, v = _qkv_views(20, 2, 2, 64, torch.bfloat16)
+    ref = torch.zeros(4, 2, 16, PRESETS["tq4"].layout(64).slot_bytes, dtype=torch.uint8)
+    ours = ref.clone()
+    sm = torch.randperm(64)[:20]
+    tq_store(tf.keys(k), tf.values(v), ref, sm, codec)
+    cpu_ops.store(k, v, ours, sm, codec, transform=tf)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gqa", [1, 3, 7])
+@pytest.mark.parametrize("name", ["tq4", "tq3.5-qjl"])
+def test_decode_applies_the_query_scale_in_the_models_dtype(impl, name, dtype, gqa):
+    """Decode reads strided model-dtype queries, applies the layer's query scale and writes
+    a strided model-dtype output: the same bits as ``LayerTransform.queries`` in PyTorch,
+    a float32 decode, and PyTorch's rounding of its output to the model's dtype."""
+    seq_lens = [1, 37, 300, 129]
+    h, dim = 2, 64
+    codec, cache, table, _, _ = build_cache(name, dim, h, 16, seq_lens)
+    tf = _layer_transform(h, dim, False)
+    q, _, _ = _qkv_views(len(seq_lens), gqa * h, h, dim, dtype)
+    out = torch.full((len(seq_lens), gqa * h + 3, dim), float("nan"), dtype=dtype)[:, :gqa * h]
+    want = torch.empty(len(seq_lens), gqa * h, dim)
+    cpu_ops.decode(tf.queries(q).float(), cache, table, torch.tensor(seq_lens), codec, 0.3, want)
+    cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out, transform=tf)
+    assert torch.equal(out, want.to(dtype))
+
+
+def test_store_and_decode_follow_a_changed_cache_dtype_or_transform(impl):
+    """The launchers keep each codec's last resolved call (cache, dtypes, strides,
+    transform) between calls: alternating caches, dtypes and transforms on one codec still
+    gives each call its own reference bytes and outputs."""
+    from tq_vllm.reference import tq_store
+
+    preset, h, dim, gqa = PRESETS["tq4"], 2, 64, 3
+    codec = LayerCodec.create(preset, dim, h, key_offset=key_offset(preset, h, dim),
+                              key_query_weight=query_weight(preset, h, dim))
+    slot = preset.layout(dim).slot_bytes
+    caches = [torch.zeros(4, h, 16, slot, dtype=torch.uint8) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    transforms = [_layer_transform(h, dim, False), None, _layer_transform(h, dim, True)]
+    table, seq = torch.tensor([[0, 1, 2, 3]]), torch.tensor([20])
+    for step, (c, tf, dtype) in enumerate([(0, 0, torch.bfloat16), (0, 1, torch.bfloat16),
+                                           (0, 2, torch.bfloat16), (1, 2, torch.bfloat16),
+                                           (1, 2, torch.float16), (0, 0, torch.float32)]):
+        q, k, v = _qkv_views(20, gqa * h, h, dim, dtype)
+        sm = torch.arange(20) + 16 * (step % 2)
+        t = transforms[tf]
+        tq_store(k if t is None else t.keys(k), v if t is None else t.values(v), refs[c], sm, codec)
+        cpu_ops.store(k, v, caches[c], sm, codec, transform=t)
+        assert torch.equal(caches[c], refs[c]), step
+        want = torch.empty(1, gqa * h, dim)
+        cpu_ops.decode((q[:1] if t is None else t.queries(q[:1])).float(), caches[c], table,
+                       seq, codec, 0.3, want)
+        out = torch.empty(1, gqa * h, dim, dtype=dtype)
+        cpu_ops.decode(q[:1], caches[c], table, seq, codec, 0.3, out, transform=t)
+        assert torch.equal(out, want.to(dtype)), step
+
+
+def test_decode_follows_a_changed_transform_on_the_same_tensors(impl):
+    """Two transforms in turn on the same query, cache and output tensors."""
+    seq_lens = [20, 7]
+    codec, cache, table, _, _ = build_cache("tq4", 64, 2, 16, seq_lens)
+    q, _, _ = _qkv_views(2, 6, 2, 64, torch.bfloat16)
+    transforms = [_layer_transform(2, 64, False), None, _layer_transform(2, 64, False)]
+    wants = []
+    for t in transforms:
+        want = torch.empty(2, 6, 64)
+        cpu_ops.decode((q if t is None else t.queries(q)).float(), cache, table,
+                       torch.tensor(seq_lens), codec, 0.3, want)
+        wants.append(want.to(torch.bfloat16))
+    out = torch.empty(2, 6, 64, dtype=torch.bfloat16)
+    for t, want in zip(transforms, wants):
+        cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, 0.3, out, transform=t)
+        assert torch.equal(out, want)
