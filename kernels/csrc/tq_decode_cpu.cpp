@@ -774,17 +774,31 @@ int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_to
   return key_end > s_tok ? -1 : 0;
 }
 
-// Rotates (and sketches) each query once: q [rows, Hq, d] -> q_rot, q_sk. rot_k_t [H, d, d]
-// and sketch_t [d, d] are the transposed matrices; the G query heads of one KV head share
-// their rotation (mat_rows). With key offsets k_off [H, d] (original domain), also
-// q_off [rows, Hq] = <q, o_h>, what a flagged key's logit loses.
-void rotate_queries(const float* q, int64_t rows, int64_t Hq, int64_t G, int64_t d,
-                    const float* rot_k_t, const float* sketch_t, const float* k_off,
+// The query rows as the model gives them: [rows, Hq, d] of dtype dt (DT_*), row r at
+// r * row_stride elements, its heads d apart; scale [H, d] (or null) multiplies each query
+// head's channels by its KV head's row first (LayerTransform.queries, see load_row).
+struct QueryIn {
+  const void* p;
+  int dt;
+  int64_t row_stride;
+  const float* scale;
+};
+
+// Reads (load_row), rotates and sketches each query once: in [rows, Hq, d] -> q (float32,
+// the transformed queries), q_rot, q_sk. rot_k_t [H, d, d] and sketch_t [d, d] are the
+// transposed matrices; the G query heads of one KV head share their rotation (mat_rows).
+// With key offsets k_off [H, d] (original domain), also q_off [rows, Hq] = <q, o_h>, what
+// a flagged key's logit loses.
+void rotate_queries(const QueryIn& in, int64_t rows, int64_t Hq, int64_t G, int64_t d,
+                    const float* rot_k_t, const float* sketch_t, const float* k_off, float* q,
                     float* q_rot, float* q_sk, float* q_off, int num_threads) {
-  const int64_t H = Hq / G;
+  const int64_t H = Hq / G, ib = dtype_bytes(in.dt);
 #pragma omp parallel for num_threads(num_threads)
   for (int64_t i = 0; i < rows * H; ++i) {
-    const int64_t h = i % H, at = i * G * d;
+    const int64_t r = i / H, h = i % H, at = i * G * d;
+    for (int64_t g = 0; g < G; ++g)
+      load_row(static_cast<const uint8_t*>(in.p) + (r * in.row_stride + (h * G + g) * d) * ib,
+               in.dt, d, nullptr, in.scale ? in.scale + h * d : nullptr, true, q + at + g * d);
     mat_rows(rot_k_t + h * d * d, q + at, G, (int)d, q_rot + at);
     if (sketch_t != nullptr) mat_rows(sketch_t, q_rot + at, G, (int)d, q_sk + at);
     if (k_off != nullptr)
@@ -803,12 +817,11 @@ struct Output {
   }
 };
 
-// Log-sum-exp combine of each row's splits in split order, then rotate back once per
-// (row, KV head) for its G query heads: out [rows, Hq, d] = R_v^T o (see Output).
-void merge(const Step& P, int64_t rows, const float* rot_v, const Output& out, int num_threads) {
-  const int64_t Hq = P.Hq, G = P.G, H = P.H, d = P.d;
-#pragma omp parallel for num_threads(num_threads)
-  for (int64_t i = 0; i < rows * H; ++i) {
+// Log-sum-exp combine of row r's splits in split order, then rotate back once for the G
+// query heads of KV head h (i = r * H + h): out [rows, Hq, d] = R_v^T o (see Output).
+void merge_one(const Step& P, int64_t i, const float* rot_v, const Output& out) {
+  const int64_t G = P.G, H = P.H, d = P.d;
+  {
     const int64_t r = i / H, h = i % H, n_splits = P.splits_of(r);
     alignas(64) float o[MAX_G * MAX_D];
     for (int64_t g = 0; g < G; ++g) {
@@ -860,40 +873,29 @@ struct Queries {
   float *q_rot, *q_sk, *q_off;
 };
 
-// The query rows as the model gives them: [rows, Hq, d] of dtype dt (DT_*), row r at
-// r * row_stride elements, its heads d apart; scale [H, d] (or null) multiplies each query
-// head's channels by its KV head's row first (LayerTransform.queries, see load_row).
-struct QueryIn {
-  const void* p;
-  int dt;
-  int64_t row_stride;
-  const float* scale;
-};
-
 Queries prepare_queries(const QueryIn& in, int64_t rows, int64_t Hq, int64_t G, int64_t d,
                         const float* rot_k_t, const float* sketch_t, const float* k_off,
                         int num_threads) {
   Workspace& w = workspace();
-  float* q = grow(w.q, rows * Hq * d);
-  const int64_t ib = dtype_bytes(in.dt);
-#pragma omp parallel for num_threads(num_threads)
-  for (int64_t i = 0; i < rows * Hq; ++i) {
-    const int64_t r = i / Hq, hq = i % Hq;
-    load_row(static_cast<const uint8_t*>(in.p) + (r * in.row_stride + hq * d) * ib, in.dt, d,
-             nullptr, in.scale ? in.scale + hq / G * d : nullptr, true, q + i * d);
-  }
   const Queries Q{grow(w.q_rot, rows * Hq * d), sketch_t ? grow(w.q_sk, rows * Hq * d) : nullptr,
                   k_off ? grow(w.q_off, rows * Hq) : nullptr};
-  rotate_queries(q, rows, Hq, G, d, rot_k_t, sketch_t, k_off, Q.q_rot, Q.q_sk, Q.q_off, num_threads);
+  rotate_queries(in, rows, Hq, G, d, rot_k_t, sketch_t, k_off, grow(w.q, rows * Hq * d), Q.q_rot,
+                 Q.q_sk, Q.q_off, num_threads);
   return Q;
 }
 
-// The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d].
+// The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d]: one
+// parallel region (the loops' barrier between them), not two — a region's start wakes the
+// other threads, microseconds a call that a decode step pays on every layer.
 void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float* rot_v,
          const Output& out, int num_threads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
-  merge(step, rows, rot_v, out, num_threads);
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
+#pragma omp for
+    for (int64_t i = 0; i < rows * step.H; ++i) merge_one(step, i, rot_v, out);
+  }
 }
 
 // ------------------------------------------------------------------- trellis search
