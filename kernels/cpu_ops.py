@@ -1,4 +1,13 @@
-"""Launchers for the Numba CPU kernels: validate, prepare tables, call, combine splits."""
+"""Launchers for the CPU kernels: validate, prepare tables, call.
+
+The native SIMD kernels (:mod:`tq_vllm.kernels.cpu_native`) run wherever they build; the
+Numba kernels (:mod:`tq_vllm.kernels.cpu_numba`, same algorithm) otherwise. Inside vLLM
+every PyTorch op and Python step between the model's GEMMs costs microseconds (measured
+~3× their cost outside the forward pass, docs/performance.md), so the native paths read
+the model's query / key / value rows and write its output in place, apply the layer's
+transform themselves, and reuse each layer's resolved arguments (:class:`_StorePlan`,
+:class:`_DecodePlan`) from call to call; everything else takes the general path.
+"""
 
 from __future__ import annotations
 
