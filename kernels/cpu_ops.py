@@ -456,7 +456,8 @@ def _native_ok(hq: int, kv_cache: torch.Tensor) -> bool:
 
 def _native_call(fn, name: str, q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
                  row_args: tuple, codec: LayerCodec, scale: float, out: torch.Tensor,
-                 splits: tuple, tail: tuple = (), transform: "LayerTransform | None" = None) -> None:
+                 splits: tuple, tail: tuple = (),
+                 transform: "LayerTransform | None" = None) -> None:
     """Calls a native kernel with the arguments decode and prefill share; theirs are
     ``row_args`` (the row descriptors after the block table), ``splits`` (after the
     block size) and ``tail`` (after the thread count). ``q`` and ``out`` are read and written
@@ -520,7 +521,8 @@ class _DecodePlan:
         native = cpu_native.load()
         fused = _fused_transform(transform, num_kv, d, ("k_scale",))
         rq, ro = _rows(q), _rows(out)
-        if native is None or not _native_ok(hq, kv_cache) or fused is None or rq is None or ro is None:
+        if (native is None or not _native_ok(hq, kv_cache) or fused is None or rq is None
+                or ro is None):
             return
         self.fn = native
         self.head = (kv_cache.data_ptr(), sb, sh, st)

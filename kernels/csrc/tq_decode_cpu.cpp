@@ -821,32 +821,30 @@ struct Output {
 // query heads of KV head h (i = r * H + h): out [rows, Hq, d] = R_v^T o (see Output).
 void merge_one(const Step& P, int64_t i, const float* rot_v, const Output& out) {
   const int64_t G = P.G, H = P.H, d = P.d;
-  {
-    const int64_t r = i / H, h = i % H, n_splits = P.splits_of(r);
-    alignas(64) float o[MAX_G * MAX_D];
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t base = P.split_slot(r, h * G + g);
-      const float* mi = P.m_out + base;
-      const float* li = P.l_out + base;
-      float mx = -INFINITY;
-      for (int64_t sp = 0; sp < n_splits; ++sp) mx = std::max(mx, mi[sp]);
-      float* og = o + g * d;
-      std::fill(og, og + d, 0.f);
-      float denom = 0.f;
-      for (int64_t sp = 0; sp < n_splits; ++sp) {
-        if (li[sp] == 0.f) continue;  // empty split
-        const float w = std::exp(mi[sp] - mx);
-        denom += w * li[sp];
-        const float* a = P.acc_out + (base + sp) * d;
-        for (int k = 0; k < d; ++k) og[k] += w * a[k];
-      }
-      const float inv = denom > 0.f ? 1.f / denom : 0.f;
-      for (int k = 0; k < d; ++k) og[k] *= inv;
+  const int64_t r = i / H, h = i % H, n_splits = P.splits_of(r);
+  alignas(64) float o[MAX_G * MAX_D];
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t base = P.split_slot(r, h * G + g);
+    const float* mi = P.m_out + base;
+    const float* li = P.l_out + base;
+    float mx = -INFINITY;
+    for (int64_t sp = 0; sp < n_splits; ++sp) mx = std::max(mx, mi[sp]);
+    float* og = o + g * d;
+    std::fill(og, og + d, 0.f);
+    float denom = 0.f;
+    for (int64_t sp = 0; sp < n_splits; ++sp) {
+      if (li[sp] == 0.f) continue;  // empty split
+      const float w = std::exp(mi[sp] - mx);
+      denom += w * li[sp];
+      const float* a = P.acc_out + (base + sp) * d;
+      for (int k = 0; k < d; ++k) og[k] += w * a[k];
     }
-    alignas(64) float y[MAX_G * MAX_D];
-    mat_rows(rot_v + h * d * d, o, G, (int)d, y);
-    store_row(y, G * d, out.dt, out.row(r, h * G * d));
+    const float inv = denom > 0.f ? 1.f / denom : 0.f;
+    for (int k = 0; k < d; ++k) og[k] *= inv;
   }
+  alignas(64) float y[MAX_G * MAX_D];
+  mat_rows(rot_v + h * d * d, o, G, (int)d, y);
+  store_row(y, G * d, out.dt, out.row(r, h * G * d));
 }
 
 // The per-call float buffers (rotated and sketched queries, offsets, split partials),
@@ -884,9 +882,9 @@ Queries prepare_queries(const QueryIn& in, int64_t rows, int64_t Hq, int64_t G, 
   return Q;
 }
 
-// The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d]: one
-// parallel region (the loops' barrier between them), not two — a region's start wakes the
-// other threads, microseconds a call that a decode step pays on every layer.
+// The split-KV tasks, then the merge of each row's splits into out [rows, Hq, d], in one
+// parallel region (the first loop's barrier between them): the threads are started once
+// a call (two regions timed the same alone, within the run-to-run noise).
 void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float* rot_v,
          const Output& out, int num_threads) {
 #pragma omp parallel num_threads(num_threads)

@@ -140,8 +140,7 @@ void encode(const float* const* y, int d, uint8_t* const* slot, const Tensor& T,
   want_r = want_r || D.sign_off >= 0;
   alignas(64) float work[R][MAX_D];
   alignas(64) float fed[R][MAX_D];
-  alignas(64) int32_t code_buf[R][MAX_D];  // a group's codes, packed after its loop: int
-  // stores cannot alias the float / double state (byte stores could: it was reloaded)
+  alignas(64) int32_t code_buf[R][MAX_D];  // a group's codes, packed after its loop
   if (fb != nullptr)
     for (int r = 0; r < R; ++r) std::copy(y[r], y[r] + d, fed[r]);
   int j0 = 0;
@@ -266,10 +265,10 @@ int check_store(int64_t d, const int64_t* kdesc_p, const int64_t* vdesc_p, int64
 
 // Store N tokens' K/V, k/v [N, H, d] of dtype in_dt (DT_*; token t's row at t * k_row /
 // t * v_row elements, its heads d apart): the model's vectors (rot_k_t, rot_v_t =
-// R_h^T [H, d, d] float32, summed in float64), first transformed as load_row says by k_mean / k_scale /
-// v_mean / v_scale [H, d] (each null when off), or already rotated float32 (rot_k_t and
-// rot_v_t null: the trellis path rotates and searches first). slots [N] (negative:
-// skipped); every slot is checked before any write.
+// R_h^T [H, d, d] float32, summed in float64), first transformed as load_row says by
+// k_mean / k_scale / v_mean / v_scale [H, d] (each null when off), or already rotated
+// float32 (rot_k_t and rot_v_t null: the trellis path rotates and searches first).
+// slots [N] (negative: skipped); every slot is checked before any write.
 //   k_off_rot [H, d] R_h o, or null (no choice by residual); k_flags [N, H] uint8: the
 //   offset choice made (by norm) and k the chosen vectors, or null; k_bytes: the key's bytes
 //   kdesc/vdesc, k_books/v_books, k_bounds/v_bounds [G, 16]: see Tensor
