@@ -217,8 +217,8 @@ class TQAttentionImpl(AttentionImpl):
         n = slot_mapping.shape[0]
         if n == 0:
             return
-        k = _rows(key, n).view(n, self.num_kv_heads, self.head_size)
-        v = _rows(value, n).view(n, self.num_kv_heads, self.head_size)
+        k = _first_rows(key, n).view(n, self.num_kv_heads, self.head_size)
+        v = _first_rows(value, n).view(n, self.num_kv_heads, self.head_size)
         ops.store(k, v, kv_cache, slot_mapping, self.codec(layer, key.device),
                   transform=self._transform)
 
@@ -235,14 +235,14 @@ class TQAttentionImpl(AttentionImpl):
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
-        out = _rows(output, n).view(n, self.num_heads, self.head_size)
+        out = _first_rows(output, n).view(n, self.num_heads, self.head_size)
         codec = self.codec(layer, query.device)
         tf = self._transform
-        query = _rows(query, n).view(n, self.num_heads, self.head_size)
+        query = _first_rows(query, n).view(n, self.num_heads, self.head_size)
         nd, ndt = m.num_decodes, m.num_decode_tokens
         if nd:  # the kernels apply the query transform (on the CPU, fused: no copies)
-            ops.decode(_rows(query, ndt), kv_cache, _rows(m.block_table, nd),
-                       _rows(m.seq_lens, nd), codec, self.scale, out=_rows(out, ndt),
+            ops.decode(_first_rows(query, ndt), kv_cache, _first_rows(m.block_table, nd),
+                       _first_rows(m.seq_lens, nd), codec, self.scale, out=_first_rows(out, ndt),
                        transform=tf)
         if ndt < n:
             q = tf.queries(query)
@@ -255,7 +255,7 @@ class TQAttentionImpl(AttentionImpl):
         return output
 
 
-def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+def _first_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """``x[:n]``, without the slicing op when ``x`` has exactly ``n`` rows: each PyTorch op
     between the model's GEMMs costs microseconds on a CPU, and a decode step calls these
     for every layer."""
