@@ -224,7 +224,8 @@ def _unrotate_values(o_rot: torch.Tensor, codec: LayerCodec, num_kv: int) -> tor
 
 
 def num_splits(max_len: int) -> int:
-    """KV splits that cover the longest sequence in runs of ``SPLIT_TOKENS``."""
+    """KV splits that cover the longest sequence in runs of ``SPLIT_TOKENS`` (the native
+    decode counts the same itself when passed 0 splits: its launcher skips this max)."""
     return max(1, -(-max_len // SPLIT_TOKENS))
 
 
@@ -316,15 +317,13 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         _store_done(rc, plan.counts, kv_cache, codec)
         return
     num_blocks, num_kv, block_size, slot_bytes = kv_cache.shape
+    if transform is not None:
+        key, value = transform.keys(key), transform.values(value)
     native = cpu_native.load_store()
     if native is not None and tab.scalar and not tab.by_norm:
-        if transform is not None:
-            key, value = transform.keys(key), transform.values(value)
         _store_native(native, key.float().contiguous(), value.float().contiguous(), kv_cache, sm,
                       codec, tab, rotated=False)
         return
-    if transform is not None:
-        key, value = transform.keys(key), transform.values(value)
     lo, hi = (int(v) for v in torch.aminmax(sm))
     if hi >= num_blocks * block_size:
         raise IndexError(f"slot_mapping has slots beyond the cache's {num_blocks * block_size}")
@@ -569,7 +568,6 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
         q = transform.queries(q)
     splits = num_splits(int(seq.max()))
     flat, (sb, sh, st) = _flat(kv_cache)
-    tab = tables(codec)
     q_off = codec.key.query_offsets(q)
     q_rot = _rotate_queries(q, codec, num_kv)
     q_sk = (_per_row(q_rot[:, :, None, :], tab.sketch.T.expand(hq, d, d))[:, :, 0].contiguous()

@@ -34,10 +34,10 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     impl = _impl(kv_cache.device)
     if impl.FUSES_TRANSFORMS:
         impl.store(key, value, kv_cache, slot_mapping, codec, transform=transform)
-    elif transform is None:
-        impl.store(key, value, kv_cache, slot_mapping, codec)
     else:
-        impl.store(transform.keys(key), transform.values(value), kv_cache, slot_mapping, codec)
+        if transform is not None:
+            key, value = transform.keys(key), transform.values(value)
+        impl.store(key, value, kv_cache, slot_mapping, codec)
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

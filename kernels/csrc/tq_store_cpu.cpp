@@ -317,7 +317,7 @@ extern "C" int tq_store_cpu(
     float *yks[PAIR_TOKENS], *yvs[PAIR_TOKENS];
     const int64_t ib = dtype_bytes(in_dt);
     for (int i = 0; i < nl; ++i) {
-      const int64_t sm = slots[ti[i] / H], t = ti[i] / H;
+      const int64_t t = ti[i] / H, sm = slots[t];
       slot[i] = cache + (sm / block_size) * s_blk + h * s_head + (sm % block_size) * s_tok;
       std::memset(slot[i], 0, slot_bytes);
       float* xki = rotated ? yk[i] : xk[i];
