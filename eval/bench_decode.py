@@ -22,6 +22,7 @@ over and over (resident in L2/L3: the compute-bound view).
     python eval/bench_decode.py                     # the full grid (minutes)
     python eval/bench_decode.py --quick             # batch 8, context 4k, d 64, GQA 3
     python eval/bench_decode.py --layers 1          # one cache per case (cache-resident)
+    python eval/bench_decode.py --impls native,native-amx   # float32 vs AMX bodies
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import PRESETS
-from tq_vllm.kernels import cpu_ops
+from tq_vllm.kernels import cpu_native, cpu_ops
 from tq_vllm.reference import tq_paged_attention
 
 BLOCK_SIZE = 128  # vLLM-CPU's default block size
@@ -97,8 +98,6 @@ def _bf16_case(batch, ctx, d, kv_heads, gqa, layers=1):
 
 
 def _numba_decode(*args):
-    from tq_vllm.kernels import cpu_native
-
     cpu_native.load.cache_clear()
     os.environ[cpu_native.DISABLE_ENV] = "1"
     try:
@@ -111,6 +110,11 @@ def _numba_decode(*args):
 def _reference_decode(q, cache, table, seq, codec, scale, out):
     qsl = torch.arange(q.shape[0] + 1)
     out.copy_(tq_paged_attention(q, cache, table, seq, qsl, codec, scale))
+
+
+AMX_MODES = {"native": 0, "native-amx": 2}
+"""The native kernel's float32 bodies, and its AMX bodies for every GQA width (bf16 queries;
+where the CPU has no AMX, ``native-amx`` runs the float32 bodies: see the log)."""
 
 
 def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl, layers=1):
@@ -134,9 +138,13 @@ def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl, layers=1):
     seq = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    fn = {"native": cpu_ops.decode, "numba": _numba_decode, "reference": _reference_decode}[impl]
+    fn = {"native": cpu_ops.decode, "native-amx": cpu_ops.decode, "numba": _numba_decode,
+          "reference": _reference_decode}[impl]
+    amx = AMX_MODES.get(impl)
 
     def run():
+        if amx is not None:
+            cpu_native.set_amx(amx)
         for cache in caches:
             fn(q, cache, table, seq, codec, 1 / math.sqrt(d), out)
     return run, batch * ctx * kv_heads * slot
@@ -151,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--gqa", default="3,7")
     ap.add_argument("--impls", default="native,numba,reference",
-                    help="our implementations to time beside vLLM's bf16 attention")
+                    help="our implementations to time beside vLLM's bf16 attention: native "
+                         "(float32 bodies), native-amx (AMX bodies), numba, reference")
     ap.add_argument("--reference-max-ctx", type=int, default=4096, help="skip the slow reference beyond")
     ap.add_argument("--layers", type=int, default=0,
                     help="distinct caches per case, timed in turn (0: enough to stream, see above)")

@@ -4,7 +4,8 @@ One layer, one prompt chunk of ``n`` tokens after ``cached`` tokens already in t
 (``tests/test_reference.build_cache``, bf16 queries). "decode rows" runs every query token
 as a row of one decode call (the block table gathered per row; the path before the tiled
 kernel, and the Numba fallback's); "tiled" is ``cpu_ops.prefill``. Both give the same bits
-(checked here); timed in interleaved rounds, best of ``--rounds``.
+(checked here), on the native kernel's float32 bodies and, where the CPU has AMX, on its AMX
+bodies ("... AMX", every GQA width); timed in interleaved rounds, best of ``--rounds``.
 
     python eval/bench_prefill.py [--threads 2] [--rounds 3]
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from test_reference import build_cache  # noqa: E402
 
-from tq_vllm.kernels import cpu_ops  # noqa: E402
+from tq_vllm.kernels import cpu_native, cpu_ops  # noqa: E402
 
 CASES = [("tq4", 3, 0, 1024), ("tq3.5", 3, 0, 2048), ("tq4", 3, 3584, 512),
          ("tq4-qjl", 3, 0, 1024), ("tq4", 7, 0, 1024)]
@@ -47,23 +48,32 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print("| preset | GQA | cached + chunk tokens | decode rows ms | tiled ms | speed-up |")
-    print("|---|---|---|---|---|---|")
+    amx = cpu_native.set_amx(2) == 2  # AMX bodies for every GQA width, where there
+    runs = [("decode rows", 0, decode_rows), ("tiled", 0, tiled)]
+    runs += [("decode rows AMX", 2, decode_rows), ("tiled AMX", 2, tiled)] if amx else []
+    print("| preset | GQA | cached + chunk tokens | " + " | ".join(f"{r[0]} ms" for r in runs)
+          + " | tiled / decode rows" + (" | tiled / tiled AMX |" if amx else " |"))
+    print("|---" * (3 + len(runs) + 1 + amx) + "|")
     for name, gqa, cached, n in CASES:
         s, kv = cached + n, 3 if gqa == 3 else 2
         codec, cache, table, _, _ = build_cache(name, 64, kv, 16, [s])
         q = torch.randn(n, kv * gqa, 64).to(torch.bfloat16)
-        outs = [torch.empty(n, kv * gqa, 64, dtype=torch.bfloat16) for _ in range(2)]
-        times = [[], []]
+        outs = [torch.empty(n, kv * gqa, 64, dtype=torch.bfloat16) for _ in runs]
+        times = [[] for _ in runs]
         for _ in range(args.rounds):
-            for k, fn in enumerate((decode_rows, tiled)):
+            for k, (_, mode, fn) in enumerate(runs):
+                cpu_native.set_amx(mode)
                 t0 = time.perf_counter()
                 fn(q, cache, table, s, n, codec, outs[k])
                 times[k].append(time.perf_counter() - t0)
-        if not torch.equal(outs[0], outs[1]):
-            raise SystemExit(f"{name}: tiled prefill and decode rows differ")
-        a, b = (1e3 * min(t) for t in times)
-        print(f"| {name} | {gqa} | {cached} + {n} | {a:.1f} | {b:.1f} | {a / b:.2f}× |", flush=True)
+        for a in range(0, len(runs), 2):  # each body's tiled prefill gives its decode rows' bits
+            if not torch.equal(outs[a], outs[a + 1]):
+                raise SystemExit(f"{name}: {runs[a + 1][0]} and {runs[a][0]} differ")
+        ms = [1e3 * min(t) for t in times]
+        cols = " | ".join(f"{m:.1f}" for m in ms)
+        ratios = f"{ms[0] / ms[1]:.2f}×" + (f" | {ms[1] / ms[3]:.2f}×" if amx else "")
+        print(f"| {name} | {gqa} | {cached} + {n} | {cols} | {ratios} |", flush=True)
+    cpu_native.set_amx(cpu_native.amx_default())
     return 0
 
 

@@ -32,7 +32,7 @@ logger = logging.getLogger("tq_vllm")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "tq_decode_cpu.cpp", CSRC / "tq_store_cpu.cpp")
-HEADERS = (CSRC / "tq_cpu_common.h",)
+HEADERS = (CSRC / "tq_cpu_common.h", CSRC / "tq_attend_amx.h")
 ISAS = {
     "avx512": (["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
                ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma", "f16c")),
@@ -45,6 +45,12 @@ rounds each operation as the PyTorch reference does (its codes must match bit fo
 DISABLE_ENV = "TQ_VLLM_DISABLE_NATIVE"
 ISA_ENV = "TQ_VLLM_NATIVE_ISA"
 """Force one build (``avx2`` on an AVX-512 machine, to test or compare it)."""
+AMX_ENV = "TQ_VLLM_CPU_AMX"
+"""Where AMX is there, bf16 models' decode and prefill run on AMX tiles for GQA groups of 6
+query heads or more (``auto``, the default), for every group (``1``) or never (``0``)."""
+AMX_MODES = {"0": 0, "auto": 1, "1": 2}
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512vbmi")
+"""What the AMX bodies (csrc/tq_attend_amx.h) run on, besides the AVX-512 build."""
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -130,7 +136,46 @@ def _library():
         logger.warning("tq-vllm: building the %s kernel failed (%s); using Numba", isa,
                        detail[-2000:])
         return None
-    return bind(lib)
+    lib = bind(lib)
+    _enable_amx(lib, amx_default() if isa == "avx512" else 0)
+    return lib
+
+
+def _enable_amx(lib: ctypes.CDLL, mode: int) -> int:
+    got = lib.tq_amx_enable(mode)
+    if mode and not got:
+        logger.warning("tq-vllm: the kernel refused AMX tile data; bf16 attention runs on "
+                       "float32 FMAs")
+    return got
+
+
+def _cpu_has_amx() -> bool:
+    return all(f in _cpu_flags() for f in AMX_CPU_FLAGS)
+
+
+def amx_default() -> int:
+    """The AMX mode unless told otherwise (0 off, 1 auto, 2 every GQA width): ``$TQ_VLLM_CPU_AMX``
+    (``0`` / ``auto`` / ``1``, default ``auto``), 0 where the CPU lacks what the AMX bodies need."""
+    value = os.environ.get(AMX_ENV, "auto").strip().lower()
+    if value not in AMX_MODES:
+        raise ValueError(f"{AMX_ENV} must be one of {sorted(AMX_MODES)}, got {value!r}")
+    return AMX_MODES[value] if _cpu_has_amx() else 0
+
+
+def set_amx(mode: int) -> int:
+    """Run bf16 models' decode and prefill on AMX tiles: mode 0 never, 1 for GQA groups of 6
+    query heads or more, 2 for every group. Returns the mode in effect (0 where the CPU or
+    build lacks AMX)."""
+    lib = _library() if load() is not None else None
+    if lib is None:
+        return 0
+    return _enable_amx(lib, mode if best_isa() == "avx512" and _cpu_has_amx() else 0)
+
+
+def amx_mode() -> int:
+    """The AMX mode in effect (0 off, 1 auto, 2 every GQA width)."""
+    lib = _library() if load() is not None else None
+    return 0 if lib is None else lib.tq_amx_mode()
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -139,6 +184,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                            ("tq_trellis_encode_cpu", TRELLIS_ARGTYPES),
                            ("tq_trellis_encode_fed_cpu", TRELLIS_FED_ARGTYPES),
                            ("tq_store_cpu", STORE_ARGTYPES)):
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    for name, argtypes in (("tq_amx_enable", [_C]), ("tq_amx_mode", [])):
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int

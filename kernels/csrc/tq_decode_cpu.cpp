@@ -334,6 +334,8 @@ inline void mat_rows(const float* m, const float* x, int64_t rows, int d, float*
   }
 }
 
+struct AmxBooks;  // tq_attend_amx.h
+
 // Everything a task reads and writes. Rows are query tokens: decode has one per
 // sequence (row b reads block-table row b); prefill has one per prompt token (row r reads
 // block-table row row_seq[r]). Each row attends to its first seq_lens[r] tokens in
@@ -353,6 +355,7 @@ struct Step {
   Desc kd, vd;
   Codebooks kc, vc;
   float *acc_out, *m_out, *l_out;
+  const AmxBooks* amx = nullptr;  // the AMX bodies' tables (tq_attend_amx.h), when they run
 
   int64_t splits_of(int64_t r) const { return row_split ? row_split[r + 1] - row_split[r] : n_splits; }
   int64_t split_slot(int64_t r, int64_t i) const {
@@ -750,6 +753,21 @@ TaskFn for_group_size(int64_t G) {
 }
 template <int GT> struct DecodeTask { static void run(const Step& P, int64_t t) { attend<GT>(P, t); } };
 template <int GT> struct PrefillTask { static void run(const Step& P, int64_t t) { attend_rows<GT>(P, t); } };
+
+}  // namespace
+
+#if defined(__AVX512F__)
+#include "tq_attend_amx.h"
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+void amx_decode_task(const Step& P, int64_t t) { amx_attend(P, *P.amx, t); }
+void amx_prefill_task(const Step& P, int64_t t) { amx_attend_rows(P, *P.amx, t); }
+#else
+inline bool amx_handles(int, const Desc&, const Desc&, bool, int64_t, int64_t) { return false; }
+#endif
 
 // Shapes the kernel handles (0), or -1.
 int check(int64_t Hq, int64_t H, int64_t d, int64_t block_size, int64_t split_tokens,
@@ -1225,6 +1243,15 @@ extern "C" int tq_decode_cpu(
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, B * Hq * n_splits * d), grow(w.m, B * Hq * n_splits),
                   grow(w.l, B * Hq * n_splits)};
+#if defined(__AVX512F__)
+  if (amx_handles(q_dt, kd, vd, qjl, G, split_tokens)) {
+    const AmxBooks books = amx_books(step, k_books, v_books);
+    Step s = step;
+    s.amx = &books;
+    run(s, amx_decode_task, B * H * n_splits, B, rot_v, {out, out_dt, out_row}, num_threads);
+    return 0;
+  }
+#endif
   run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, {out, out_dt, out_row},
       num_threads);
   return 0;
@@ -1249,6 +1276,10 @@ extern "C" int tq_prefill_cpu(
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
+  const bool amx = amx_handles(q_dt, kd, vd, qjl, G, split_tokens);
+#if defined(__AVX512F__)
+  if (amx) group_rows = amx_group_rows(G);
+#endif
   std::vector<int64_t> row_split(N + 1, 0), groups{0};
   int64_t max_splits = 1;
   for (int64_t r = 0; r < N; ++r) {
@@ -1268,7 +1299,39 @@ extern "C" int tq_prefill_cpu(
                   max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, total * Hq * d), grow(w.m, total * Hq), grow(w.l, total * Hq)};
+#if defined(__AVX512F__)
+  if (amx) {
+    const AmxBooks books = amx_books(step, k_books, v_books);
+    Step s = step;
+    s.amx = &books;
+    run(s, amx_prefill_task, n_groups * H * max_splits, N, rot_v, {out, out_dt, out_row}, num_threads);
+    return 0;
+  }
+#endif
   run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v,
       {out, out_dt, out_row}, num_threads);
   return 0;
+}
+
+// Lets the AVX-512 build run bf16 models' decode and prefill on AMX tiles: mode 0 never,
+// 1 for GQA groups of AMX_MIN_G query heads or more, 2 for every group. Returns the mode
+// in effect: 0 without this build or without the kernel's permission for tile data
+// (asked here); the caller checks the CPU has AMX-BF16, AVX512-BF16 and VBMI.
+extern "C" int tq_amx_enable(int mode) {
+#if defined(__AVX512F__)
+  g_amx = mode >= AMX_AUTO && mode <= AMX_ON && amx_request() ? mode : AMX_OFF;
+  return g_amx;
+#else
+  (void)mode;
+  return 0;
+#endif
+}
+
+// The AMX mode in effect (tq_amx_enable's last answer).
+extern "C" int tq_amx_mode() {
+#if defined(__AVX512F__)
+  return g_amx;
+#else
+  return 0;
+#endif
 }

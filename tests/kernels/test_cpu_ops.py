@@ -36,12 +36,17 @@ def _require_native():
 
 @pytest.fixture(params=["native", "numba"])
 def impl(request, monkeypatch):
+    """The float32 bodies of the native kernel (its AMX bodies for bf16 models are
+    tests/kernels/test_cpu_amx.py's), or the Numba kernel."""
     cpu_native.load.cache_clear()
     if request.param == "numba":
         monkeypatch.setenv(cpu_native.DISABLE_ENV, "1")
     else:
         _require_native()
+        cpu_native.set_amx(0)
     yield request.param
+    if request.param == "native":
+        cpu_native.set_amx(cpu_native.amx_default())
     cpu_native.load.cache_clear()
 
 

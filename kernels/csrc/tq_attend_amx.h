@@ -1,0 +1,612 @@
+// tq-vllm: decode and prefill attention over the packed cache on AMX tiles (bf16 models).
+//
+// Included by tq_decode_cpu.cpp after its Step / RowState / softmax helpers; compiled in
+// the AVX-512 build only, each function with the AMX target attribute (the library runs
+// on AVX-512 CPUs without AMX, which never call these: tq_amx_enable says whether to).
+//
+// Why: on this project's Xeon host a 512-bit FMA does 32 multiply-adds a cycle per core
+// and vdpbf16ps 16 (one every two cycles, measured), while one AMX TDPBF16PS does a
+// 16 x 16 x 32 bf16 product. vLLM-CPU's own bf16 attention runs on AMX; float32 FMAs
+// over decoded codes cannot keep up with it on long prompts (a 4k-token prefill: 135 ms a
+// layer against vLLM's 28 ms).
+//
+// Arithmetic (the bf16 class of vLLM's attention): the rotated query is rounded to bf16,
+// the codebooks' centroids are bf16 (a 32-word table per group, looked up with vpermw),
+// and the softmax weights x value norms are rounded to bf16 before the value product;
+// products accumulate in float32 inside TDPBF16PS. Norms, offsets, scale, the softmax
+// itself and the running sums stay float32 and are applied exactly as the float32 path
+// applies them. AMX's internal summation order is not documented (it matches neither
+// sequential fmaf order nor an exact sum, measured), so no FMA code can reproduce its
+// bits: decode and prefill therefore both run these tiles, a pass of N (row, query head)
+// pairs at once (N = G in decode), each output element depending only on its own row and
+// column: a prompt row still gets exactly the bits of its decode step.
+//
+// A task reads its split (AMX_BT = 512 tokens, the float32 bodies' split) as one block:
+//   fill    each slot read once; keys as token-major bf16 chunks (one byte permute, one
+//           shift, one table lookup per 32 coordinates), values as token-pair rows (VNNI),
+//           norms and offset flags gathered 16 tokens at a time
+//   scores  C [16 tokens][N] = keys A x query B [coordinate pairs][N][2] (four C tiles in
+//           flight), transposed to [N][tokens] for the softmax
+//   softmax one update per pair and block over its tokens (vectors over tokens), the
+//           weights x value norms rounded to bf16 as A [N][32 tokens] rows
+//   values  C [N][16 coordinates] = weights A x values B, accumulated in the tile over
+//           the block, added once to the pair's running sums (scaled by the update)
+// Handing data between vector registers and tiles goes through memory and costs ~60-120
+// cycles a hand-off (measured); a block pays each of the four hand-offs once.
+#pragma once
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define TQ_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
+
+namespace {
+
+constexpr int AMX_BT = 512;   // tokens per block: one fill, one online-softmax update (= split)
+constexpr int AMX_TT = 32;    // tokens per value product: its K extent (64 bytes of bf16)
+constexpr int AMX_HALF = 16;  // tokens per score product: a tile's 16 rows
+constexpr int AMX_MAXN = 16;  // (row, query head) pairs per pass: the 16 columns / rows of C
+constexpr int AMX_CHUNK = 32; // coordinates per key product: the K extent of one TDPBF16PS
+constexpr int AMX_VCHUNK = 16; // coordinates per value product: C's 16 float32 columns
+
+// Set by tq_amx_enable: AMX_OFF, AMX_AUTO (GQA groups of AMX_MIN_G heads or more) or
+// AMX_ON (every group up to AMX_MAXN), once the process may use AMX tiles.
+constexpr int AMX_OFF = 0, AMX_AUTO = 1, AMX_ON = 2;
+int g_amx = AMX_OFF;
+// Decode on these bodies costs per token about what the float32 bodies cost per token and
+// query head: they win from ~6 query heads a KV head (measured on the Xeon host, 16
+// sequences of 300 / 4096 tokens: float32 time / AMX time 0.82 / 0.98 at G = 3, 0.83 /
+// 1.12 at 5, 1.03 / 1.20 at 6, 1.11 / 1.39 at 7); prefill is ~2x faster at G = 3 and 7.
+constexpr int64_t AMX_MIN_G = 6;
+
+// Tile registers (palette 1), configured per phase of a block (a configuration load
+// zeroes the tiles; each phase starts from zero anyway). TDPBF16PS takes ~16 cycles but
+// its result ~50 later: each phase keeps four independent C tiles in flight.
+//   scores:  0-3 C [16 tokens][N] (four 16-token runs), 4, 5 keys A [16 tokens][32
+//            coordinates], 6 query B [16 coordinate pairs][N][2]
+//   values:  0-3 C [N][16 coordinates] (four chunks), 4, 5 weights A [N][32 tokens],
+//            6, 7 values B [16 token pairs][16 coordinates][2]
+struct alignas(64) TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+TQ_AMX_TARGET inline void amx_configure(int N, bool values) {
+  TileConfig c{};
+  c.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    const bool is_c = t < 4, is_a = t == 4 || t == 5;
+    if (values) {
+      c.rows[t] = (uint8_t)(is_c || is_a ? N : 16);
+      c.colsb[t] = 64;
+    } else {
+      c.rows[t] = 16;
+      c.colsb[t] = (uint16_t)(is_a ? 64 : 4 * N);
+    }
+  }
+  _tile_loadconfig(&c);
+}
+
+// What a group of codes needs for the bf16 lookups: the 32-word bf16 table (the codebook
+// repeated with period 2^bits, so the bits above a code in its index word do not matter),
+// and per chunk the byte permute and per-word shift that put a code at the low bits of
+// its word, reading the 64-byte window of the group's codes that holds the chunk (window
+// w starts at byte 32 w of the group; loaded masked to the group's bytes). Keys: word w =
+// coordinate w of a 32-coordinate chunk; values: word 2k + e = coordinate k of token e of
+// a pair (16 coordinates; token 1's window is the second source of the permute).
+constexpr int AMX_KCHUNKS = MAX_D / AMX_CHUNK, AMX_VCHUNKS = MAX_D / AMX_VCHUNK;
+constexpr int AMX_WINDOWS = MAX_D * 4 / 8 / 32;   // key windows: 64 bytes from every 32nd byte
+constexpr int AMX_VWINDOWS = MAX_D * 4 / 8 / 16;  // value windows: 32 bytes from every 16th byte
+struct AmxGroup {
+  __m512i table;
+  __m512i kpat[AMX_KCHUNKS], vpat[AMX_VCHUNKS];
+  __m512i kshift, vshift;
+  __mmask64 wmask[AMX_WINDOWS];   // key window w's bytes inside the group
+  __mmask64 vmask[AMX_VWINDOWS];  // value window w of a token pair: token 0's bytes, token 1's at 32..
+  int kwin[AMX_KCHUNKS], vwin[AMX_VCHUNKS];
+  int bits, dim;
+  int64_t seg_off;
+};
+
+TQ_AMX_TARGET inline AmxGroup amx_group(const Desc& d, int g, const float* books) {
+  AmxGroup a{};
+  a.bits = (int)d.bits[g];
+  a.dim = (int)d.dim[g];
+  a.seg_off = d.seg_off[g];
+  alignas(64) uint16_t tab[32];
+  for (int i = 0; i < 32; ++i) tab[i] = float_to_bf16(books[16 * g + i % (1 << a.bits)]);
+  a.table = _mm512_loadu_si512(tab);
+  const int nbytes = a.dim * a.bits / 8;
+  for (int w = 0; w < AMX_WINDOWS; ++w) {
+    const int left = std::clamp(nbytes - 32 * w, 0, 64);
+    a.wmask[w] = left >= 64 ? ~0ULL : ((1ULL << left) - 1);
+  }
+  alignas(64) uint8_t pat[64];
+  alignas(64) uint16_t sh[32];
+  for (int c = 0; c * AMX_CHUNK < a.dim; ++c) {  // keys
+    const int o0 = c * AMX_CHUNK * a.bits;       // chunk's first bit in the group
+    a.kwin[c] = o0 / 256;
+    for (int w = 0; w < 32; ++w) {
+      const int o = o0 + w * a.bits - 256 * a.kwin[c];
+      pat[2 * w] = (uint8_t)(o / 8);
+      pat[2 * w + 1] = (uint8_t)(o / 8 + 1);
+      sh[w] = (uint16_t)(o % 8);
+    }
+    a.kpat[c] = _mm512_loadu_si512(pat);
+    if (c == 0) a.kshift = _mm512_loadu_si512(sh);  // the same for every chunk (32 x bits bits)
+  }
+  for (int c = 0; c * AMX_VCHUNK < a.dim; ++c) {  // values: 32-byte windows, token e's at 32 e
+    const int o0 = c * AMX_VCHUNK * a.bits;        // a chunk's 2 x bits (+ 1) bytes start in the
+    a.vwin[c] = o0 / 128;                          // window's first 16: they end inside it
+    for (int w = 0; w < 32; ++w) {
+      const int k = w / 2, e = w % 2, o = o0 + k * a.bits - 128 * a.vwin[c];
+      pat[2 * w] = (uint8_t)(o / 8 + 32 * e);
+      pat[2 * w + 1] = (uint8_t)(o / 8 + 1 + 32 * e);
+      sh[w] = (uint16_t)(o % 8);
+    }
+    a.vpat[c] = _mm512_loadu_si512(pat);
+    if (c == 0) a.vshift = _mm512_loadu_si512(sh);  // the same for every chunk (16 x bits bits)
+  }
+  for (int w = 0; w < AMX_VWINDOWS; ++w) {
+    const int left = std::clamp(nbytes - 16 * w, 0, 32);
+    const __mmask64 lo = left >= 32 ? 0xFFFFFFFFULL : ((1ULL << left) - 1);
+    a.vmask[w] = lo | (lo << 32);
+  }
+  return a;
+}
+
+struct AmxBooks {
+  AmxGroup k[2], v[2];
+};
+
+// Window w of a group's codes (seg: the group's first byte), zero past the group: a
+// chunk's last word reads one byte past its codes, which must not come from past the slot.
+TQ_AMX_TARGET __attribute__((always_inline)) inline __m512i code_window(const uint8_t* seg, const AmxGroup& a,
+                                                                        int w) {
+  return _mm512_maskz_loadu_epi8(a.wmask[w], seg + 32 * w);
+}
+
+// bf16 centroids (unit scale) of key chunk c from its window x -> dst [32]
+TQ_AMX_TARGET __attribute__((always_inline)) inline void key_chunk(__m512i x, const AmxGroup& a, int c,
+                                                                   uint16_t* dst) {
+  const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(a.kpat[c], x), a.kshift);
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(w, a.table));
+}
+
+// Value window w of two tokens (p0, p1: their group's first byte) in one vector: token 0's
+// 32 bytes from byte 16 w, then token 1's, zero past the group (loads only: a two-source byte permute
+// costs 4 cycles a call here, measured)
+TQ_AMX_TARGET __attribute__((always_inline)) inline __m512i value_window(const uint8_t* p0, const uint8_t* p1,
+                                                                         const AmxGroup& a, int w) {
+  const __mmask64 m = a.vmask[w];
+  const __m512i x = _mm512_maskz_loadu_epi8(m & 0xFFFFFFFFULL, p0 + 16 * w);
+  return _mm512_mask_loadu_epi8(x, m & ~0xFFFFFFFFULL, p1 + 16 * w - 32);
+}
+
+// bf16 centroids of a token pair's value chunk c from its window x, interleaved (VNNI:
+// word 2k + e = token e's coordinate k) -> dst [32]
+TQ_AMX_TARGET __attribute__((always_inline)) inline void value_pair(__m512i x, const AmxGroup& a, int c,
+                                                                    uint16_t* dst) {
+  const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(a.vpat[c], x), a.vshift);
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(w, a.table));
+}
+
+// One block of AMX_BT tokens: keys as token-major chunks, values as token-pair rows, norms
+// and offset flags; and a pass's scratch over it. Tokens n.. of the block are read from
+// slots[0] (any readable slot): their norms are zero and their weights zero, so what they
+// hold never reaches an output.
+struct AmxBlock {
+  alignas(64) uint16_t kt[MAX_D / AMX_CHUNK][AMX_BT][AMX_CHUNK];          // [chunk][token][coordinate]
+  alignas(64) uint16_t vb[MAX_D / AMX_VCHUNK][AMX_BT / 2][2 * AMX_VCHUNK];  // [chunk][pair][coord x 2]
+  alignas(64) float nk[2][AMX_BT];
+  alignas(64) float nv[2][AMX_BT];
+  alignas(64) float fl[AMX_BT];
+  alignas(64) float c[2][AMX_BT][AMX_MAXN];   // scores per key group as the C tiles give them
+  alignas(64) float sc[2][AMX_MAXN][AMX_BT];  // the same transposed: [lane][token]
+  alignas(64) uint16_t pa[2][AMX_MAXN][AMX_BT];  // bf16 weights x value norms per value group
+};
+
+// The 4-byte words at byte `at` of 16 slots (offs[0..1]: offsets from the first)
+TQ_AMX_TARGET __attribute__((always_inline)) inline __m512i words_at(const uint8_t* at, const __m512i* offs) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(offs[0], at, 1)),
+                            _mm512_i64gather_epi32(offs[1], at, 1), 1);
+}
+
+// The fp16 in the low half of each word, as float32
+TQ_AMX_TARGET __attribute__((always_inline)) inline V low_halves(__m512i w) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
+}
+
+TQ_AMX_TARGET inline void amx_fill(const Step& P, const AmxBooks& bk, const uint8_t** slots, int n,
+                                   AmxBlock& T) {
+  const int nf = (n + AMX_TT - 1) / AMX_TT * AMX_TT;  // whole 32-token steps: what the products read
+  for (int i = n; i < nf; ++i) slots[i] = slots[0];
+  // one pass over the slots, two tokens (a value pair) at a time, each slot fetched toward
+  // L1 AHEAD tokens before it is decoded: a block's tokens are runs of cache blocks, not
+  // one stream the hardware prefetchers follow, and nothing else hides the loads' latency
+  constexpr int AHEAD = 32;
+  auto prefetch = [&](int i) {
+    for (int64_t b = 0; b < P.s_tok; b += 64) _mm_prefetch(reinterpret_cast<const char*>(slots[i] + b), _MM_HINT_T0);
+  };
+  for (int i = 0; i < AHEAD && i < n; ++i) prefetch(i);
+  for (int i = 0; i < nf; i += 2) {
+    if (i + AHEAD < n) prefetch(i + AHEAD);
+    if (i + AHEAD + 1 < n) prefetch(i + AHEAD + 1);
+    int c = 0;
+    for (int g = 0; g < P.kd.ngroups; ++g) {
+      const AmxGroup& a = bk.k[g];
+      const uint8_t* s0 = slots[i] + a.seg_off;
+      const uint8_t* s1 = slots[i + 1] + a.seg_off;
+      int win = -1;
+      __m512i x0 = _mm512_setzero_si512(), x1 = x0;
+      for (int k = 0; k * AMX_CHUNK < a.dim; ++k, ++c) {
+        if (a.kwin[k] != win) {
+          win = a.kwin[k];
+          x0 = code_window(s0, a, win);
+          x1 = code_window(s1, a, win);
+        }
+        key_chunk(x0, a, k, T.kt[c][i]);
+        key_chunk(x1, a, k, T.kt[c][i + 1]);
+      }
+    }
+    c = 0;
+    for (int g = 0; g < P.vd.ngroups; ++g) {
+      const AmxGroup& a = bk.v[g];
+      const uint8_t* s0 = slots[i] + a.seg_off;
+      const uint8_t* s1 = slots[i + 1] + a.seg_off;
+      int win = -1;
+      __m512i x = _mm512_setzero_si512();
+      for (int k = 0; k * AMX_VCHUNK < a.dim; ++k, ++c) {
+        if (a.vwin[k] != win) x = value_window(s0, s1, a, win = a.vwin[k]);
+        value_pair(x, a, k, T.vb[c][i / 2]);
+      }
+    }
+  }
+  const uint8_t* s0 = slots[0];
+  __m512i offs[AMX_BT / 8];  // tokens 8v .. 8v + 7: byte offsets from slots[0]
+  for (int v = 0; v < nf / 8; ++v) {
+    alignas(64) int64_t o[8];
+    for (int i = 0; i < 8; ++i) o[i] = (int64_t)(slots[8 * v + i] - s0);
+    offs[v] = _mm512_load_si512(o);
+  }
+  // norms: read as 4-byte words ending past them inside the slot (codes follow each)
+  const V absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int t = 0; t < nf; t += W) {
+    const __mmask16 live = t >= n ? 0 : (t + W <= n ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1));
+    for (int g = 0; g < P.kd.ngroups; ++g) {
+      const __m512i w = words_at(s0 + P.kd.norm_off + 2 * g, offs + t / 8);
+      storeu(T.nk[g] + t, _mm512_maskz_and_ps(live, low_halves(w), absmask));
+      if (g == 0) {  // the first key norm's sign bit flags a key stored with its offset
+        const __mmask16 f =
+            P.q_off != nullptr ? _mm512_mask_test_epi32_mask(live, w, _mm512_set1_epi32(0x8000)) : 0;
+        storeu(T.fl + t, _mm512_maskz_mov_ps(f, set1(1.f)));
+      }
+    }
+    for (int g = 0; g < P.vd.ngroups; ++g)
+      storeu(T.nv[g] + t,
+             _mm512_maskz_mov_ps(live, low_halves(words_at(s0 + P.vd.norm_off + 2 * g, offs + t / 8))));
+  }
+}
+
+// The calling thread's block buffer (large: a plain reference, not a TLS lookup per use).
+__attribute__((noinline)) AmxBlock& amx_block() {
+  thread_local AmxBlock b;
+  return b;
+}
+
+// A pass: N = rows x G (row, query head) pairs (pair p = row p / G, head p % G); its query
+// B tiles and per-pair state, kept across the blocks of a task.
+struct AmxPass {
+  alignas(64) uint32_t qb[MAX_D / AMX_CHUNK][AMX_CHUNK / 2][AMX_MAXN];  // bf16 pairs, VNNI
+  alignas(64) float acc[AMX_MAXN][MAX_D];                               // rotated value sums
+  float m[AMX_MAXN], l[AMX_MAXN], qo[AMX_MAXN];
+  int rows;
+};
+
+TQ_AMX_TARGET inline void amx_pass_init(const Step& P, int64_t q0, int rows, int G, AmxPass& S) {
+  const int64_t d = P.d;
+  const int N = rows * G;
+  S.rows = rows;  // qb lanes past N are never read: a B tile's rows are 4 N bytes
+  for (int p = 0; p < AMX_MAXN; ++p) {
+    S.m[p] = -INFINITY;
+    S.l[p] = 0.f;
+    S.qo[p] = 0.f;
+  }
+  for (int p = 0; p < N; ++p) {
+    const int64_t qi = q0 + (p / G) * P.Hq + p % G;
+    if (P.q_off != nullptr) S.qo[p] = P.q_off[qi];
+    const float* q = P.q_rot + qi * d;
+    alignas(64) uint32_t pairs[MAX_D / 2];  // bf16 (round to nearest even) pairs, in order
+    for (int64_t k = 0; k < d; k += 2 * W)
+      _mm512_storeu_si512(pairs + k / 2, (__m512i)_mm512_cvtne2ps_pbh(loadu(q + k + W), loadu(q + k)));
+    for (int64_t kk = 0; kk < d / 2; ++kk) S.qb[kk / (AMX_CHUNK / 2)][kk % (AMX_CHUNK / 2)][p] = pairs[kk];
+    std::fill(S.acc[p], S.acc[p] + d, 0.f);
+  }
+}
+
+// GCC's tile intrinsics take the register number as a literal (pasted into the
+// instruction), hence macros. Scores of up to four 16-token runs from `tok` (C tiles 0..nr-1)
+// over key chunks ch0 .. ch0 + nch - 1, stored to out[tok + 16 r] ([16][AMX_MAXN] each).
+#define TQ_AMX_KEY(TC, TA, T, ch, tok)                                  \
+  do {                                                                  \
+    _tile_loadd(TA, (T).kt[ch][tok], 2 * AMX_CHUNK);                    \
+    _tile_dpbf16ps(TC, TA, 6);                                          \
+  } while (0)
+TQ_AMX_TARGET inline void amx_scores(AmxBlock& T, const AmxPass& S, int ch0, int nch, int tok, int nr,
+                                     float (*out)[AMX_MAXN]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int ch = ch0; ch < ch0 + nch; ++ch) {
+    _tile_loadd(6, S.qb[ch], 4 * AMX_MAXN);
+    TQ_AMX_KEY(0, 4, T, ch, tok);
+    if (nr > 1) TQ_AMX_KEY(1, 5, T, ch, tok + AMX_HALF);
+    if (nr > 2) TQ_AMX_KEY(2, 4, T, ch, tok + 2 * AMX_HALF);
+    if (nr > 3) TQ_AMX_KEY(3, 5, T, ch, tok + 3 * AMX_HALF);
+  }
+  _tile_stored(0, out[tok], 4 * AMX_MAXN);
+  if (nr > 1) _tile_stored(1, out[tok + AMX_HALF], 4 * AMX_MAXN);
+  if (nr > 2) _tile_stored(2, out[tok + 2 * AMX_HALF], 4 * AMX_MAXN);
+  if (nr > 3) _tile_stored(3, out[tok + 3 * AMX_HALF], 4 * AMX_MAXN);
+}
+
+// Values of up to four 16-coordinate chunks ch0 .. ch0 + nc - 1 (C tiles 0..nc-1) x the
+// weights pa over ns 32-token steps -> o[c] [AMX_MAXN][16].
+#define TQ_AMX_VAL(TC, TB, T, ch, st)                                        \
+  do {                                                                       \
+    _tile_loadd(TB, (T).vb[ch][(st) * AMX_HALF], 4 * AMX_VCHUNK);            \
+    _tile_dpbf16ps(TC, ta_, TB);                                             \
+  } while (0)
+TQ_AMX_TARGET inline void amx_values(AmxBlock& T, const uint16_t (*pa)[AMX_BT], int ch0, int nc, int ns,
+                                     float (*o)[AMX_MAXN][AMX_VCHUNK]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int st = 0; st < ns; ++st) {
+    if (st % 2 == 0) {
+      _tile_loadd(4, pa[0] + st * AMX_TT, 2 * AMX_BT);
+#define ta_ 4
+      TQ_AMX_VAL(0, 6, T, ch0, st);
+      if (nc > 1) TQ_AMX_VAL(1, 7, T, ch0 + 1, st);
+      if (nc > 2) TQ_AMX_VAL(2, 6, T, ch0 + 2, st);
+      if (nc > 3) TQ_AMX_VAL(3, 7, T, ch0 + 3, st);
+#undef ta_
+    } else {
+      _tile_loadd(5, pa[0] + st * AMX_TT, 2 * AMX_BT);
+#define ta_ 5
+      TQ_AMX_VAL(0, 6, T, ch0, st);
+      if (nc > 1) TQ_AMX_VAL(1, 7, T, ch0 + 1, st);
+      if (nc > 2) TQ_AMX_VAL(2, 6, T, ch0 + 2, st);
+      if (nc > 3) TQ_AMX_VAL(3, 7, T, ch0 + 3, st);
+#undef ta_
+    }
+  }
+  _tile_stored(0, o[0], 4 * AMX_VCHUNK);
+  if (nc > 1) _tile_stored(1, o[1], 4 * AMX_VCHUNK);
+  if (nc > 2) _tile_stored(2, o[2], 4 * AMX_VCHUNK);
+  if (nc > 3) _tile_stored(3, o[3], 4 * AMX_VCHUNK);
+}
+
+// One block for a pass: pair p reads the block's first rd[p] tokens (0: none, its state
+// is left as it is). Scores, offsets and scale, one online-softmax update per pair and
+// block, and the value product.
+TQ_AMX_TARGET inline void amx_step(const Step& P, const AmxBooks& bk, AmxBlock& T, AmxPass& S,
+                                   const int* rd, int G) {
+  const int N = S.rows * G, nkg = (int)P.kd.ngroups, nvg = (int)P.vd.ngroups;
+  int nmax = 0;
+  for (int p = 0; p < N; ++p) nmax = std::max(nmax, rd[p]);
+  const int nh = (nmax + AMX_HALF - 1) / AMX_HALF;  // 16-token runs read by some pair
+  amx_configure(N, false);
+  for (int g = 0, ch0 = 0; g < nkg; ch0 += bk.k[g].dim / AMX_CHUNK, ++g)
+    for (int hf = 0; hf < nh; hf += 4)
+      amx_scores(T, S, ch0, bk.k[g].dim / AMX_CHUNK, hf * AMX_HALF, std::min(4, nh - hf), T.c[g]);
+  for (int g = 0; g < nkg; ++g)
+    for (int hf = 0; hf < nh; ++hf)
+      transpose_block(T.c[g][hf * AMX_HALF], AMX_MAXN, T.sc[g][0] + hf * AMX_HALF, AMX_BT);
+  const int ns = (nmax + AMX_TT - 1) / AMX_TT;  // 32-token steps of the value product
+  float corr[AMX_MAXN];
+  const V scale = set1(P.scale);
+  for (int p = 0; p < N; ++p) {
+    const int n = rd[p];
+    if (n == 0) {  // weights of zero: the value product adds nothing to its row
+      for (int g = 0; g < nvg; ++g) std::fill(T.pa[g][p], T.pa[g][p] + ns * AMX_TT, (uint16_t)0);
+      continue;
+    }
+    const int nv = (n + W - 1) / W;
+    float* s0 = T.sc[0][p];
+    const V qo = set1(S.qo[p]);
+    V mv = set1(-INFINITY);
+    for (int v = 0; v < nv; ++v) {
+      const int t = v * W;
+      V x = mul(loadu(s0 + t), loadu(T.nk[0] + t));
+      if (nkg > 1) x = fmadd(loadu(T.sc[1][p] + t), loadu(T.nk[1] + t), x);
+      x = mul(sub(x, mul(loadu(T.fl + t), qo)), scale);
+      const __mmask16 live = n - t >= W ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+      x = _mm512_mask_mov_ps(set1(-INFINITY), live, x);
+      storeu(s0 + t, x);
+      mv = vmax(mv, x);
+    }
+    const float m_old = S.m[p], m_new = std::max(m_old, reduce_max(mv));
+    corr[p] = m_new == m_old ? 1.f : std::exp(m_old - m_new);
+    V lsum = zero();
+    const V mn = set1(m_new);
+    for (int v = 0; v < ns * (AMX_TT / W); ++v) {
+      const int t = v * W;
+      V pv = zero();
+      if (v < nv) {
+        const __mmask16 live = n - t >= W ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+        pv = _mm512_maskz_mov_ps(live, vexp(sub(loadu(s0 + t), mn)));
+        lsum = add(lsum, pv);
+      }
+      for (int g = 0; g < nvg; ++g)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(T.pa[g][p] + t),
+                            (__m256i)_mm512_cvtneps_pbh(mul(pv, loadu(T.nv[g] + t))));
+    }
+    S.l[p] = S.l[p] * corr[p] + reduce_add(lsum);
+    S.m[p] = m_new;
+  }
+  amx_configure(N, true);
+  alignas(64) float o[4][AMX_MAXN][AMX_VCHUNK];
+  int j = 0, ch = 0;
+  for (int g = 0; g < nvg; ++g) {
+    const int nc = bk.v[g].dim / AMX_VCHUNK;
+    for (int c0 = 0; c0 < nc; c0 += 4) {
+      const int nb = std::min(4, nc - c0);
+      amx_values(T, T.pa[g], ch + c0, nb, ns, o);
+      for (int p = 0; p < N; ++p) {
+        if (rd[p] == 0) continue;
+        const V cv = set1(corr[p]);
+        for (int e = 0; e < nb; ++e) {
+          float* a = S.acc[p] + j + (c0 + e) * AMX_VCHUNK;
+          storeu(a, fmadd(loadu(a), cv, loadu(o[e][p])));
+        }
+      }
+    }
+    j += bk.v[g].dim;
+    ch += nc;
+  }
+}
+
+// The pass's pairs as split sp of their rows (write_split's layout).
+inline void amx_write(const Step& P, const AmxPass& S, int64_t r0, int64_t h, int64_t sp, int G) {
+  for (int p = 0; p < S.rows * G; ++p) {
+    const int64_t r = r0 + p / G;
+    if (P.seq_lens[r] <= sp * P.split_tokens) continue;  // the row has no such split
+    const int64_t o = P.split_slot(r, h * G + p % G) + sp;
+    P.m_out[o] = S.m[p];
+    P.l_out[o] = S.l[p];
+    std::memcpy(P.acc_out + o * P.d, S.acc[p], P.d * sizeof(float));
+  }
+}
+
+TQ_AMX_TARGET inline AmxBooks amx_books(const Step& P, const float* k_books, const float* v_books) {
+  AmxBooks b{};
+  for (int g = 0; g < P.kd.ngroups; ++g) b.k[g] = amx_group(P.kd, g, k_books);
+  for (int g = 0; g < P.vd.ngroups; ++g) b.v[g] = amx_group(P.vd, g, v_books);
+  return b;
+}
+
+// slot of token t of block-table row `row`, KV head h (any block size)
+inline const uint8_t* slot_at(const Step& P, const int64_t* row, int64_t h, int64_t t) {
+  return P.cache + row[t / P.block_size] * P.s_blk + h * P.s_head + (t % P.block_size) * P.s_tok;
+}
+
+// The tile's token slots from tt on (n of them).
+inline void tile_slots(const Step& P, const int64_t* row, int64_t h, int64_t tt, int n,
+                       const uint8_t** slots) {
+  int64_t b = tt / P.block_size, i0 = tt % P.block_size;
+  const uint8_t* base = P.cache + row[b] * P.s_blk + h * P.s_head;
+  for (int i = 0; i < n; ++i) {
+    if (i0 == P.block_size) {
+      base = P.cache + row[++b] * P.s_blk + h * P.s_head;
+      i0 = 0;
+    }
+    slots[i] = base + (i0++) * P.s_tok;
+  }
+}
+
+// Decode: one task = (row, KV head, split), as attend<GT>.
+TQ_AMX_TARGET void amx_attend(const Step& P, const AmxBooks& bk, int64_t task) {
+  const int G = (int)P.G;
+  const int64_t H = P.H, n_splits = P.n_splits;
+  const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
+  const int64_t t0 = sp * P.split_tokens, t1 = std::min(P.seq_lens[b], t0 + P.split_tokens);
+  if (t1 <= t0) {  // an empty split: nothing read, as attend writes it
+    alignas(64) float acc[MAX_G][MAX_D];
+    float m[MAX_G], l[MAX_G];
+    init_state(G, P.d, acc, m, l);
+    write_split(P, b, h * G, sp, G, acc, m, l);
+    return;
+  }
+  const int64_t* row = P.block_table + b * P.bt_stride;
+  AmxPass S;
+  amx_pass_init(P, b * P.Hq + h * G, 1, G, S);
+  AmxBlock& T = amx_block();
+  for (int64_t tt = t0; tt < t1; tt += AMX_BT) {
+    const int n = (int)std::min<int64_t>(AMX_BT, t1 - tt);
+    const uint8_t* slots[AMX_BT];
+    tile_slots(P, row, h, tt, n, slots);
+    amx_fill(P, bk, slots, n, T);
+    alignas(64) int rd[AMX_MAXN];
+    for (int p = 0; p < AMX_MAXN; ++p) rd[p] = p < G ? n : 0;
+    amx_step(P, bk, T, S, rd, G);
+  }
+  _tile_release();
+  amx_write(P, S, b, h, sp, G);
+}
+
+// Prefill: one task = (group of consecutive rows of one sequence, KV head, split), as
+// attend_rows<GT>: each tile decoded once, the group's rows run through it in passes of
+// AMX_MAXN / G rows.
+TQ_AMX_TARGET void amx_attend_rows(const Step& P, const AmxBooks& bk, int64_t task) {
+  const int G = (int)P.G;
+  const int RBA = std::max(1, AMX_MAXN / G);
+  const int64_t H = P.H, n_splits = P.n_splits;
+  const int64_t grp = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
+  const int64_t r0 = P.groups[grp], nr = P.groups[grp + 1] - r0;
+  const int64_t t0 = sp * P.split_tokens;
+  auto end_of = [&](int64_t r) { return std::min(P.seq_lens[r0 + r], t0 + P.split_tokens); };
+  int64_t t_end = t0;
+  for (int64_t r = 0; r < nr; ++r) t_end = std::max(t_end, end_of(r));
+  if (t_end == t0) return;
+  const int64_t* row = P.block_table + P.row_seq[r0] * P.bt_stride;
+  const int npass = (int)((nr + RBA - 1) / RBA);
+  thread_local std::vector<AmxPass> passes;
+  passes.resize(npass);
+  for (int ps = 0; ps < npass; ++ps)
+    amx_pass_init(P, (r0 + ps * RBA) * P.Hq + h * G, (int)std::min<int64_t>(RBA, nr - ps * RBA), G,
+                  passes[ps]);
+  AmxBlock& T = amx_block();
+  for (int64_t tt = t0; tt < t_end; tt += AMX_BT) {
+    const int n = (int)std::min<int64_t>(AMX_BT, t_end - tt);
+    const uint8_t* slots[AMX_BT];
+    tile_slots(P, row, h, tt, n, slots);
+    amx_fill(P, bk, slots, n, T);
+    for (int ps = 0; ps < npass; ++ps) {
+      AmxPass& S = passes[ps];
+      alignas(64) int rd[AMX_MAXN];
+      bool any = false;
+      for (int p = 0; p < AMX_MAXN; ++p) {
+        rd[p] = p < S.rows * G ? (int)std::clamp<int64_t>(end_of(ps * RBA + p / G) - tt, 0, n) : 0;
+        any = any || rd[p] > 0;
+      }
+      if (!any) continue;  // the pass's rows end before this tile (its state is unchanged)
+      amx_step(P, bk, T, S, rd, G);
+    }
+  }
+  _tile_release();
+  for (int ps = 0; ps < npass; ++ps) amx_write(P, passes[ps], r0 + ps * RBA, h, sp, G);
+}
+
+// Prefill rows per task on AMX: AMX_PASSES passes of AMX_MAXN / G rows share each
+// block's decode (the decode of a block costs about what a pass's products and softmax
+// over it cost, measured at G = 3; the float32 bodies share a tile between 16 rows).
+constexpr int AMX_PASSES = 8;
+inline int64_t amx_group_rows(int64_t G) { return AMX_PASSES * std::max<int64_t>(1, AMX_MAXN / G); }
+
+// Whether the AMX bodies handle this call: asked for (g_amx and the group size G), a bf16
+// model (its queries), scalar codes without QJL, groups of whole 32-coordinate chunks of
+// at most 4 bits, up to 16 query heads per KV head, splits of whole blocks.
+inline bool amx_handles(int q_dt, const Desc& kd, const Desc& vd, bool qjl, int64_t G,
+                        int64_t split_tokens) {
+  const bool wanted = g_amx == AMX_ON || (g_amx == AMX_AUTO && G >= AMX_MIN_G);
+  if (!wanted || q_dt != DT_BF16 || qjl || kd.trellis || vd.trellis || G > AMX_MAXN ||
+      split_tokens % AMX_BT)
+    return false;
+  for (const Desc* de : {&kd, &vd})
+    for (int g = 0; g < de->ngroups; ++g)
+      if (de->dim[g] % AMX_CHUNK || de->bits[g] < 1 || de->bits[g] > 4) return false;
+  return true;
+}
+
+// AMX tile data needs the kernel's permission once per process (Linux).
+inline int amx_request() {
+  constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+}  // namespace
