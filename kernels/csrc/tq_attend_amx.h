@@ -354,11 +354,20 @@ TQ_AMX_TARGET inline void amx_scores(AmxBlock& T, const AmxPass& S, int ch0, int
 }
 
 // Values of up to four 16-coordinate chunks ch0 .. ch0 + nc - 1 (C tiles 0..nc-1) x the
-// weights pa over ns 32-token steps -> o[c] [AMX_MAXN][16].
-#define TQ_AMX_VAL(TC, TB, T, ch, st)                                        \
+// weights pa over ns 32-token steps -> o[c] [AMX_MAXN][16]. A step's weights go to A tile
+// TA (4 and 5 in turn, so a step's load need not wait for the last step's products).
+#define TQ_AMX_VAL(TC, TA, TB, T, ch, st)                                    \
   do {                                                                       \
     _tile_loadd(TB, (T).vb[ch][(st) * AMX_HALF], 4 * AMX_VCHUNK);            \
-    _tile_dpbf16ps(TC, ta_, TB);                                             \
+    _tile_dpbf16ps(TC, TA, TB);                                              \
+  } while (0)
+#define TQ_AMX_VAL_STEP(TA, T, pa, ch0, nc, st)                              \
+  do {                                                                       \
+    _tile_loadd(TA, (pa)[0] + (st) * AMX_TT, 2 * AMX_BT);                    \
+    TQ_AMX_VAL(0, TA, 6, T, ch0, st);                                        \
+    if ((nc) > 1) TQ_AMX_VAL(1, TA, 7, T, (ch0) + 1, st);                    \
+    if ((nc) > 2) TQ_AMX_VAL(2, TA, 6, T, (ch0) + 2, st);                    \
+    if ((nc) > 3) TQ_AMX_VAL(3, TA, 7, T, (ch0) + 3, st);                    \
   } while (0)
 TQ_AMX_TARGET inline void amx_values(AmxBlock& T, const uint16_t (*pa)[AMX_BT], int ch0, int nc, int ns,
                                      float (*o)[AMX_MAXN][AMX_VCHUNK]) {
@@ -367,23 +376,8 @@ TQ_AMX_TARGET inline void amx_values(AmxBlock& T, const uint16_t (*pa)[AMX_BT], 
   _tile_zero(2);
   _tile_zero(3);
   for (int st = 0; st < ns; ++st) {
-    if (st % 2 == 0) {
-      _tile_loadd(4, pa[0] + st * AMX_TT, 2 * AMX_BT);
-#define ta_ 4
-      TQ_AMX_VAL(0, 6, T, ch0, st);
-      if (nc > 1) TQ_AMX_VAL(1, 7, T, ch0 + 1, st);
-      if (nc > 2) TQ_AMX_VAL(2, 6, T, ch0 + 2, st);
-      if (nc > 3) TQ_AMX_VAL(3, 7, T, ch0 + 3, st);
-#undef ta_
-    } else {
-      _tile_loadd(5, pa[0] + st * AMX_TT, 2 * AMX_BT);
-#define ta_ 5
-      TQ_AMX_VAL(0, 6, T, ch0, st);
-      if (nc > 1) TQ_AMX_VAL(1, 7, T, ch0 + 1, st);
-      if (nc > 2) TQ_AMX_VAL(2, 6, T, ch0 + 2, st);
-      if (nc > 3) TQ_AMX_VAL(3, 7, T, ch0 + 3, st);
-#undef ta_
-    }
+    if (st % 2 == 0) TQ_AMX_VAL_STEP(4, T, pa, ch0, nc, st);
+    else TQ_AMX_VAL_STEP(5, T, pa, ch0, nc, st);
   }
   _tile_stored(0, o[0], 4 * AMX_VCHUNK);
   if (nc > 1) _tile_stored(1, o[1], 4 * AMX_VCHUNK);
@@ -545,14 +539,10 @@ TQ_AMX_TARGET void amx_attend(const Step& P, const AmxBooks& bk, int64_t task) {
 TQ_AMX_TARGET void amx_attend_rows(const Step& P, const AmxBooks& bk, int64_t task) {
   const int G = (int)P.G;
   const int RBA = std::max(1, AMX_MAXN / G);
-  const int64_t H = P.H, n_splits = P.n_splits;
-  const int64_t grp = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
-  const int64_t r0 = P.groups[grp], nr = P.groups[grp + 1] - r0;
-  const int64_t t0 = sp * P.split_tokens;
-  auto end_of = [&](int64_t r) { return std::min(P.seq_lens[r0 + r], t0 + P.split_tokens); };
-  int64_t t_end = t0;
-  for (int64_t r = 0; r < nr; ++r) t_end = std::max(t_end, end_of(r));
-  if (t_end == t0) return;
+  const RowGroup rg = row_group(P, task);
+  const int64_t r0 = rg.r0, nr = rg.nr, h = rg.h, sp = rg.sp, t_end = rg.t_end;
+  if (t_end == rg.t0) return;
+  auto end_of = [&](int64_t r) { return rg.end_of(P, r); };
   const int64_t* row = P.block_table + P.row_seq[r0] * P.bt_stride;
   const int npass = (int)((nr + RBA - 1) / RBA);
   thread_local std::vector<AmxPass> passes;
@@ -561,7 +551,7 @@ TQ_AMX_TARGET void amx_attend_rows(const Step& P, const AmxBooks& bk, int64_t ta
     amx_pass_init(P, (r0 + ps * RBA) * P.Hq + h * G, (int)std::min<int64_t>(RBA, nr - ps * RBA), G,
                   passes[ps]);
   AmxBlock& T = amx_block();
-  for (int64_t tt = t0; tt < t_end; tt += AMX_BT) {
+  for (int64_t tt = rg.t0; tt < t_end; tt += AMX_BT) {
     const int n = (int)std::min<int64_t>(AMX_BT, t_end - tt);
     const uint8_t* slots[AMX_BT];
     tile_slots(P, row, h, tt, n, slots);

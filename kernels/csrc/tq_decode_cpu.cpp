@@ -668,17 +668,29 @@ void attend(const Step& P, int64_t task) {
 // decode's own tile step on it, RB rows at a time where they read the same tokens (all but
 // the tiles a row's causal limit cuts), so a row gets exactly the bits its decode step
 // gets.
+// A prefill task's rows r0 .. r0 + nr - 1 (one sequence), KV head h, split sp: tokens
+// t0 .. t_end - 1, row r reading up to end_of(r).
+struct RowGroup {
+  int64_t r0, nr, h, sp, t0, t_end;
+  int64_t end_of(const Step& P, int64_t r) const { return std::min(P.seq_lens[r0 + r], t0 + P.split_tokens); }
+};
+
+inline RowGroup row_group(const Step& P, int64_t task) {
+  const int64_t H = P.H, n_splits = P.n_splits, grp = task / (H * n_splits);
+  RowGroup g{P.groups[grp], P.groups[grp + 1] - P.groups[grp], (task / n_splits) % H, task % n_splits, 0, 0};
+  g.t0 = g.t_end = g.sp * P.split_tokens;
+  for (int64_t r = 0; r < g.nr; ++r) g.t_end = std::max(g.t_end, g.end_of(P, r));
+  return g;
+}
+
 template <int GT>
 void attend_rows(const Step& P, int64_t task) {
   constexpr int RB = rows_per_pass<GT>();
   const int G = GT > 0 ? GT : (int)P.G;
-  const int64_t d = P.d, H = P.H, n_splits = P.n_splits;
-  const int64_t grp = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
-  const int64_t r0 = P.groups[grp], nr = P.groups[grp + 1] - r0;
-  const int64_t t0 = sp * P.split_tokens;
-  auto end_of = [&](int64_t r) { return std::min(P.seq_lens[r0 + r], t0 + P.split_tokens); };
-  int64_t t_end = t0;
-  for (int64_t r = 0; r < nr; ++r) t_end = std::max(t_end, end_of(r));
+  const int64_t d = P.d;
+  const RowGroup rg = row_group(P, task);
+  const int64_t r0 = rg.r0, nr = rg.nr, h = rg.h, sp = rg.sp, t0 = rg.t0, t_end = rg.t_end;
+  auto end_of = [&](int64_t r) { return rg.end_of(P, r); };
   if (t_end == t0) return;  // no row of the group reaches this split
   // per-row state: acc [nr][G][MAX_D], then m and l [nr][G]
   thread_local std::vector<float> state;
@@ -765,7 +777,8 @@ namespace {
 #if defined(__AVX512F__)
 void amx_decode_task(const Step& P, int64_t t) { amx_attend(P, *P.amx, t); }
 void amx_prefill_task(const Step& P, int64_t t) { amx_attend_rows(P, *P.amx, t); }
-#else
+#endif
+#if !defined(__AVX512F__)
 inline bool amx_handles(int, const Desc&, const Desc&, bool, int64_t, int64_t) { return false; }
 #endif
 
@@ -912,6 +925,21 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
 #pragma omp for
     for (int64_t i = 0; i < rows * step.H; ++i) merge_one(step, i, rot_v, out);
   }
+}
+
+// run() on the AMX bodies (decode or prefill tasks), their tables built for the call.
+inline void run_amx(const Step& step, const float* k_books, const float* v_books, bool prefill,
+                    int64_t ntasks, int64_t rows, const float* rot_v, const Output& out,
+                    int num_threads) {
+#if defined(__AVX512F__)
+  const AmxBooks books = amx_books(step, k_books, v_books);
+  Step s = step;
+  s.amx = &books;
+  run(s, prefill ? amx_prefill_task : amx_decode_task, ntasks, rows, rot_v, out, num_threads);
+#else
+  (void)step, (void)k_books, (void)v_books, (void)prefill, (void)ntasks, (void)rows, (void)rot_v,
+      (void)out, (void)num_threads;
+#endif
 }
 
 // ------------------------------------------------------------------- trellis search
@@ -1243,17 +1271,11 @@ extern "C" int tq_decode_cpu(
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, B * Hq * n_splits * d), grow(w.m, B * Hq * n_splits),
                   grow(w.l, B * Hq * n_splits)};
-#if defined(__AVX512F__)
-  if (amx_handles(q_dt, kd, vd, qjl, G, split_tokens)) {
-    const AmxBooks books = amx_books(step, k_books, v_books);
-    Step s = step;
-    s.amx = &books;
-    run(s, amx_decode_task, B * H * n_splits, B, rot_v, {out, out_dt, out_row}, num_threads);
-    return 0;
-  }
-#endif
-  run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, {out, out_dt, out_row},
-      num_threads);
+  const Output o{out, out_dt, out_row};
+  if (amx_handles(q_dt, kd, vd, qjl, G, split_tokens))
+    run_amx(step, k_books, v_books, false, B * H * n_splits, B, rot_v, o, num_threads);
+  else
+    run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, o, num_threads);
   return 0;
 }
 
@@ -1299,17 +1321,11 @@ extern "C" int tq_prefill_cpu(
                   max_splits, split_tokens, scale,
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, total * Hq * d), grow(w.m, total * Hq), grow(w.l, total * Hq)};
-#if defined(__AVX512F__)
-  if (amx) {
-    const AmxBooks books = amx_books(step, k_books, v_books);
-    Step s = step;
-    s.amx = &books;
-    run(s, amx_prefill_task, n_groups * H * max_splits, N, rot_v, {out, out_dt, out_row}, num_threads);
-    return 0;
-  }
-#endif
-  run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v,
-      {out, out_dt, out_row}, num_threads);
+  const Output o{out, out_dt, out_row};
+  if (amx)
+    run_amx(step, k_books, v_books, true, n_groups * H * max_splits, N, rot_v, o, num_threads);
+  else
+    run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v, o, num_threads);
   return 0;
 }
 
