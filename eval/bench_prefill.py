@@ -52,7 +52,7 @@ def main() -> int:
     runs = [("decode rows", 0, decode_rows), ("tiled", 0, tiled)]
     runs += [("decode rows AMX", 2, decode_rows), ("tiled AMX", 2, tiled)] if amx else []
     print("| preset | GQA | cached + chunk tokens | " + " | ".join(f"{r[0]} ms" for r in runs)
-          + " | tiled / decode rows" + (" | tiled / tiled AMX |" if amx else " |"))
+          + " | tiled speed-up" + (" | AMX speed-up (tiled) |" if amx else " |"))
     print("|---" * (3 + len(runs) + 1 + amx) + "|")
     for name, gqa, cached, n in CASES:
         s, kv = cached + n, 3 if gqa == 3 else 2
