@@ -13,6 +13,10 @@ PyTorch headers, so it builds in about a second); OpenMP resolves to the
 ``libgomp`` PyTorch has already loaded. :func:`load` returns None where neither
 instruction set or no compiler is there (:func:`load_prefill` likewise); callers
 then fall back to the Numba kernel.
+
+On CPUs with AMX the AVX-512 build also runs bf16 models' decode and prefill on AMX
+tiles (``csrc/tq_attend_amx.h``), by default for GQA groups of 6 query heads or more:
+:func:`set_amx`, :func:`amx_mode`, ``$TQ_VLLM_CPU_AMX``.
 """
 
 from __future__ import annotations
