@@ -92,10 +92,11 @@ TQ_AMX_TARGET inline void amx_configure(int N, bool values) {
 // What a group of codes needs for the bf16 lookups: the 32-word bf16 table (the codebook
 // repeated with period 2^bits, so the bits above a code in its index word do not matter),
 // and per chunk the byte permute and per-word shift that put a code at the low bits of
-// its word, reading the 64-byte window of the group's codes that holds the chunk (window
-// w starts at byte 32 w of the group; loaded masked to the group's bytes). Keys: word w =
-// coordinate w of a 32-coordinate chunk; values: word 2k + e = coordinate k of token e of
-// a pair (16 coordinates; token 1's window is the second source of the permute).
+// its word, read from a window of the group's codes loaded masked to the group's bytes.
+// Keys: word w = coordinate w of a 32-coordinate chunk, from the 64-byte window starting
+// at byte 32 kwin[c]. Values: word 2k + e = coordinate k of token e of a pair (16
+// coordinates), from a window holding 32 bytes of each token (token 0's in its low half,
+// token 1's in its high half) starting at byte 16 vwin[c].
 constexpr int AMX_KCHUNKS = MAX_D / AMX_CHUNK, AMX_VCHUNKS = MAX_D / AMX_VCHUNK;
 constexpr int AMX_WINDOWS = MAX_D * 4 / 8 / 32;   // key windows: 64 bytes from every 32nd byte
 constexpr int AMX_VWINDOWS = MAX_D * 4 / 8 / 16;  // value windows: 32 bytes from every 16th byte
@@ -198,8 +199,8 @@ TQ_AMX_TARGET __attribute__((always_inline)) inline void value_pair(__m512i x, c
 // slots[0] (any readable slot): their norms are zero and their weights zero, so what they
 // hold never reaches an output.
 struct AmxBlock {
-  alignas(64) uint16_t kt[MAX_D / AMX_CHUNK][AMX_BT][AMX_CHUNK];          // [chunk][token][coordinate]
-  alignas(64) uint16_t vb[MAX_D / AMX_VCHUNK][AMX_BT / 2][2 * AMX_VCHUNK];  // [chunk][pair][coord x 2]
+  alignas(64) uint16_t kt[AMX_KCHUNKS][AMX_BT][AMX_CHUNK];          // [chunk][token][coordinate]
+  alignas(64) uint16_t vb[AMX_VCHUNKS][AMX_BT / 2][2 * AMX_VCHUNK];  // [chunk][pair][coord x 2]
   alignas(64) float nk[2][AMX_BT];
   alignas(64) float nv[2][AMX_BT];
   alignas(64) float fl[AMX_BT];
@@ -299,7 +300,7 @@ __attribute__((noinline)) AmxBlock& amx_block() {
 // A pass: N = rows x G (row, query head) pairs (pair p = row p / G, head p % G); its query
 // B tiles and per-pair state, kept across the blocks of a task.
 struct AmxPass {
-  alignas(64) uint32_t qb[MAX_D / AMX_CHUNK][AMX_CHUNK / 2][AMX_MAXN];  // bf16 pairs, VNNI
+  alignas(64) uint32_t qb[AMX_KCHUNKS][AMX_CHUNK / 2][AMX_MAXN];  // bf16 pairs, VNNI
   alignas(64) float acc[AMX_MAXN][MAX_D];                               // rotated value sums
   float m[AMX_MAXN], l[AMX_MAXN], qo[AMX_MAXN];
   int rows;
@@ -482,11 +483,6 @@ TQ_AMX_TARGET inline AmxBooks amx_books(const Step& P, const float* k_books, con
   for (int g = 0; g < P.kd.ngroups; ++g) b.k[g] = amx_group(P.kd, g, k_books);
   for (int g = 0; g < P.vd.ngroups; ++g) b.v[g] = amx_group(P.vd, g, v_books);
   return b;
-}
-
-// slot of token t of block-table row `row`, KV head h (any block size)
-inline const uint8_t* slot_at(const Step& P, const int64_t* row, int64_t h, int64_t t) {
-  return P.cache + row[t / P.block_size] * P.s_blk + h * P.s_head + (t % P.block_size) * P.s_tok;
 }
 
 // The tile's token slots from tt on (n of them).

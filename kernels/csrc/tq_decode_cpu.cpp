@@ -663,11 +663,6 @@ void attend(const Step& P, int64_t task) {
   write_split(P, b, h * G, sp, G, acc, m, l);
 }
 
-// Prefill: one task = (group of consecutive rows of one sequence, KV head, split). Each
-// tile is decoded once into scratch and every row of the group that reaches it runs
-// decode's own tile step on it, RB rows at a time where they read the same tokens (all but
-// the tiles a row's causal limit cuts), so a row gets exactly the bits its decode step
-// gets.
 // A prefill task's rows r0 .. r0 + nr - 1 (one sequence), KV head h, split sp: tokens
 // t0 .. t_end - 1, row r reading up to end_of(r).
 struct RowGroup {
@@ -683,6 +678,11 @@ inline RowGroup row_group(const Step& P, int64_t task) {
   return g;
 }
 
+// Prefill: one task = (group of consecutive rows of one sequence, KV head, split). Each
+// tile is decoded once into scratch and every row of the group that reaches it runs
+// decode's own tile step on it, RB rows at a time where they read the same tokens (all but
+// the tiles a row's causal limit cuts), so a row gets exactly the bits its decode step
+// gets.
 template <int GT>
 void attend_rows(const Step& P, int64_t task) {
   constexpr int RB = rows_per_pass<GT>();
@@ -777,9 +777,9 @@ namespace {
 #if defined(__AVX512F__)
 void amx_decode_task(const Step& P, int64_t t) { amx_attend(P, *P.amx, t); }
 void amx_prefill_task(const Step& P, int64_t t) { amx_attend_rows(P, *P.amx, t); }
-#endif
-#if !defined(__AVX512F__)
+#else  // the AVX2 build has no AMX bodies: no call takes them
 inline bool amx_handles(int, const Desc&, const Desc&, bool, int64_t, int64_t) { return false; }
+inline int64_t amx_group_rows(int64_t) { return 1; }
 #endif
 
 // Shapes the kernel handles (0), or -1.
@@ -928,19 +928,19 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
 }
 
 // run() on the AMX bodies (decode or prefill tasks), their tables built for the call.
+#if defined(__AVX512F__)
 inline void run_amx(const Step& step, const float* k_books, const float* v_books, bool prefill,
                     int64_t ntasks, int64_t rows, const float* rot_v, const Output& out,
                     int num_threads) {
-#if defined(__AVX512F__)
   const AmxBooks books = amx_books(step, k_books, v_books);
   Step s = step;
   s.amx = &books;
   run(s, prefill ? amx_prefill_task : amx_decode_task, ntasks, rows, rot_v, out, num_threads);
-#else
-  (void)step, (void)k_books, (void)v_books, (void)prefill, (void)ntasks, (void)rows, (void)rot_v,
-      (void)out, (void)num_threads;
-#endif
 }
+#else
+inline void run_amx(const Step&, const float*, const float*, bool, int64_t, int64_t, const float*,
+                    const Output&, int) {}
+#endif
 
 // ------------------------------------------------------------------- trellis search
 // Viterbi search of tq_vllm.trellis.encode over the 2^S states, with its arithmetic: each
@@ -1299,9 +1299,7 @@ extern "C" int tq_prefill_cpu(
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
   const bool amx = amx_handles(q_dt, kd, vd, qjl, G, split_tokens);
-#if defined(__AVX512F__)
   if (amx) group_rows = amx_group_rows(G);
-#endif
   std::vector<int64_t> row_split(N + 1, 0), groups{0};
   int64_t max_splits = 1;
   for (int64_t r = 0; r < N; ++r) {
