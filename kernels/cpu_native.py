@@ -72,11 +72,14 @@ DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
 """The model dtypes the kernels read and write directly (``DT_*`` in csrc/tq_cpu_common.h)."""
 
 
-def _cpu_flags() -> set[str]:
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once: parsing /proc/cpuinfo takes ~40 us, and
+    :func:`set_amx` (called between timed runs by the benchmarks) asks five times."""
     try:
-        return set(Path("/proc/cpuinfo").read_text().split())
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def has_avx512() -> bool:

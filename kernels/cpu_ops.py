@@ -18,11 +18,21 @@ import torch
 
 from tq_vllm import trellis
 from tq_vllm.codec import LayerCodec, TensorQuantizer
-from tq_vllm.kernels import cpu_native, cpu_numba
+from tq_vllm.kernels import cpu_native
 from tq_vllm.reference import check_cache, fresh_attention
 
 if TYPE_CHECKING:
     from tq_vllm.calibration import LayerTransform
+
+
+def _numba():
+    """The Numba fallback kernels, imported on first use: importing numba (llvmlite) before
+    an in-process vLLM engine starts breaks vLLM 0.32's Triton-kernel override scan
+    (``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``), so importing
+    these launchers must not import it where the native kernels serve."""
+    from tq_vllm.kernels import cpu_numba
+
+    return cpu_numba
 
 FUSES_TRANSFORMS = True
 """:func:`store` and :func:`decode` take the layer's transform and apply it themselves (the
@@ -241,7 +251,7 @@ def trellis_search(u: torch.Tensor, table: torch.Tensor, bits: int, state_bits: 
     out = torch.empty(u.shape, dtype=torch.uint8)
     search = cpu_native.load_trellis()
     if search is None:
-        cpu_numba.trellis_encode_kernel(u.numpy(), table.numpy(), bits, state_bits, out.numpy())
+        _numba().trellis_encode_kernel(u.numpy(), table.numpy(), bits, state_bits, out.numpy())
     elif search(u.data_ptr(), u.shape[0], u.shape[1], bits, state_bits, table.data_ptr(),
                 out.data_ptr(), torch.get_num_threads()):
         raise RuntimeError(f"native trellis search rejected {bits}-bit codes with "
@@ -266,7 +276,7 @@ def trellis_search_fed(y: torch.Tensor, norms: torch.Tensor, head: torch.Tensor,
     out = torch.empty((n, d), dtype=torch.uint8)
     search = cpu_native.load_trellis_fed()
     if search is None:
-        cpu_numba.trellis_encode_fed_kernel(y_.numpy(), nrm.numpy(), hd.numpy(), fb.numpy(),
+        _numba().trellis_encode_fed_kernel(y_.numpy(), nrm.numpy(), hd.numpy(), fb.numpy(),
                                             wt.numpy(), tab.numpy(), bt.numpy(), state_bits,
                                             out.numpy())
     elif search(y_.data_ptr(), n, d, len(tables), bt.data_ptr(), state_bits, tab.data_ptr(),
@@ -350,7 +360,7 @@ def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         return
     flat, (sb, sh, st) = _flat(kv_cache)
     saturated = torch.zeros(sm.numel() * num_kv, dtype=torch.int64)
-    cpu_numba.store_kernel(
+    _numba().store_kernel(
         yk.numpy(), yk_alt.numpy(), alt, lay.key.nbytes, yv.numpy(),
         sm.contiguous().numpy(), flat, sb, sh, st, block_size, slot_bytes, tab.kdesc,
         tab.k_bounds, tab.k_lut, codec.key.codec.norm_correction,
@@ -576,7 +586,7 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
     m = torch.empty(b, hq, splits)
     l = torch.empty(b, hq, splits)
     q_off = q_off if q_off is not None else torch.zeros(1, 1)
-    cpu_numba.decode_kernel(
+    _numba().decode_kernel(
         flat, sb, sh, st, table.numpy(), seq.numpy(), q_rot.numpy(), q_sk.numpy(), q_off.numpy(),
         tab.has_off, float(scale),
         tab.kdesc, tab.k_lut, tab.qjl_scale, tab.vdesc, tab.v_lut,

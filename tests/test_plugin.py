@@ -86,3 +86,16 @@ except RuntimeError as e:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "RAISED --kv-cache-dtype tq4 needs the tq-vllm plugin, which failed to load" in out.stdout
     assert "UnsupportedVllmVersion" in out.stdout
+
+
+def test_importing_plugin_and_kernels_leaves_numba_unloaded():
+    """vLLM 0.32-CPU's worker start scans every loaded module for Triton kernels and fails on
+    llvmlite's objects (AttributeError '_lib_fn_wrapper' ... 'get'), so an in-process engine
+    built after numba was imported dies: importing tq-vllm's plugin, backend and CPU
+    launchers must not import numba (its kernels load on first use, where the native ones
+    are missing)."""
+    code = ("import sys; import tq_vllm, tq_vllm.plugin, tq_vllm.backend, tq_vllm.api, "
+            "tq_vllm.kernels.ops, tq_vllm.kernels.cpu_ops; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

