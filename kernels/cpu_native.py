@@ -15,8 +15,9 @@ instruction set or no compiler is there (:func:`load_prefill` likewise); callers
 then fall back to the Numba kernel.
 
 On CPUs with AMX the AVX-512 build also runs bf16 models' decode and prefill on AMX
-tiles (``csrc/tq_attend_amx.h``), by default for GQA groups of 6 query heads or more:
-:func:`set_amx`, :func:`amx_mode`, ``$TQ_VLLM_CPU_AMX``.
+tiles (``csrc/tq_attend_amx.h``), by default for GQA groups of 6 query heads or more and
+for rows that attend to 2048 tokens or more: :func:`set_amx`, :func:`amx_mode`,
+``$TQ_VLLM_CPU_AMX``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ ISA_ENV = "TQ_VLLM_NATIVE_ISA"
 """Force one build (``avx2`` on an AVX-512 machine, to test or compare it)."""
 AMX_ENV = "TQ_VLLM_CPU_AMX"
 """Where AMX is there, bf16 models' decode and prefill run on AMX tiles for GQA groups of 6
-query heads or more (``auto``, the default), for every group (``1``) or never (``0``)."""
+query heads or more and for rows (a decode step, a prompt token) that attend to 2048 tokens
+or more (``auto``, the default), for every row (``1``) or never (``0``)."""
 AMX_MODES = {"0": 0, "auto": 1, "1": 2}
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512vbmi")
 """What the AMX bodies (csrc/tq_attend_amx.h) run on, besides the AVX-512 build."""
@@ -171,7 +173,8 @@ def amx_default() -> int:
 
 def set_amx(mode: int) -> int:
     """Run bf16 models' decode and prefill on AMX tiles: mode 0 never, 1 for GQA groups of 6
-    query heads or more, 2 for every group. Returns the mode in effect (0 where the CPU or
+    query heads or more and rows of 2048 tokens or more (each row by its own length), 2
+    for every row. Returns the mode in effect (0 where the CPU or
     build lacks AMX)."""
     lib = _library() if load() is not None else None
     if lib is None:

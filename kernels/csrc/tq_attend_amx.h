@@ -50,8 +50,9 @@ constexpr int AMX_MAXN = 16;  // (row, query head) pairs per pass: the 16 column
 constexpr int AMX_CHUNK = 32; // coordinates per key product: the K extent of one TDPBF16PS
 constexpr int AMX_VCHUNK = 16; // coordinates per value product: C's 16 float32 columns
 
-// Set by tq_amx_enable: AMX_OFF, AMX_AUTO (GQA groups of AMX_MIN_G heads or more) or
-// AMX_ON (every group up to AMX_MAXN), once the process may use AMX tiles.
+// Set by tq_amx_enable: AMX_OFF, AMX_AUTO (GQA groups of AMX_MIN_G heads or more, and
+// rows of AMX_MIN_LEN tokens or more) or AMX_ON (every row, groups up to AMX_MAXN), once
+// the process may use AMX tiles.
 constexpr int AMX_OFF = 0, AMX_AUTO = 1, AMX_ON = 2;
 int g_amx = AMX_OFF;
 // Decode on these bodies costs per token about what the float32 bodies cost per token and
@@ -59,6 +60,19 @@ int g_amx = AMX_OFF;
 // sequences of 300 / 4096 tokens: float32 time / AMX time 0.82 / 0.98 at G = 3, 0.83 /
 // 1.12 at 5, 1.03 / 1.20 at 6, 1.11 / 1.39 at 7); prefill is ~2x faster at G = 3 and 7.
 constexpr int64_t AMX_MIN_G = 6;
+// Rows (a decode step, or a prompt token) attending to this many tokens or more take the
+// AMX bodies in AMX_AUTO at any group size: a long prompt's prefill is ~2x faster on
+// tiles, while a long row's decode at G = 3 costs ~1.25x the float32 body's (8 sequences
+// of 1k-8k tokens, one thread); long prompts are where that trade pays (SmolLM2, 8 prompts
+// of ~4k tokens through vLLM: 0.50x -> 0.76x auto's throughput with every row on AMX).
+// The body follows the row's own length only, so a row gets the same bits alone or in any
+// batch, and a prompt row its decode step's.
+constexpr int64_t AMX_MIN_LEN = 2048;
+
+// Which body a row of `len` tokens takes once amx_handles said the AMX bodies may run.
+inline bool amx_row(int64_t G, int64_t len) {
+  return g_amx == AMX_ON || G >= AMX_MIN_G || len >= AMX_MIN_LEN;
+}
 
 // Tile registers (palette 1), configured per phase of a block (a configuration load
 // zeroes the tiles; each phase starts from zero anyway). TDPBF16PS takes ~16 cycles but
@@ -576,13 +590,13 @@ TQ_AMX_TARGET void amx_attend_rows(const Step& P, const AmxBooks& bk, int64_t ta
 constexpr int AMX_PASSES = 8;
 inline int64_t amx_group_rows(int64_t G) { return AMX_PASSES * std::max<int64_t>(1, AMX_MAXN / G); }
 
-// Whether the AMX bodies handle this call: asked for (g_amx and the group size G), a bf16
-// model (its queries), scalar codes without QJL, groups of whole 32-coordinate chunks of
-// at most 4 bits, up to 16 query heads per KV head, splits of whole blocks.
+// Whether the AMX bodies may handle this call's rows (amx_row says which): turned on
+// (g_amx), a bf16 model (its queries), scalar codes without QJL, groups of whole
+// 32-coordinate chunks of at most 4 bits, up to 16 query heads per KV head, splits of
+// whole blocks.
 inline bool amx_handles(int q_dt, const Desc& kd, const Desc& vd, bool qjl, int64_t G,
                         int64_t split_tokens) {
-  const bool wanted = g_amx == AMX_ON || (g_amx == AMX_AUTO && G >= AMX_MIN_G);
-  if (!wanted || q_dt != DT_BF16 || qjl || kd.trellis || vd.trellis || G > AMX_MAXN ||
+  if (g_amx == AMX_OFF || q_dt != DT_BF16 || qjl || kd.trellis || vd.trellis || G > AMX_MAXN ||
       split_tokens % AMX_BT)
     return false;
   for (const Desc* de : {&kd, &vd})

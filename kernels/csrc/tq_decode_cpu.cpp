@@ -335,6 +335,8 @@ inline void mat_rows(const float* m, const float* x, int64_t rows, int d, float*
 }
 
 struct AmxBooks;  // tq_attend_amx.h
+struct Step;
+using TaskFn = void (*)(const Step&, int64_t);
 
 // Everything a task reads and writes. Rows are query tokens: decode has one per
 // sequence (row b reads block-table row b); prefill has one per prompt token (row r reads
@@ -356,6 +358,7 @@ struct Step {
   Codebooks kc, vc;
   float *acc_out, *m_out, *l_out;
   const AmxBooks* amx = nullptr;  // the AMX bodies' tables (tq_attend_amx.h), when they run
+  TaskFn f32 = nullptr;  // with amx: the float32 body of the rows amx_row leaves to it
 
   int64_t splits_of(int64_t r) const { return row_split ? row_split[r + 1] - row_split[r] : n_splits; }
   int64_t split_slot(int64_t r, int64_t i) const {
@@ -747,8 +750,6 @@ void attend_rows(const Step& P, int64_t task) {
     }
 }
 
-using TaskFn = void (*)(const Step&, int64_t);
-
 template <template <int> class Fn>
 TaskFn for_group_size(int64_t G) {
   switch (G) {
@@ -775,10 +776,19 @@ template <int GT> struct PrefillTask { static void run(const Step& P, int64_t t)
 namespace {
 
 #if defined(__AVX512F__)
-void amx_decode_task(const Step& P, int64_t t) { amx_attend(P, *P.amx, t); }
-void amx_prefill_task(const Step& P, int64_t t) { amx_attend_rows(P, *P.amx, t); }
+// A task's body: AMX for the rows amx_row gives it (decode: the task's row; prefill: its
+// group's, whose rows share one body), else the float32 body in P.f32.
+void amx_decode_task(const Step& P, int64_t t) {
+  if (P.f32 && !amx_row(P.G, P.seq_lens[t / (P.H * P.n_splits)])) return P.f32(P, t);
+  amx_attend(P, *P.amx, t);
+}
+void amx_prefill_task(const Step& P, int64_t t) {
+  if (P.f32 && !amx_row(P.G, P.seq_lens[P.groups[t / (P.H * P.n_splits)]])) return P.f32(P, t);
+  amx_attend_rows(P, *P.amx, t);
+}
 #else  // the AVX2 build has no AMX bodies: no call takes them
 inline bool amx_handles(int, const Desc&, const Desc&, bool, int64_t, int64_t) { return false; }
+inline bool amx_row(int64_t, int64_t) { return false; }
 inline int64_t amx_group_rows(int64_t) { return 1; }
 #endif
 
@@ -927,19 +937,21 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
   }
 }
 
-// run() on the AMX bodies (decode or prefill tasks), their tables built for the call.
+// run() on the AMX bodies (decode or prefill tasks), their tables built for the call;
+// f32: the float32 body of the rows amx_row leaves to it, or null where it leaves none.
 #if defined(__AVX512F__)
 inline void run_amx(const Step& step, const float* k_books, const float* v_books, bool prefill,
-                    int64_t ntasks, int64_t rows, const float* rot_v, const Output& out,
-                    int num_threads) {
+                    TaskFn f32, int64_t ntasks, int64_t rows, const float* rot_v,
+                    const Output& out, int num_threads) {
   const AmxBooks books = amx_books(step, k_books, v_books);
   Step s = step;
   s.amx = &books;
+  s.f32 = f32;
   run(s, prefill ? amx_prefill_task : amx_decode_task, ntasks, rows, rot_v, out, num_threads);
 }
 #else
-inline void run_amx(const Step&, const float*, const float*, bool, int64_t, int64_t, const float*,
-                    const Output&, int) {}
+inline void run_amx(const Step&, const float*, const float*, bool, TaskFn, int64_t, int64_t,
+                    const float*, const Output&, int) {}
 #endif
 
 // ------------------------------------------------------------------- trellis search
@@ -1272,10 +1284,15 @@ extern "C" int tq_decode_cpu(
                   grow(w.acc, B * Hq * n_splits * d), grow(w.m, B * Hq * n_splits),
                   grow(w.l, B * Hq * n_splits)};
   const Output o{out, out_dt, out_row};
+  const TaskFn f32 = for_group_size<DecodeTask>(G);
+  int64_t on_amx = 0;  // rows the AMX bodies take
   if (amx_handles(q_dt, kd, vd, qjl, G, split_tokens))
-    run_amx(step, k_books, v_books, false, B * H * n_splits, B, rot_v, o, num_threads);
+    for (int64_t b = 0; b < B; ++b) on_amx += amx_row(G, seq_lens[b]);
+  if (on_amx)
+    run_amx(step, k_books, v_books, false, on_amx < B ? f32 : nullptr, B * H * n_splits, B,
+            rot_v, o, num_threads);
   else
-    run(step, for_group_size<DecodeTask>(G), B * H * n_splits, B, rot_v, o, num_threads);
+    run(step, f32, B * H * n_splits, B, rot_v, o, num_threads);
   return 0;
 }
 
@@ -1298,8 +1315,11 @@ extern "C" int tq_prefill_cpu(
   const int64_t G = Hq / H;
   const Desc kd = read_desc(kdesc_p), vd = read_desc(vdesc_p);
   const bool qjl = kd.sign_off >= 0 && sketch_t != nullptr;
+  // a group's rows share a body: a new group where the sequence, or the body amx_row
+  // gives its rows, changes, and groups of the body's size
   const bool amx = amx_handles(q_dt, kd, vd, qjl, G, split_tokens);
-  if (amx) group_rows = amx_group_rows(G);
+  auto on_amx = [&](int64_t r) { return amx && amx_row(G, row_len[r]); };
+  int64_t amx_rows = 0;
   std::vector<int64_t> row_split(N + 1, 0), groups{0};
   int64_t max_splits = 1;
   for (int64_t r = 0; r < N; ++r) {
@@ -1307,7 +1327,11 @@ extern "C" int tq_prefill_cpu(
     const int64_t ns = (row_len[r] + split_tokens - 1) / split_tokens;
     row_split[r + 1] = row_split[r] + ns;
     max_splits = std::max(max_splits, ns);
-    if (r > 0 && (row_seq[r] != row_seq[r - 1] || r - groups.back() == group_rows)) groups.push_back(r);
+    amx_rows += on_amx(r);
+    const int64_t size = on_amx(r) ? amx_group_rows(G) : group_rows;
+    if (r > 0 && (row_seq[r] != row_seq[r - 1] || on_amx(r) != on_amx(r - 1) ||
+                  r - groups.back() == size))
+      groups.push_back(r);
   }
   if (N > 0) groups.push_back(N);
   const int64_t n_groups = (int64_t)groups.size() - 1, total = row_split[N];
@@ -1320,15 +1344,18 @@ extern "C" int tq_prefill_cpu(
                   qjl_scale, kd, vd, make_codebooks(kd, k_books), make_codebooks(vd, v_books),
                   grow(w.acc, total * Hq * d), grow(w.m, total * Hq), grow(w.l, total * Hq)};
   const Output o{out, out_dt, out_row};
-  if (amx)
-    run_amx(step, k_books, v_books, true, n_groups * H * max_splits, N, rot_v, o, num_threads);
+  const TaskFn f32 = for_group_size<PrefillTask>(G);
+  if (amx_rows)
+    run_amx(step, k_books, v_books, true, amx_rows < N ? f32 : nullptr,
+            n_groups * H * max_splits, N, rot_v, o, num_threads);
   else
-    run(step, for_group_size<PrefillTask>(G), n_groups * H * max_splits, N, rot_v, o, num_threads);
+    run(step, f32, n_groups * H * max_splits, N, rot_v, o, num_threads);
   return 0;
 }
 
 // Lets the AVX-512 build run bf16 models' decode and prefill on AMX tiles: mode 0 never,
-// 1 for GQA groups of AMX_MIN_G query heads or more, 2 for every group. Returns the mode
+// 1 for GQA groups of AMX_MIN_G query heads or more and rows of AMX_MIN_LEN tokens or
+// more (amx_row), 2 for every row. Returns the mode
 // in effect: 0 without this build or without the kernel's permission for tile data
 // (asked here); the caller checks the CPU has AMX-BF16, AVX512-BF16 and VBMI.
 extern "C" int tq_amx_enable(int mode) {

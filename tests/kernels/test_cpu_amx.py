@@ -143,9 +143,10 @@ def test_amx_prefill_rows_equal_decode_steps_bit_for_bit(amx, name, gqa, block_s
         assert torch.equal(steps[row], whole[row]), (row, length)
 
 
-def test_amx_auto_takes_wide_groups_only(amx):
+def test_amx_auto_takes_short_rows_of_wide_groups_only(amx):
     """The default mode runs GQA groups of 6 query heads or more on AMX (where its decode
-    wins) and narrower ones on the float32 bodies, bit for bit."""
+    wins) and narrower ones on the float32 bodies, bit for bit (rows shorter than 2048
+    tokens: below)."""
     seq_lens = [300, 77]
     for gqa, takes in ((3, False), (5, False), (6, True), (8, True)):
         codec, cache, table, _, _ = build_cache("tq4", 64, 2, 16, seq_lens)
@@ -158,6 +159,41 @@ def test_amx_auto_takes_wide_groups_only(amx):
         assert torch.equal(outs[AUTO], outs[ON if takes else OFF]), gqa
         assert not torch.equal(outs[ON], outs[OFF]), gqa
 
+
+
+def test_amx_auto_takes_long_rows_at_any_group_size(amx):
+    """The default mode also runs rows that attend to AMX_MIN_LEN (2048) tokens or more on
+    AMX at GQA 3 (where a long prompt's prefill gains most), each row by its own length:
+    in a mixed batch every row has the bits it has alone in its body's mode, and a prompt
+    crossing the length keeps its decode steps' bits on both sides."""
+    seq_lens = [300, 2047, 2048, 2600]
+    codec, cache, table, _, _ = build_cache("tq4", 64, 2, 128, seq_lens)
+    q = torch.randn(len(seq_lens), 6, 64).to(torch.bfloat16)
+    outs = {}
+    for mode in (OFF, AUTO, ON):
+        cpu_native.set_amx(mode)
+        outs[mode] = torch.empty_like(q)
+        cpu_ops.decode(q, cache, table, torch.tensor(seq_lens), codec, SCALE, outs[mode])
+    for i, s in enumerate(seq_lens):
+        assert not torch.equal(outs[ON][i], outs[OFF][i]), s
+        assert torch.equal(outs[AUTO][i], outs[ON if s >= 2048 else OFF][i]), s
+    cpu_native.set_amx(AUTO)
+    s, n = 2600, 700  # rows attend to 1901 .. 2600 tokens
+    qp = torch.randn(n, 6, 64).to(torch.bfloat16)
+    whole = torch.empty_like(qp)
+    cpu_ops.prefill(qp, None, None, cache, table[3:], torch.tensor([s]), torch.tensor([0, n]), 0,
+                    codec, SCALE, whole, fresh_exact=False)
+    for length in (1901, 2047, 2048, 2049, 2600):
+        row = length - (s - n) - 1
+        step = torch.empty_like(qp[:1])
+        cpu_ops.decode(qp[row:row + 1], cache, table[3:], torch.tensor([length]), codec, SCALE,
+                       step)
+        assert torch.equal(step[0], whole[row]), length
+        cpu_native.set_amx(ON if length >= 2048 else OFF)
+        cpu_ops.decode(qp[row:row + 1], cache, table[3:], torch.tensor([length]), codec, SCALE,
+                       step)
+        cpu_native.set_amx(AUTO)
+        assert torch.equal(step[0], whole[row]), length
 
 def test_amx_modes_and_environment(amx, monkeypatch):
     assert cpu_native.amx_mode() == ON
