@@ -174,8 +174,7 @@ def amx_default() -> int:
 def set_amx(mode: int) -> int:
     """Run bf16 models' decode and prefill on AMX tiles: mode 0 never, 1 for GQA groups of 6
     query heads or more and rows of 2048 tokens or more (each row by its own length), 2
-    for every row. Returns the mode in effect (0 where the CPU or
-    build lacks AMX)."""
+    for every row. Returns the mode in effect (0 where the CPU or build lacks AMX)."""
     lib = _library() if load() is not None else None
     if lib is None:
         return 0

@@ -34,6 +34,7 @@ def _numba():
 
     return cpu_numba
 
+
 FUSES_TRANSFORMS = True
 """:func:`store` and :func:`decode` take the layer's transform and apply it themselves (the
 native kernels in the same pass as the model's rows are read, with its roundings): on a
