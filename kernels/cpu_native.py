@@ -163,7 +163,7 @@ def _cpu_has_amx() -> bool:
 
 
 def amx_default() -> int:
-    """The AMX mode unless told otherwise (0 off, 1 auto, 2 every GQA width): ``$TQ_VLLM_CPU_AMX``
+    """The AMX mode unless told otherwise (0 off, 1 auto, 2 every row): ``$TQ_VLLM_CPU_AMX``
     (``0`` / ``auto`` / ``1``, default ``auto``), 0 where the CPU lacks what the AMX bodies need."""
     value = os.environ.get(AMX_ENV, "auto").strip().lower()
     if value not in AMX_MODES:
@@ -182,7 +182,7 @@ def set_amx(mode: int) -> int:
 
 
 def amx_mode() -> int:
-    """The AMX mode in effect (0 off, 1 auto, 2 every GQA width)."""
+    """The AMX mode in effect (0 off, 1 auto, 2 every row)."""
     lib = _library() if load() is not None else None
     return 0 if lib is None else lib.tq_amx_mode()
 
