@@ -11,6 +11,10 @@ arguments). ``WORKTREE`` names the uncommitted sources. On the 2-core Xeon host
 order and 1.27-1.45 in the other. Run both orders there and count only what wins in both.
 
     python eval/bench_kernel_ab.py HEAD~1 HEAD [--rounds 5]          # ~2 min
+
+Each library runs its float32 bodies unless ``--amx auto|1`` turns its AMX bodies on (as
+``TQ_VLLM_CPU_AMX`` does for the library the plugin loads); the decode cases then pass
+bf16 queries, which the AMX bodies need.
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ def build(rev: str, out_dir: Path) -> ctypes.CDLL:
     return cpu_native.bind(ctypes.CDLL(str(lib_path)))
 
 
-def cases() -> list[tuple]:
-    """(label, call, repetitions per round[, calls of the kernel per call])."""
+def cases(q_dtype: torch.dtype = torch.float32) -> list[tuple]:
+    """(label, call, repetitions per round[, calls of the kernel per call]); decode queries in
+    ``q_dtype``."""
     torch.manual_seed(0)
     out = []
     for name, batch, ctx in (("tq4", 16, 4096), ("tq4", 16, 1024), ("tq3.5", 16, 256), ("tq4", 1, 4096)):
         codec, cache, table, _, _ = build_cache(name, D, KV_HEADS, 16, [ctx] * batch)
-        q = torch.randn(batch, KV_HEADS * 3, D)
+        q = torch.randn(batch, KV_HEADS * 3, D).to(q_dtype)
         o, lens, t64 = torch.empty_like(q), torch.full((batch,), ctx), table.to(torch.int64)
         out.append((f"decode {name} {batch} x {ctx}",
                     lambda c=codec, ca=cache, t=t64, s=lens, q=q, o=o:
@@ -71,14 +76,14 @@ def cases() -> list[tuple]:
                     max(3, 100_000 // (batch * ctx))))
     # Qwen2.5-0.5B's grouping: 7 query heads per KV head (2 KV heads)
     codec, cache, table, _, _ = build_cache("tq4", D, 2, 16, [4096] * 8)
-    q = torch.randn(8, 2 * 7, D)
+    q = torch.randn(8, 2 * 7, D).to(q_dtype)
     o, lens, t64 = torch.empty_like(q), torch.full((8,), 4096), table.to(torch.int64)
     out.append(("decode tq4 GQA 7 8 x 4096",
                 lambda c=codec, ca=cache, t=t64, s=lens, q=q, o=o: cpu_ops.decode(q, ca, t, s, c, 0.125, o), 3))
     # as in a model: LAYERS caches of 16 x 4096 tokens (~13 MB each, together beyond L3)
     # read in turn, so each layer's cache streams from memory; time per layer
     layers = [build_cache("tq4", D, KV_HEADS, 16, [4096] * 16) for _ in range(LAYERS)]
-    lq = torch.randn(16, KV_HEADS * 3, D)
+    lq = torch.randn(16, KV_HEADS * 3, D).to(q_dtype)
     lo, llens = torch.empty_like(lq), torch.full((16,), 4096)
     tables = [layer[2].to(torch.int64) for layer in layers]
 
@@ -113,15 +118,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("revs", nargs="+", help="git revisions (or WORKTREE); the first is the baseline")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--amx", choices=sorted(cpu_native.AMX_MODES), default="0",
+                    help="AMX mode of every library (as TQ_VLLM_CPU_AMX; 0: float32 bodies)")
     args = ap.parse_args()
     if cpu_native.best_isa() is None or cpu_native.find_compiler() is None:
         sys.exit("no AVX-512/AVX2 CPU or no C++ compiler: nothing to compare")
+    amx = cpu_native.AMX_MODES[args.amx]
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build(rev, Path(tmp)) for rev in args.revs]
+        for rev, lib in zip(args.revs, libs):
+            if amx and (not cpu_native._cpu_has_amx() or lib.tq_amx_enable(amx) != amx):
+                sys.exit(f"{rev}: AMX bodies not available here (CPU, build or kernel permission)")
         current = [libs[0]]
         cpu_native._library = lambda: current[0]  # the launchers look the library up per call
         cpu_native.load = lambda: current[0].tq_decode_cpu
-        todo = cases()
+        todo = cases(torch.bfloat16 if amx else torch.float32)
         best: dict[tuple[str, int], float] = {}
         for _ in range(args.rounds):
             for i, lib in enumerate(libs):
