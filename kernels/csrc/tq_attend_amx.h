@@ -64,8 +64,8 @@ constexpr int64_t AMX_MIN_G = 6;
 // AMX bodies in AMX_AUTO at any group size: a long prompt's prefill is ~2x faster on
 // tiles, while a long row's decode at G = 3 costs ~1.25x the float32 body's (8 sequences
 // of 1k-8k tokens, one thread); long prompts are where that trade pays (SmolLM2, 8 prompts
-// of ~4k tokens through vLLM: 0.50x auto's throughput on the float32 bodies, 0.69x with
-// this rule, 0.76x with every row on AMX).
+// of ~4k tokens through vLLM: 0.50x auto's throughput on the float32 bodies, 0.64-0.69x
+// with this rule, 0.76x with every row on AMX).
 // The body follows the row's own length only, so a row gets the same bits alone or in any
 // batch, and a prompt row its decode step's.
 constexpr int64_t AMX_MIN_LEN = 2048;
