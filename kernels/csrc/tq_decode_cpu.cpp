@@ -1327,10 +1327,10 @@ extern "C" int tq_prefill_cpu(
     const int64_t ns = (row_len[r] + split_tokens - 1) / split_tokens;
     row_split[r + 1] = row_split[r] + ns;
     max_splits = std::max(max_splits, ns);
-    amx_rows += on_amx(r);
-    const int64_t size = on_amx(r) ? amx_group_rows(G) : group_rows;
-    if (r > 0 && (row_seq[r] != row_seq[r - 1] || on_amx(r) != on_amx(r - 1) ||
-                  r - groups.back() == size))
+    const bool a = on_amx(r);
+    amx_rows += a;
+    if (r > 0 && (row_seq[r] != row_seq[r - 1] || a != on_amx(r - 1) ||
+                  r - groups.back() == (a ? amx_group_rows(G) : group_rows)))
       groups.push_back(r);
   }
   if (N > 0) groups.push_back(N);
@@ -1355,9 +1355,9 @@ extern "C" int tq_prefill_cpu(
 
 // Lets the AVX-512 build run bf16 models' decode and prefill on AMX tiles: mode 0 never,
 // 1 for GQA groups of AMX_MIN_G query heads or more and rows of AMX_MIN_LEN tokens or
-// more (amx_row), 2 for every row. Returns the mode
-// in effect: 0 without this build or without the kernel's permission for tile data
-// (asked here); the caller checks the CPU has AMX-BF16, AVX512-BF16 and VBMI.
+// more (amx_row), 2 for every row. Returns the mode in effect: 0 without this build or
+// without the kernel's permission for tile data (asked here); the caller checks the CPU
+// has AMX-BF16, AVX512-BF16 and VBMI.
 extern "C" int tq_amx_enable(int mode) {
 #if defined(__AVX512F__)
   g_amx = mode >= AMX_AUTO && mode <= AMX_ON && amx_request() ? mode : AMX_OFF;
