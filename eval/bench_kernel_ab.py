@@ -6,9 +6,12 @@ cases run through the working tree's launchers (``kernels/cpu_ops.py``) against 
 library in turn, round after round; the best round per case is kept. Separate benchmark
 runs on a shared 2-core machine move by ±10%; interleaving in one process cancels most of
 that. The revisions' C signatures must be the working tree's (its launchers pass the
-arguments). ``WORKTREE`` names the uncommitted sources. On the 2-core Xeon host
-(2026-12-06) the library listed first ran faster: the same store code read 0.98-0.99 in one
-order and 1.27-1.45 in the other. Run both orders there and count only what wins in both.
+arguments). ``WORKTREE`` names the uncommitted sources. The launchers cache each codec's
+resolved store and decode calls (with the library's function in them); switching libraries
+drops those plans (from 48cbe55, which added the plans, until 2026-12-07 it did not: the
+store and decode rows timed the first-listed library in every column). On the 2-core Xeon
+host (2026-12-06, before the plans) the library listed first also ran faster, for reasons
+not found: run both orders there and count only what wins in both.
 
     python eval/bench_kernel_ab.py HEAD~1 HEAD [--rounds 5]          # ~2 min
 
@@ -61,13 +64,14 @@ def build(rev: str, out_dir: Path) -> ctypes.CDLL:
     return cpu_native.bind(ctypes.CDLL(str(lib_path)))
 
 
-def cases(q_dtype: torch.dtype = torch.float32) -> list[tuple]:
-    """(label, call, repetitions per round[, calls of the kernel per call]); decode queries in
-    ``q_dtype``."""
+def cases(q_dtype: torch.dtype = torch.float32) -> tuple[list[tuple], list[LayerCodec]]:
+    """(label, call, repetitions per round[, calls of the kernel per call]) and the codecs
+    they use; decode queries in ``q_dtype``."""
     torch.manual_seed(0)
-    out = []
+    out, codecs = [], []
     for name, batch, ctx in (("tq4", 16, 4096), ("tq4", 16, 1024), ("tq3.5", 16, 256), ("tq4", 1, 4096)):
         codec, cache, table, _, _ = build_cache(name, D, KV_HEADS, 16, [ctx] * batch)
+        codecs.append(codec)
         q = torch.randn(batch, KV_HEADS * 3, D).to(q_dtype)
         o, lens, t64 = torch.empty_like(q), torch.full((batch,), ctx), table.to(torch.int64)
         out.append((f"decode {name} {batch} x {ctx}",
@@ -76,6 +80,7 @@ def cases(q_dtype: torch.dtype = torch.float32) -> list[tuple]:
                     max(3, 100_000 // (batch * ctx))))
     # Qwen2.5-0.5B's grouping: 7 query heads per KV head (2 KV heads)
     codec, cache, table, _, _ = build_cache("tq4", D, 2, 16, [4096] * 8)
+    codecs.append(codec)
     q = torch.randn(8, 2 * 7, D).to(q_dtype)
     o, lens, t64 = torch.empty_like(q), torch.full((8,), 4096), table.to(torch.int64)
     out.append(("decode tq4 GQA 7 8 x 4096",
@@ -83,6 +88,7 @@ def cases(q_dtype: torch.dtype = torch.float32) -> list[tuple]:
     # as in a model: LAYERS caches of 16 x 4096 tokens (~13 MB each, together beyond L3)
     # read in turn, so each layer's cache streams from memory; time per layer
     layers = [build_cache("tq4", D, KV_HEADS, 16, [4096] * 16) for _ in range(LAYERS)]
+    codecs += [layer[0] for layer in layers]
     lq = torch.randn(16, KV_HEADS * 3, D).to(q_dtype)
     lo, llens = torch.empty_like(lq), torch.full((16,), 4096)
     tables = [layer[2].to(torch.int64) for layer in layers]
@@ -94,6 +100,7 @@ def cases(q_dtype: torch.dtype = torch.float32) -> list[tuple]:
     for name, gqa, lens in (("tq4", 3, [2048]), ("tq4", 7, [1024]), ("tq4", 3, [128] * 16)):
         heads = 2 if gqa == 7 else KV_HEADS
         codec, cache, table, _, _ = build_cache(name, D, heads, 16, lens)
+        codecs.append(codec)
         q = torch.randn(sum(lens), heads * gqa, D).to(torch.bfloat16)
         o = torch.empty_like(q)
         qsl = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
@@ -104,14 +111,25 @@ def cases(q_dtype: torch.dtype = torch.float32) -> list[tuple]:
         preset = PRESETS[name]
         codec = LayerCodec.create(preset, D, KV_HEADS, key_offset=key_offset(preset, KV_HEADS, D),
                                   key_query_weight=query_weight(preset, KV_HEADS, D))
+        codecs.append(codec)
         cache = torch.zeros(300, KV_HEADS, 16, preset.layout(D).slot_bytes, dtype=torch.uint8)
-        for n in (16, 2048):
+        for n in (1, 16, 2048):  # a batch-1 decode step, batch 16, a prompt chunk
             k, v = (torch.randn(n, KV_HEADS, D, dtype=torch.bfloat16) for _ in range(2))
             slots = torch.randperm(300 * 16)[:n]
             out.append((f"store {name} {n} tokens",
                         lambda k=k, v=v, s=slots, c=codec, ca=cache: cpu_ops.store(k, v, ca, s, c),
                         max(2, 4000 // n)))
-    return out
+    return out, codecs
+
+
+def use_library(lib: ctypes.CDLL, current: list, codecs: list[LayerCodec]) -> None:
+    """Make the launchers call ``lib``: the codecs' cached store and decode plans, which hold
+    the function of the library they were made with, are dropped."""
+    current[0] = lib
+    for codec in codecs:
+        tab = getattr(codec, "_cpu_tables", None)
+        if tab is not None:
+            tab.store_plan = tab.decode_plan = None
 
 
 def main() -> None:
@@ -132,11 +150,11 @@ def main() -> None:
         current = [libs[0]]
         cpu_native._library = lambda: current[0]  # the launchers look the library up per call
         cpu_native.load = lambda: current[0].tq_decode_cpu
-        todo = cases(torch.bfloat16 if amx else torch.float32)
+        todo, codecs = cases(torch.bfloat16 if amx else torch.float32)
         best: dict[tuple[str, int], float] = {}
         for _ in range(args.rounds):
             for i, lib in enumerate(libs):
-                current[0] = lib
+                use_library(lib, current, codecs)
                 for label, fn, reps, *per in todo:
                     fn()
                     t0 = time.perf_counter()

@@ -88,23 +88,6 @@ inline float round_to(float x, int dt) {
   return x;
 }
 
-// dst [n] = src [n] of dtype dt (a row of the model's tensor) as float, with a per-channel
-// transform as tq_vllm.calibration.LayerTransform applies it in float32 — x - mean, then
-// / scale (keys, values) or * scale (mul_scale: queries), each operation rounded once —
-// and its result rounded back to dt, as the transform's .to(x.dtype) does. mean / scale
-// null: that step is skipped (neither: the row as is).
-inline void load_row(const void* src, int dt, int64_t n, const float* mean, const float* scale,
-                     bool mul_scale, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = elem_at(src, dt, i);
-  if (mean == nullptr && scale == nullptr) return;
-  for (int64_t i = 0; i < n; ++i) {
-    float y = dst[i];
-    if (mean != nullptr) y = y - mean[i];
-    if (scale != nullptr) y = mul_scale ? y * scale[i] : y / scale[i];
-    dst[i] = round_to(y, dt);
-  }
-}
-
 // dst [n] of dtype dt = src [n] rounded (as torch's copy_ into a dt tensor).
 inline void store_row(const float* src, int64_t n, int dt, void* dst) {
   if (dt == DT_BF16) {
@@ -135,6 +118,35 @@ inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
 inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline V div_(V a, V b) { return _mm512_div_ps(a, b); }
+// W elements i.. of a row of dtype dt as float (exact)
+inline V load_elems(const void* row, int dt, int64_t i) {
+  const auto* h = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i);
+  if (dt == DT_BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(h)), 16));
+  if (dt == DT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256(h));
+  return _mm512_loadu_ps(static_cast<const float*>(row) + i);
+}
+// x rounded to dtype dt and back, lane by lane as round_to
+inline V round_to_v(V x, int dt) {
+  if (dt == DT_BF16) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __mmask16 nan = _mm512_cmp_epu32_mask(mag, _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLE);
+    const __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(r, 16), 16);
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(hi, nan, _mm512_set1_epi32(0x7fc00000)));
+  }
+  if (dt == DT_F16)
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return x;
+}
+inline bool finite_lanes(V x) {  // exponent field not all ones in every lane
+  const __m512i e = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7f800000));
+  return _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(0x7f800000)) == 0;
+}
+
 inline float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
 inline float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
 inline VI lane_shifts(int bits) {
@@ -196,6 +208,7 @@ using VD = __m512d;
 inline VD zerod() { return _mm512_setzero_pd(); }
 inline VD set1d(double x) { return _mm512_set1_pd(x); }
 inline VD loadud(const double* p) { return _mm512_loadu_pd(p); }
+inline void storeud(double* p, VD v) { _mm512_storeu_pd(p, v); }
 inline VD fmaddd(VD a, VD b, VD c) { return _mm512_fmadd_pd(a, b, c); }
 inline void store_floats(float* p, VD v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
 inline int count_below(const float* bounds16, float u) {
@@ -215,6 +228,34 @@ inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
 inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline V div_(V a, V b) { return _mm256_div_ps(a, b); }
+inline V load_elems(const void* row, int dt, int64_t i) {
+  const auto* h = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i);
+  if (dt == DT_BF16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h)), 16));
+  if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128(h));
+  return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+}
+inline V round_to_v(V x, int dt) {
+  if (dt == DT_BF16) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    // NaN: |u| > 0x7f800000 (signed compare: both sides non-negative)
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i hi = _mm256_slli_epi32(_mm256_srli_epi32(r, 16), 16);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(hi, _mm256_set1_epi32(0x7fc00000), nan));
+  }
+  if (dt == DT_F16)
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return x;
+}
+inline bool finite_lanes(V x) {
+  const __m256i e = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7f800000));
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(0x7f800000))) == 0;
+}
+
 inline float reduce_add(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -285,6 +326,7 @@ using VD = __m256d;
 inline VD zerod() { return _mm256_setzero_pd(); }
 inline VD set1d(double x) { return _mm256_set1_pd(x); }
 inline VD loadud(const double* p) { return _mm256_loadu_pd(p); }
+inline void storeud(double* p, VD v) { _mm256_storeu_pd(p, v); }
 inline VD fmaddd(VD a, VD b, VD c) { return _mm256_fmadd_pd(a, b, c); }
 inline void store_floats(float* p, VD v) { _mm_storeu_ps(p, _mm256_cvtpd_ps(v)); }
 inline int count_below(const float* bounds16, float u) {
@@ -296,6 +338,46 @@ inline int count_below(const float* bounds16, float u) {
 #else
 #error "the tq-vllm CPU kernels need AVX-512 (F, DQ, BW, VL) or AVX2 with FMA and F16C"
 #endif
+
+// dst [n] = src [n] of dtype dt (a row of the model's tensor) as float, with a per-channel
+// transform as tq_vllm.calibration.LayerTransform applies it in float32 — x - mean, then
+// / scale (keys, values) or * scale (mul_scale: queries), each operation rounded once —
+// and its result rounded back to dt, as the transform's .to(x.dtype) does. mean / scale
+// null: that step is skipped (neither: the row as is). W elements per step (the same
+// IEEE operations per element), the last n % W one by one.
+inline void load_row(const void* src, int dt, int64_t n, const float* mean, const float* scale,
+                     bool mul_scale, float* dst) {
+  const bool tf = mean != nullptr || scale != nullptr;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    V x = load_elems(src, dt, i);
+    if (tf) {
+      if (mean != nullptr) x = sub(x, loadu(mean + i));
+      if (scale != nullptr) x = mul_scale ? mul(x, loadu(scale + i)) : div_(x, loadu(scale + i));
+      x = round_to_v(x, dt);
+    }
+    storeu(dst + i, x);
+  }
+  for (; i < n; ++i) {
+    float y = elem_at(src, dt, i);
+    if (tf) {
+      if (mean != nullptr) y = y - mean[i];
+      if (scale != nullptr) y = mul_scale ? y * scale[i] : y / scale[i];
+      y = round_to(y, dt);
+    }
+    dst[i] = y;
+  }
+}
+
+// Whether every element of x [n] is finite.
+inline bool all_finite(const float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    if (!finite_lanes(loadu(x + i))) return false;
+  for (; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
 
 // exp(x) for the softmax (x <= 0 region); 2^f by a degree-6 polynomial, |rel err| < 2e-7.
 inline V vexp(V x) {

@@ -221,7 +221,8 @@ def test_launcher_rejects_non_contiguous_slots():
                                   "tq3-trellis", "tq2.5-trellis"])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_store_bit_exact_with_reference(impl, name, dim, dtype):
+@pytest.mark.parametrize("tokens", [201, 6, 4, 2])
+def test_store_bit_exact_with_reference(impl, name, dim, dtype, tokens):
     from tq_vllm.codec import LayerCodec
     from tq_vllm.config import PRESETS
     from tq_vllm.reference import tq_store
@@ -233,7 +234,10 @@ def test_store_bit_exact_with_reference(impl, name, dim, dtype):
     slot = PRESETS[name].layout(dim).slot_bytes
     ref = torch.randint(0, 256, (40, 3, 16, slot), dtype=torch.uint8)
     ours = ref.clone()
-    # 201 tokens: the native store takes them four at a time, the last one alone
+    # 201 tokens: the native store takes them 16 (AVX2: 8) at a time in SIMD lanes; a
+    # decode step's few (token 0 is padding): 5 and 3 rotated a vector at a time, then
+    # rounded in lanes beside their offset alternatives (AVX2, 5: all in lanes), 1 a
+    # vector at a time throughout
     k, v = (torch.randn(201, 3, dim) * 3).to(dtype), torch.randn(201, 3, dim).to(dtype)
     if offset is not None:  # keys near −offset: stored flagged
         k[::5] = (-offset + 0.3 * torch.randn(41, 3, dim)).to(dtype)
@@ -241,7 +245,8 @@ def test_store_bit_exact_with_reference(impl, name, dim, dtype):
     v[9, 0, 1] = float("inf")
     k[11, 1] *= 1e4  # beyond fp16 for a norm only in float32/bf16
     sm = torch.randperm(40 * 16)[:201]
-    sm[::9] = -1  # padding slots, at every position of a task's four
+    sm[::9] = -1  # padding slots, at every position of a task's tokens
+    k, v, sm = k[:tokens], v[:tokens], sm[:tokens]
     tq_store(k, v, ref, sm, codec)
     ref_stats = dict(codec.key.stats)
     codec.key.stats.update(nonfinite_vectors=0, saturated_norms=0)
