@@ -91,6 +91,23 @@ inline void pack_codes(const int32_t* codes, int n, int bits, uint8_t* seg) {
   if (nb > 0) seg[o] |= (uint8_t)acc;
 }
 
+// The QJL part of a key's slot: the signs of sketch [d, d] (float64) times its residual
+// w[j * stride] (j < d), and the residual's norm gamma as fp16 (clamped at 65504, counted
+// in sat).
+inline void put_qjl(const Desc& D, const double* sketch, const float* w, int stride, int d,
+                    float gamma, uint8_t* slot, int64_t& sat) {
+  for (int i = 0; i < d; ++i) {
+    double acc = 0.0;
+    for (int j = 0; j < d; ++j) acc += sketch[(int64_t)i * d + j] * (double)w[j * stride];
+    if (acc >= 0.0) slot[D.sign_off + (i >> 3)] |= (uint8_t)(1 << (i & 7));
+  }
+  if (gamma > HALF_MAX) {
+    gamma = HALF_MAX;
+    ++sat;
+  }
+  put_half(slot + D.norm_off + 2 * D.ngroups, gamma);
+}
+
 // What encode reads for one of K/V.
 struct Tensor {
   Desc desc;
@@ -342,18 +359,7 @@ void encode_codes(int R, const float (*yt)[W], int d, uint8_t* const* slot, cons
   storeu(lane, narrow2(sqrt2(rr)));
   for (int r = 0; r < R; ++r) {
     gamma[r] = lane[r];
-    if (D.sign_off < 0) continue;
-    for (int i = 0; i < d; ++i) {
-      double acc = 0.0;
-      for (int j = 0; j < d; ++j) acc += sketch[(int64_t)i * d + j] * (double)ct[j][r];
-      if (acc >= 0.0) slot[r][D.sign_off + (i >> 3)] |= (uint8_t)(1 << (i & 7));
-    }
-    float g16 = gamma[r];
-    if (g16 > HALF_MAX) {
-      g16 = HALF_MAX;
-      ++sat[r];
-    }
-    put_half(slot[r] + D.norm_off + 2 * D.ngroups, g16);
+    if (D.sign_off >= 0) put_qjl(D, sketch, &ct[0][r], W, d, gamma[r], slot[r], sat[r]);
   }
 }
 
@@ -448,18 +454,7 @@ void encode_rows(const float* const* y, int d, uint8_t* const* slot, const Tenso
     }
   for (int r = 0; r < R; ++r) {
     gamma[r] = (float)std::sqrt(rr[r]);
-    if (D.sign_off < 0) continue;
-    for (int i = 0; i < d; ++i) {
-      double acc = 0.0;
-      for (int j = 0; j < d; ++j) acc += sketch[(int64_t)i * d + j] * (double)work[r][j];
-      if (acc >= 0.0) slot[r][D.sign_off + (i >> 3)] |= (uint8_t)(1 << (i & 7));
-    }
-    float g16 = gamma[r];
-    if (g16 > HALF_MAX) {
-      g16 = HALF_MAX;
-      ++sat[r];
-    }
-    put_half(slot[r] + D.norm_off + 2 * D.ngroups, g16);
+    if (D.sign_off >= 0) put_qjl(D, sketch, work[r], 1, d, gamma[r], slot[r], sat[r]);
   }
 }
 
