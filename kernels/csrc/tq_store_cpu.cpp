@@ -598,48 +598,46 @@ extern "C" int tq_store_cpu(
     }
     const float* o = k_off_rot != nullptr ? k_off_rot + h * d : nullptr;
     float vgamma[PAIR_TOKENS];
-    if (!rotated && nl <= ROW_ENCODE_MAX) {  // a vector at a time throughout
-      alignas(64) float yk[2 * ROW_ENCODE_MAX][MAX_D], yv[ROW_ENCODE_MAX][MAX_D];
-      float* kp[2 * ROW_ENCODE_MAX];
-      float* vp[ROW_ENCODE_MAX];
-      for (int i = 0; i < 2 * ROW_ENCODE_MAX; ++i) kp[i] = yk[i];
-      for (int i = 0; i < ROW_ENCODE_MAX; ++i) vp[i] = yv[i];
-      rotate_rows_n(xks, nl, rot_k + h * d * d, (int)d, kp);
-      rotate_rows_n(xvs, nl, rot_v + h * d * d, (int)d, vp);
-      for (int i = 0; i < nl && o != nullptr; ++i)  // the alternatives y + R_h o after the keys
-        for (int64_t j = 0; j < d; ++j) yk[nl + i][j] = yk[i][j] + o[j];
-      encode_rows_n(o != nullptr ? 2 * nl : nl, kp, (int)d, kslot, K, sketch, fb, nullptr,
-                    o != nullptr, sat, gamma);
-      encode_rows_n(nl, vp, (int)d, slot, Vt, sketch, nullptr, nullptr, false, vsat, vgamma);
-    } else if (!rotated) {  // lanes = tokens from the rotation on
-      alignas(64) float ykt[MAX_D][W], yvt[MAX_D][W];
-      if (2 * nl <= W) {  // rotated a vector at a time, then into lanes
-        alignas(64) float yk[W / 2][MAX_D], yv[W / 2][MAX_D];
-        float *kp[W / 2], *vp[W / 2];
-        for (int i = 0; i < W / 2; ++i) kp[i] = yk[i], vp[i] = yv[i];
+    if (!rotated) {
+      alignas(64) float yk[W / 2][MAX_D], yv[W / 2][MAX_D];  // rotated a vector at a time
+      float *kp[W / 2], *vp[W / 2];
+      for (int i = 0; i < W / 2; ++i) kp[i] = yk[i], vp[i] = yv[i];
+      if (2 * nl <= W) {
         rotate_rows_n(xks, nl, rot_k + h * d * d, (int)d, kp);
         rotate_rows_n(xvs, nl, rot_v + h * d * d, (int)d, vp);
-        to_lanes(kp, nl, (int)d, ykt);
-        to_lanes(vp, nl, (int)d, yvt);
-      } else {
-        alignas(64) double xt[MAX_D][W];
-        to_lanes(xks, nl, (int)d, xt);
-        rotate_lanes(xt, rot_k + h * d * d, (int)d, ykt);
-        to_lanes(xvs, nl, (int)d, xt);
-        rotate_lanes(xt, rot_v + h * d * d, (int)d, yvt);
       }
-      if (o != nullptr && 2 * nl <= W) {  // keys in lanes [0, nl), alternatives y + R_h o after
-        for (int64_t j = 0; j < d; ++j)
-          for (int i = 0; i < nl; ++i) ykt[j][nl + i] = ykt[j][i] + o[j];
-        encode_codes(2 * nl, ykt, (int)d, kslot, K, sketch, fb, true, sat, gamma);
-      } else {
-        encode_codes(nl, ykt, (int)d, slot, K, sketch, fb, o != nullptr, sat, gamma);
-        if (o != nullptr) {  // the alternatives in the key lanes
-          for (int64_t j = 0; j < d; ++j) storeu(ykt[j], add(loadu(ykt[j]), set1(o[j])));
-          encode_codes(nl, ykt, (int)d, alt_ptr, K, sketch, fb, true, sat + nl, gamma + nl);
+      if (nl <= ROW_ENCODE_MAX) {  // rounded a vector at a time too
+        static_assert(4 * ROW_ENCODE_MAX <= W, "keys and alternatives fit the row buffers");
+        for (int i = 0; i < nl && o != nullptr; ++i)  // the alternatives y + R_h o after the keys
+          for (int64_t j = 0; j < d; ++j) yk[nl + i][j] = yk[i][j] + o[j];
+        encode_rows_n(o != nullptr ? 2 * nl : nl, kp, (int)d, kslot, K, sketch, fb, nullptr,
+                      o != nullptr, sat, gamma);
+        encode_rows_n(nl, vp, (int)d, slot, Vt, sketch, nullptr, nullptr, false, vsat, vgamma);
+      } else {  // lanes = tokens from here on
+        alignas(64) float ykt[MAX_D][W], yvt[MAX_D][W];
+        if (2 * nl <= W) {
+          to_lanes(kp, nl, (int)d, ykt);
+          to_lanes(vp, nl, (int)d, yvt);
+        } else {
+          alignas(64) double xt[MAX_D][W];
+          to_lanes(xks, nl, (int)d, xt);
+          rotate_lanes(xt, rot_k + h * d * d, (int)d, ykt);
+          to_lanes(xvs, nl, (int)d, xt);
+          rotate_lanes(xt, rot_v + h * d * d, (int)d, yvt);
         }
+        if (o != nullptr && 2 * nl <= W) {  // keys in lanes [0, nl), alternatives y + R_h o after
+          for (int64_t j = 0; j < d; ++j)
+            for (int i = 0; i < nl; ++i) ykt[j][nl + i] = ykt[j][i] + o[j];
+          encode_codes(2 * nl, ykt, (int)d, kslot, K, sketch, fb, true, sat, gamma);
+        } else {
+          encode_codes(nl, ykt, (int)d, slot, K, sketch, fb, o != nullptr, sat, gamma);
+          if (o != nullptr) {  // the alternatives in the key lanes
+            for (int64_t j = 0; j < d; ++j) storeu(ykt[j], add(loadu(ykt[j]), set1(o[j])));
+            encode_codes(nl, ykt, (int)d, alt_ptr, K, sketch, fb, true, sat + nl, gamma + nl);
+          }
+        }
+        encode_codes(nl, yvt, (int)d, slot, Vt, sketch, nullptr, false, vsat, vgamma);
       }
-      encode_codes(nl, yvt, (int)d, slot, Vt, sketch, nullptr, false, vsat, vgamma);
     } else {
       encode_any(nl, xks, (int)d, slot, K, sketch, fb, kc, o != nullptr, sat, gamma);
       if (o != nullptr) {
