@@ -14,9 +14,11 @@ PyTorch headers, so it builds in about a second); OpenMP resolves to the
 instruction set or no compiler is there (:func:`load_prefill` likewise); callers
 then fall back to the Numba kernel.
 
-On CPUs with AMX the AVX-512 build also runs bf16 models' decode and prefill on AMX
-tiles (``csrc/tq_attend_amx.h``), by default for GQA groups of 6 query heads or more and
-for rows that attend to 2048 tokens or more: :func:`set_amx`, :func:`amx_mode`,
+On CPUs with AVX512-BF16 and VBMI the AVX-512 build also runs bf16 models' decode and
+prefill on the tile bodies (``csrc/tq_attend_amx.h``: bf16 products, on AMX tiles where
+the CPU has AMX, else on vdpbf16ps): with AMX by default for GQA groups of 6 query heads or
+more and for rows that attend to 2048 tokens or more, without it for every row (faster
+than the float32 bodies there: docs/performance.md): :func:`set_amx`, :func:`amx_mode`,
 ``$TQ_VLLM_CPU_AMX``.
 """
 
@@ -51,12 +53,16 @@ DISABLE_ENV = "TQ_VLLM_DISABLE_NATIVE"
 ISA_ENV = "TQ_VLLM_NATIVE_ISA"
 """Force one build (``avx2`` on an AVX-512 machine, to test or compare it)."""
 AMX_ENV = "TQ_VLLM_CPU_AMX"
-"""Where AMX is there, bf16 models' decode and prefill run on AMX tiles for GQA groups of 6
-query heads or more and for rows (a decode step, a prompt token) that attend to 2048 tokens
-or more (``auto``, the default), for every row (``1``) or never (``0``)."""
+"""Where the CPU has them, bf16 models' decode and prefill run on the tile bodies (bf16
+products: AMX tiles, else AVX512-BF16 dot products) for GQA groups of 6 query heads or more
+and for rows (a decode step, a prompt token) that attend to 2048 tokens or more (``auto``,
+the default), for every row (``1``) or never (``0``)."""
 AMX_MODES = {"0": 0, "auto": 1, "1": 2}
-AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512vbmi")
-"""What the AMX bodies (csrc/tq_attend_amx.h) run on, besides the AVX-512 build."""
+DP_CPU_FLAGS = ("avx512_bf16", "avx512vbmi")
+"""What the tile bodies (csrc/tq_attend_amx.h) run on, besides the AVX-512 build: their
+products on vdpbf16ps (AMD Zen 4, Intel Cooper Lake)."""
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", *DP_CPU_FLAGS)
+"""What the tile bodies need to run their products on AMX tiles (Intel Sapphire Rapids on)."""
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -150,8 +156,18 @@ def _library():
     return lib
 
 
+_products: dict[str, bool] = {}
+"""``dp``: the engine :func:`set_amx` was last told (absent: the CPU's own, see :func:`_dp`)."""
+
+
+def _dp() -> bool:
+    """Whether the tile bodies' products run on vdpbf16ps: where the CPU has no AMX, or
+    where :func:`set_amx` was told so."""
+    return _products.get("dp", not _cpu_has_amx())
+
+
 def _enable_amx(lib: ctypes.CDLL, mode: int) -> int:
-    got = lib.tq_amx_enable(mode)
+    got = lib.tq_amx_enable(mode, int(_dp()))
     if mode and not got:
         logger.warning("tq-vllm: the kernel refused AMX tile data; bf16 attention runs on "
                        "float32 FMAs")
@@ -162,23 +178,37 @@ def _cpu_has_amx() -> bool:
     return all(f in _cpu_flags() for f in AMX_CPU_FLAGS)
 
 
+def _cpu_has_dp() -> bool:
+    return all(f in _cpu_flags() for f in DP_CPU_FLAGS)
+
+
 def amx_default() -> int:
-    """The AMX mode unless told otherwise (0 off, 1 auto, 2 every row): ``$TQ_VLLM_CPU_AMX``
-    (``0`` / ``auto`` / ``1``, default ``auto``), 0 where the CPU lacks what the AMX bodies need."""
+    """The tile bodies' mode unless told otherwise (0 off, 1 auto, 2 every row):
+    ``$TQ_VLLM_CPU_AMX`` (``0`` / ``auto`` / ``1``, default ``auto``), 0 where the CPU lacks
+    what they need. ``auto`` is 1 with AMX tiles and 2 on vdpbf16ps products (a Zen 4: there
+    they beat the float32 bodies in decode too, at every length measured)."""
     value = os.environ.get(AMX_ENV, "auto").strip().lower()
     if value not in AMX_MODES:
         raise ValueError(f"{AMX_ENV} must be one of {sorted(AMX_MODES)}, got {value!r}")
-    return AMX_MODES[value] if _cpu_has_amx() else 0
+    if not _cpu_has_dp():
+        return 0
+    mode = AMX_MODES[value]
+    return 2 if mode == 1 and not _cpu_has_amx() else mode
 
 
-def set_amx(mode: int) -> int:
-    """Run bf16 models' decode and prefill on AMX tiles: mode 0 never, 1 for GQA groups of 6
-    query heads or more and rows of 2048 tokens or more (each row by its own length), 2
-    for every row. Returns the mode in effect (0 where the CPU or build lacks AMX)."""
+def set_amx(mode: int, dp: bool | None = None) -> int:
+    """Run bf16 models' decode and prefill on the tile bodies: mode 0 never, 1 for GQA groups
+    of 6 query heads or more and rows of 2048 tokens or more (each row by its own length), 2
+    for every row. ``dp``: their products on AVX512-BF16 dot products (True) or AMX tiles
+    (False), kept for later calls; by default AMX where the CPU has it. Returns the mode in
+    effect (0 where the CPU or build lacks what they need)."""
+    if dp is not None:
+        _products["dp"] = dp
     lib = _library() if load() is not None else None
     if lib is None:
         return 0
-    return _enable_amx(lib, mode if best_isa() == "avx512" and _cpu_has_amx() else 0)
+    ok = best_isa() == "avx512" and (_cpu_has_dp() if _dp() else _cpu_has_amx())
+    return _enable_amx(lib, mode if ok else 0)
 
 
 def amx_mode() -> int:
@@ -196,7 +226,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
-    for name, argtypes in (("tq_amx_enable", [_C]), ("tq_amx_mode", [])):
+    for name, argtypes in (("tq_amx_enable", [_C, _C]), ("tq_amx_mode", [])):
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int

@@ -1,8 +1,16 @@
-// tq-vllm: decode and prefill attention over the packed cache on AMX tiles (bf16 models).
+// tq-vllm: decode and prefill attention over the packed cache on bf16 products (bf16
+// models): AMX tiles, or on CPUs with AVX512-BF16 but no AMX (AMD Zen 4) the same products
+// on vdpbf16ps (g_amx_dp: dp_scores, dp_values). "AMX bodies" below means both.
 //
 // Included by tq_decode_cpu.cpp after its Step / RowState / softmax helpers; compiled in
 // the AVX-512 build only, each function with the AMX target attribute (the library runs
-// on AVX-512 CPUs without AMX, which never call these: tq_amx_enable says whether to).
+// on AVX-512 CPUs without AVX512-BF16, which never call these, and on CPUs without AMX,
+// which call them with g_amx_dp set and so execute no tile instruction: tq_amx_enable says
+// which).
+//
+// On vdpbf16ps (a 2-core Zen 4, one thread, d 64): prefill 1.6-1.8x faster than the
+// float32 bodies at GQA 3, 1.25x at GQA 7; decode 0-15% faster from 256 tokens (GQA 1 at
+// d 64: 5% slower), so every row takes them there by default (docs/performance.md).
 //
 // Why: on this project's Xeon host a 512-bit FMA does 32 multiply-adds a cycle per core
 // and vdpbf16ps 16 (one every two cycles, measured), while one AMX TDPBF16PS does a
@@ -55,6 +63,11 @@ constexpr int AMX_VCHUNK = 16; // coordinates per value product: C's 16 float32 
 // the process may use AMX tiles.
 constexpr int AMX_OFF = 0, AMX_AUTO = 1, AMX_ON = 2;
 int g_amx = AMX_OFF;
+// The tile products on AVX512-BF16 dot products (vdpbf16ps) instead of AMX tiles: CPUs with
+// AVX512-BF16 and VBMI but no AMX (AMD Zen 4). Same blocks, layouts, fill and softmax; each
+// product element is summed by a fixed sequence of vdpbf16ps over its own row and column
+// only, so a prompt row keeps its decode step's bits on these products too (not AMX's).
+bool g_amx_dp = false;
 // Decode on these bodies costs per token about what the float32 bodies cost per token and
 // query head: they win from ~6 query heads a KV head (measured on the Xeon host, 16
 // sequences of 300 / 4096 tokens: float32 time / AMX time 0.82 / 0.98 at G = 3, 0.83 /
@@ -401,6 +414,125 @@ TQ_AMX_TARGET inline void amx_values(AmxBlock& T, const uint16_t (*pa)[AMX_BT], 
   if (nc > 3) _tile_stored(3, o[3], 4 * AMX_VCHUNK);
 }
 
+// dp_scores / dp_values: amx_scores / amx_values on vdpbf16ps (g_amx_dp). Lane p of a
+// score vector is pair p (a C tile's column), lane k of a value vector coordinate k; a lane
+// sums its products in a fixed order whatever N is. DP_TOKENS tokens' (DP_PAIRS pairs' x 2)
+// accumulators are in flight: independent chains over the instruction's latency.
+// acc + a . (the bf16 pair at p, broadcast): vdpbf16ps with an embedded broadcast, which
+// GCC does not fold from set1 (a separate broadcast load per product otherwise)
+// (may_alias: p points into bf16 arrays written as uint16_t, which the asm reads as one word)
+typedef int32_t __attribute__((may_alias)) dp_word;
+TQ_AMX_TARGET __attribute__((always_inline)) inline __m512 dp_bcast(__m512 acc, __m512bh a, const void* p) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*static_cast<const dp_word*>(p)));
+  return acc;
+}
+constexpr int DP_TOKENS = 8;
+constexpr int DP_PAIRS = 4;
+
+// out[t][p] = sum over chunks ch0 .. ch0 + nch - 1 and their coordinate pairs of key t x
+// query p, for the 16 x nr tokens from tok (lanes N.. zero)
+TQ_AMX_TARGET inline void dp_scores(const AmxBlock& T, const AmxPass& S, int ch0, int nch, int tok, int nr,
+                                    int N, float (*out)[AMX_MAXN]) {
+  const __mmask16 live = (__mmask16)((1u << N) - 1);
+  for (int t0 = tok; t0 < tok + nr * AMX_HALF; t0 += DP_TOKENS) {
+    __m512 acc[DP_TOKENS];
+    for (int i = 0; i < DP_TOKENS; ++i) acc[i] = _mm512_setzero_ps();
+    for (int ch = ch0; ch < ch0 + nch; ++ch)
+      for (int kk = 0; kk < AMX_CHUNK / 2; ++kk) {
+        const __m512bh q = (__m512bh)_mm512_maskz_loadu_epi32(live, S.qb[ch][kk]);
+        for (int i = 0; i < DP_TOKENS; ++i) {
+          acc[i] = dp_bcast(acc[i], q, &T.kt[ch][t0 + i][2 * kk]);  // coordinates 2 kk, 2 kk + 1
+        }
+      }
+    for (int i = 0; i < DP_TOKENS; ++i) _mm512_storeu_ps(out[t0 + i], acc[i]);
+  }
+}
+
+// dp_scores for a pass of NP <= DP_FEW_PAIRS pairs (decode: NP = G), lanes = tokens: each
+// 16-token run's key chunk transposed to [coordinate pair][token], then per pair one
+// vdpbf16ps per coordinate pair over RUNS runs. Each (token, pair) gets the same
+// instructions on the same operands in the same order as in dp_scores, so the same bits
+// (a prompt row's pass is wide, its decode step's narrow); written straight to sc [pair][token].
+constexpr int DP_FEW_PAIRS = 8;
+template <int NP, int RUNS>
+TQ_AMX_TARGET inline void dp_scores_few(const AmxBlock& T, const AmxPass& S, int ch0, int nch, int tok,
+                                        float (*sc)[AMX_BT]) {
+  __m512 acc[RUNS][NP];
+  for (int r = 0; r < RUNS; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int ch = ch0; ch < ch0 + nch; ++ch) {
+    alignas(64) float kv[RUNS][AMX_CHUNK / 2][AMX_HALF];  // token i's coordinate pair kk at [kk][i]
+    for (int r = 0; r < RUNS; ++r)
+      transpose_block(reinterpret_cast<const float*>(T.kt[ch][tok + r * AMX_HALF]), AMX_CHUNK / 2, kv[r][0],
+                      AMX_HALF);
+    for (int kk = 0; kk < AMX_CHUNK / 2; ++kk)
+      for (int p = 0; p < NP; ++p)
+        for (int r = 0; r < RUNS; ++r)
+          acc[r][p] = dp_bcast(acc[r][p], (__m512bh)_mm512_load_si512(kv[r][kk]), &S.qb[ch][kk][p]);
+  }
+  for (int r = 0; r < RUNS; ++r)
+    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(sc[p] + tok + r * AMX_HALF, acc[r][p]);
+}
+
+template <int NP>
+TQ_AMX_TARGET inline void dp_scores_few_runs(const AmxBlock& T, const AmxPass& S, int ch0, int nch, int tok,
+                                             int nr, float (*sc)[AMX_BT]) {
+  for (int r = 0; r < nr; r += 2) {
+    if (nr - r >= 2) dp_scores_few<NP, 2>(T, S, ch0, nch, tok + r * AMX_HALF, sc);
+    else dp_scores_few<NP, 1>(T, S, ch0, nch, tok + r * AMX_HALF, sc);
+  }
+}
+
+// dp_scores_few over N <= DP_FEW_PAIRS pairs: sc [pair][token] for the 16 x nr tokens from tok
+TQ_AMX_TARGET inline void dp_scores_t(const AmxBlock& T, const AmxPass& S, int ch0, int nch, int tok, int nr,
+                                      int N, float (*sc)[AMX_BT]) {
+  switch (N) {
+    case 1: dp_scores_few_runs<1>(T, S, ch0, nch, tok, nr, sc); break;
+    case 2: dp_scores_few_runs<2>(T, S, ch0, nch, tok, nr, sc); break;
+    case 3: dp_scores_few_runs<3>(T, S, ch0, nch, tok, nr, sc); break;
+    case 4: dp_scores_few_runs<4>(T, S, ch0, nch, tok, nr, sc); break;
+    case 5: dp_scores_few_runs<5>(T, S, ch0, nch, tok, nr, sc); break;
+    case 6: dp_scores_few_runs<6>(T, S, ch0, nch, tok, nr, sc); break;
+    case 7: dp_scores_few_runs<7>(T, S, ch0, nch, tok, nr, sc); break;
+    default: dp_scores_few_runs<8>(T, S, ch0, nch, tok, nr, sc); break;
+  }
+}
+
+// o[e][p0 + p][k] for NP pairs: their weights pa x value chunk ch over ns 32-token steps,
+// even and odd token pairs in two chains added at the end
+template <int NP>
+TQ_AMX_TARGET inline void dp_value_pairs(const AmxBlock& T, const uint16_t (*pa)[AMX_BT], int ch, int ns,
+                                         int p0, float* const* o) {
+  __m512 a[NP][2];
+  for (int p = 0; p < NP; ++p) a[p][0] = a[p][1] = _mm512_setzero_ps();
+  for (int st = 0; st < ns; ++st)
+    for (int tp = 0; tp < AMX_HALF; tp += 2) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(T.vb[ch][st * AMX_HALF + tp]);
+      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(T.vb[ch][st * AMX_HALF + tp + 1]);
+      for (int p = 0; p < NP; ++p) {
+        const uint16_t* w = pa[p0 + p] + st * AMX_TT + 2 * tp;  // tokens 2 tp, 2 tp + 1, then the next two
+        a[p][0] = dp_bcast(a[p][0], v0, w);
+        a[p][1] = dp_bcast(a[p][1], v1, w + 2);
+      }
+    }
+  for (int p = 0; p < NP; ++p) _mm512_storeu_ps(o[p], _mm512_add_ps(a[p][0], a[p][1]));
+}
+
+TQ_AMX_TARGET inline void dp_values(const AmxBlock& T, const uint16_t (*pa)[AMX_BT], int ch0, int nc, int ns,
+                                    int N, float (*o)[AMX_MAXN][AMX_VCHUNK]) {
+  for (int e = 0; e < nc; ++e)
+    for (int p0 = 0; p0 < N; p0 += DP_PAIRS) {
+      float* dst[DP_PAIRS];
+      for (int p = 0; p < DP_PAIRS; ++p) dst[p] = o[e][std::min(p0 + p, AMX_MAXN - 1)];
+      switch (std::min(DP_PAIRS, N - p0)) {
+        case 4: dp_value_pairs<4>(T, pa, ch0 + e, ns, p0, dst); break;
+        case 3: dp_value_pairs<3>(T, pa, ch0 + e, ns, p0, dst); break;
+        case 2: dp_value_pairs<2>(T, pa, ch0 + e, ns, p0, dst); break;
+        default: dp_value_pairs<1>(T, pa, ch0 + e, ns, p0, dst); break;
+      }
+    }
+}
+
 // One block for a pass: pair p reads the block's first rd[p] tokens (0: none, its state
 // is left as it is). Scores, offsets and scale, one online-softmax update per pair and
 // block, and the value product.
@@ -410,11 +542,16 @@ TQ_AMX_TARGET inline void amx_step(const Step& P, const AmxBooks& bk, AmxBlock& 
   int nmax = 0;
   for (int p = 0; p < N; ++p) nmax = std::max(nmax, rd[p]);
   const int nh = (nmax + AMX_HALF - 1) / AMX_HALF;  // 16-token runs read by some pair
-  amx_configure(N, false);
+  if (!g_amx_dp) amx_configure(N, false);
+  const bool few = g_amx_dp && N <= DP_FEW_PAIRS;  // scores straight to sc, [pair][token]
   for (int g = 0, ch0 = 0; g < nkg; ch0 += bk.k[g].dim / AMX_CHUNK, ++g)
-    for (int hf = 0; hf < nh; hf += 4)
-      amx_scores(T, S, ch0, bk.k[g].dim / AMX_CHUNK, hf * AMX_HALF, std::min(4, nh - hf), T.c[g]);
-  for (int g = 0; g < nkg; ++g)
+    for (int hf = 0; hf < nh; hf += 4) {
+      const int nr = std::min(4, nh - hf), nch = bk.k[g].dim / AMX_CHUNK;
+      if (few) dp_scores_t(T, S, ch0, nch, hf * AMX_HALF, nr, N, T.sc[g]);
+      else if (g_amx_dp) dp_scores(T, S, ch0, nch, hf * AMX_HALF, nr, N, T.c[g]);
+      else amx_scores(T, S, ch0, nch, hf * AMX_HALF, nr, T.c[g]);
+    }
+  for (int g = 0; g < nkg && !few; ++g)
     for (int hf = 0; hf < nh; ++hf)
       transpose_block(T.c[g][hf * AMX_HALF], AMX_MAXN, T.sc[g][0] + hf * AMX_HALF, AMX_BT);
   const int ns = (nmax + AMX_TT - 1) / AMX_TT;  // 32-token steps of the value product
@@ -459,14 +596,15 @@ TQ_AMX_TARGET inline void amx_step(const Step& P, const AmxBooks& bk, AmxBlock& 
     S.l[p] = S.l[p] * corr[p] + reduce_add(lsum);
     S.m[p] = m_new;
   }
-  amx_configure(N, true);
+  if (!g_amx_dp) amx_configure(N, true);
   alignas(64) float o[4][AMX_MAXN][AMX_VCHUNK];
   int j = 0, ch = 0;
   for (int g = 0; g < nvg; ++g) {
     const int nc = bk.v[g].dim / AMX_VCHUNK;
     for (int c0 = 0; c0 < nc; c0 += 4) {
       const int nb = std::min(4, nc - c0);
-      amx_values(T, T.pa[g], ch + c0, nb, ns, o);
+      if (g_amx_dp) dp_values(T, T.pa[g], ch + c0, nb, ns, N, o);
+      else amx_values(T, T.pa[g], ch + c0, nb, ns, o);
       for (int p = 0; p < N; ++p) {
         if (rd[p] == 0) continue;
         const V cv = set1(corr[p]);
@@ -540,7 +678,7 @@ TQ_AMX_TARGET void amx_attend(const Step& P, const AmxBooks& bk, int64_t task) {
     for (int p = 0; p < AMX_MAXN; ++p) rd[p] = p < G ? n : 0;
     amx_step(P, bk, T, S, rd, G);
   }
-  _tile_release();
+  if (!g_amx_dp) _tile_release();
   amx_write(P, S, b, h, sp, G);
 }
 
@@ -579,7 +717,7 @@ TQ_AMX_TARGET void amx_attend_rows(const Step& P, const AmxBooks& bk, int64_t ta
       amx_step(P, bk, T, S, rd, G);
     }
   }
-  _tile_release();
+  if (!g_amx_dp) _tile_release();
   for (int ps = 0; ps < npass; ++ps) amx_write(P, passes[ps], r0 + ps * RBA, h, sp, G);
 }
 

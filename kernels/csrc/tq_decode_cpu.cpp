@@ -1372,17 +1372,20 @@ extern "C" int tq_prefill_cpu(
   return 0;
 }
 
-// Lets the AVX-512 build run bf16 models' decode and prefill on AMX tiles: mode 0 never,
-// 1 for GQA groups of AMX_MIN_G query heads or more and rows of AMX_MIN_LEN tokens or
-// more (amx_row), 2 for every row. Returns the mode in effect: 0 without this build or
-// without the kernel's permission for tile data (asked here); the caller checks the CPU
-// has AMX-BF16, AVX512-BF16 and VBMI.
-extern "C" int tq_amx_enable(int mode) {
+// Lets the AVX-512 build run bf16 models' decode and prefill on the tile bodies: mode 0
+// never, 1 for GQA groups of AMX_MIN_G query heads or more and rows of AMX_MIN_LEN tokens
+// or more (amx_row), 2 for every row; dp 0 their products on AMX tiles, 1 on vdpbf16ps
+// (g_amx_dp). Returns the mode in effect: 0 without this build or, on tiles, without the
+// kernel's permission for tile data (asked here); the caller checks the CPU has
+// AVX512-BF16 and VBMI, and AMX-BF16 for tiles.
+extern "C" int tq_amx_enable(int mode, int dp) {
 #if defined(__AVX512F__)
-  g_amx = mode >= AMX_AUTO && mode <= AMX_ON && amx_request() ? mode : AMX_OFF;
+  g_amx_dp = dp != 0;
+  g_amx = mode >= AMX_AUTO && mode <= AMX_ON && (g_amx_dp || amx_request()) ? mode : AMX_OFF;
   return g_amx;
 #else
   (void)mode;
+  (void)dp;
   return 0;
 #endif
 }

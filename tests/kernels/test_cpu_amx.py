@@ -1,5 +1,7 @@
 """The native kernel's AMX bodies (kernels/csrc/tq_attend_amx.h): bf16 models' decode and
-prefill on AMX tiles, against the PyTorch reference on the dequantized cache.
+prefill on bf16 products — AMX tiles, and the same products on vdpbf16ps (CPUs without
+AMX; both engines where the CPU has AMX) — against the PyTorch reference on the
+dequantized cache.
 
 Their arithmetic is bf16-class (queries, centroids and softmax weights rounded to bf16,
 float32 sums inside the tile products), so the tolerance is the error of PyTorch's own
@@ -31,15 +33,20 @@ bodies with bf16 queries 0.09-0.49)."""
 OFF, AUTO, ON = 0, 1, 2  # cpu_native.set_amx modes
 
 
-@pytest.fixture
-def amx():
-    """AMX bodies on for every GQA width (skipped where the CPU or build has none),
-    the default mode restored after."""
+@pytest.fixture(params=["amx", "dp"])
+def amx(request):
+    """The tile bodies on for every GQA width, their products on AMX tiles or on vdpbf16ps
+    (skipped where the CPU or build has neither), the default mode and engine restored
+    after."""
+    dp = request.param == "dp"
     cpu_native.load.cache_clear()
-    if cpu_native.load() is None or cpu_native.set_amx(ON) != ON:
-        pytest.skip("no AMX-BF16 / AVX512-BF16 / VBMI CPU (or no AVX-512 build) here")
+    if (cpu_native.load() is None or (not dp and not cpu_native._cpu_has_amx())
+            or cpu_native.set_amx(ON, dp=dp) != ON):
+        cpu_native.set_amx(cpu_native.amx_default(), dp=not cpu_native._cpu_has_amx())
+        pytest.skip(f"no {request.param} products on this CPU (AMX-BF16 / AVX512-BF16 / VBMI) "
+                    "or no AVX-512 build here")
     yield
-    cpu_native.set_amx(cpu_native.amx_default())
+    cpu_native.set_amx(cpu_native.amx_default(), dp=not cpu_native._cpu_has_amx())
 
 
 def _torch_bf16_error(q, cache, table, seq_lens, q_lens, codec):
@@ -199,11 +206,12 @@ def test_amx_modes_and_environment(amx, monkeypatch):
     assert cpu_native.amx_mode() == ON
     assert cpu_native.set_amx(OFF) == OFF and cpu_native.amx_mode() == OFF
     assert cpu_native.set_amx(AUTO) == AUTO and cpu_native.amx_mode() == AUTO
-    for value, mode in (("0", OFF), ("auto", AUTO), ("1", ON)):
+    auto = AUTO if cpu_native._cpu_has_amx() else ON  # without AMX every row takes the tiles
+    for value, mode in (("0", OFF), ("auto", auto), ("1", ON)):
         monkeypatch.setenv(cpu_native.AMX_ENV, value)
         assert cpu_native.amx_default() == mode
     monkeypatch.delenv(cpu_native.AMX_ENV)
-    assert cpu_native.amx_default() == AUTO
+    assert cpu_native.amx_default() == auto
     monkeypatch.setenv(cpu_native.AMX_ENV, "yes")
     with pytest.raises(ValueError, match=cpu_native.AMX_ENV):
         cpu_native.amx_default()
