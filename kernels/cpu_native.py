@@ -156,14 +156,14 @@ def _library():
     return lib
 
 
-_products: dict[str, bool] = {}
-"""``dp``: the engine :func:`set_amx` was last told (absent: the CPU's own, see :func:`_dp`)."""
+_dp_told: bool | None = None
+"""The engine :func:`set_amx` was last told (None: the CPU's own, see :func:`_dp`)."""
 
 
 def _dp() -> bool:
     """Whether the tile bodies' products run on vdpbf16ps: where the CPU has no AMX, or
     where :func:`set_amx` was told so."""
-    return _products.get("dp", not _cpu_has_amx())
+    return not _cpu_has_amx() if _dp_told is None else _dp_told
 
 
 def _enable_amx(lib: ctypes.CDLL, mode: int) -> int:
@@ -202,8 +202,9 @@ def set_amx(mode: int, dp: bool | None = None) -> int:
     for every row. ``dp``: their products on AVX512-BF16 dot products (True) or AMX tiles
     (False), kept for later calls; by default AMX where the CPU has it. Returns the mode in
     effect (0 where the CPU or build lacks what they need)."""
+    global _dp_told
     if dp is not None:
-        _products["dp"] = dp
+        _dp_told = dp
     lib = _library() if load() is not None else None
     if lib is None:
         return 0

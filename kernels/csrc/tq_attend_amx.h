@@ -414,10 +414,6 @@ TQ_AMX_TARGET inline void amx_values(AmxBlock& T, const uint16_t (*pa)[AMX_BT], 
   if (nc > 3) _tile_stored(3, o[3], 4 * AMX_VCHUNK);
 }
 
-// dp_scores / dp_values: amx_scores / amx_values on vdpbf16ps (g_amx_dp). Lane p of a
-// score vector is pair p (a C tile's column), lane k of a value vector coordinate k; a lane
-// sums its products in a fixed order whatever N is. DP_TOKENS tokens' (DP_PAIRS pairs' x 2)
-// accumulators are in flight: independent chains over the instruction's latency.
 // acc + a . (the bf16 pair at p, broadcast): vdpbf16ps with an embedded broadcast, which
 // GCC does not fold from set1 (a separate broadcast load per product otherwise)
 // (may_alias: p points into bf16 arrays written as uint16_t, which the asm reads as one word)
@@ -426,6 +422,11 @@ TQ_AMX_TARGET __attribute__((always_inline)) inline __m512 dp_bcast(__m512 acc, 
   asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*static_cast<const dp_word*>(p)));
   return acc;
 }
+
+// dp_scores / dp_values: amx_scores / amx_values on vdpbf16ps (g_amx_dp). Lane p of a
+// score vector is pair p (a C tile's column), lane k of a value vector coordinate k; a lane
+// sums its products in a fixed order whatever N is. DP_TOKENS tokens' (DP_PAIRS pairs' x 2)
+// accumulators are in flight: independent chains over the instruction's latency.
 constexpr int DP_TOKENS = 8;
 constexpr int DP_PAIRS = 4;
 
@@ -450,9 +451,11 @@ TQ_AMX_TARGET inline void dp_scores(const AmxBlock& T, const AmxPass& S, int ch0
 
 // dp_scores for a pass of NP <= DP_FEW_PAIRS pairs (decode: NP = G), lanes = tokens: each
 // 16-token run's key chunk transposed to [coordinate pair][token], then per pair one
-// vdpbf16ps per coordinate pair over RUNS runs. Each (token, pair) gets the same
-// instructions on the same operands in the same order as in dp_scores, so the same bits
-// (a prompt row's pass is wide, its decode step's narrow); written straight to sc [pair][token].
+// vdpbf16ps per coordinate pair over RUNS runs. Each (token, pair) gets the same sequence
+// of vdpbf16ps as in dp_scores, key and query pairs in swapped operands: its two bf16
+// products are exact in float32 and added in the instruction's fixed order either way, so
+// the same bits (a prompt row's pass is wide, its decode step's narrow; the prefill-vs-decode
+// tests check it); written straight to sc [pair][token].
 constexpr int DP_FEW_PAIRS = 8;
 template <int NP, int RUNS>
 TQ_AMX_TARGET inline void dp_scores_few(const AmxBlock& T, const AmxPass& S, int ch0, int nch, int tok,
