@@ -190,38 +190,6 @@ struct AmxBooks {
   AmxGroup k[2], v[2];
 };
 
-// Window w of a group's codes (seg: the group's first byte), zero past the group: a
-// chunk's last word reads one byte past its codes, which must not come from past the slot.
-TQ_AMX_TARGET __attribute__((always_inline)) inline __m512i code_window(const uint8_t* seg, const AmxGroup& a,
-                                                                        int w) {
-  return _mm512_maskz_loadu_epi8(a.wmask[w], seg + 32 * w);
-}
-
-// bf16 centroids (unit scale) of key chunk c from its window x -> dst [32]
-TQ_AMX_TARGET __attribute__((always_inline)) inline void key_chunk(__m512i x, const AmxGroup& a, int c,
-                                                                   uint16_t* dst) {
-  const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(a.kpat[c], x), a.kshift);
-  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(w, a.table));
-}
-
-// Value window w of two tokens (p0, p1: their group's first byte) in one vector: token 0's
-// 32 bytes from byte 16 w, then token 1's, zero past the group (loads only: a two-source byte permute
-// costs 4 cycles a call here, measured)
-TQ_AMX_TARGET __attribute__((always_inline)) inline __m512i value_window(const uint8_t* p0, const uint8_t* p1,
-                                                                         const AmxGroup& a, int w) {
-  const __mmask64 m = a.vmask[w];
-  const __m512i x = _mm512_maskz_loadu_epi8(m & 0xFFFFFFFFULL, p0 + 16 * w);
-  return _mm512_mask_loadu_epi8(x, m & ~0xFFFFFFFFULL, p1 + 16 * w - 32);
-}
-
-// bf16 centroids of a token pair's value chunk c from its window x, interleaved (VNNI:
-// word 2k + e = token e's coordinate k) -> dst [32]
-TQ_AMX_TARGET __attribute__((always_inline)) inline void value_pair(__m512i x, const AmxGroup& a, int c,
-                                                                    uint16_t* dst) {
-  const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(a.vpat[c], x), a.vshift);
-  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(w, a.table));
-}
-
 // One block of AMX_BT tokens: keys as token-major chunks, values as token-pair rows, norms
 // and offset flags; and a pass's scratch over it. Tokens n.. of the block are read from
 // slots[0] (any readable slot): their norms are zero and their weights zero, so what they
@@ -243,56 +211,71 @@ TQ_AMX_TARGET __attribute__((always_inline)) inline __m512i words_at(const uint8
                             _mm512_i64gather_epi32(offs[1], at, 1), 1);
 }
 
-// The fp16 in the low half of each word, as float32
+// The fp16 in the low / high half of each word, as float32
 TQ_AMX_TARGET __attribute__((always_inline)) inline V low_halves(__m512i w) {
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
+}
+TQ_AMX_TARGET __attribute__((always_inline)) inline V high_halves(__m512i w) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+}
+
+constexpr int AHEAD = 32;
+// The bf16 centroids (unit scale) of key chunk k of group a for the block's nf tokens ->
+// dst [token][32]: one pass over the tokens with the chunk's window mask, byte pattern,
+// shifts and table held in registers (per token a load, two permutes, a shift and a store;
+// the chunk-major order costs a third less than decoding a token's chunks in turn, which
+// reloads them per chunk: docs/performance.md, twenty-eighth session). The window is loaded
+// zero past the group: a chunk's last word reads one byte past its codes, which must not
+// come from past the slot. PF: the block's first pass, which fetches each slot toward L1
+// AHEAD tokens before it is decoded (a block's tokens are runs of cache blocks, not one
+// stream the hardware prefetchers follow); later passes find the slots in L1 / L2.
+template <bool PF>
+TQ_AMX_TARGET inline void key_chunks(const Step& P, const uint8_t* const* slots, int n, int nf,
+                                     const AmxGroup& a, int k, uint16_t (*dst)[AMX_CHUNK]) {
+  const int64_t off = a.seg_off + 32 * a.kwin[k];
+  const __mmask64 m = a.wmask[a.kwin[k]];
+  const __m512i pat = a.kpat[k], sh = a.kshift, tab = a.table;
+  for (int i = 0; i < nf; ++i) {
+    if (PF && i + AHEAD < n)
+      for (int64_t b = 0; b < P.s_tok; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(slots[i + AHEAD] + b), _MM_HINT_T0);
+    const __m512i x = _mm512_maskz_loadu_epi8(m, slots[i] + off);
+    const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(pat, x), sh);
+    _mm512_storeu_si512(dst[i], _mm512_permutexvar_epi16(w, tab));
+  }
+}
+
+// Value chunk k of group a for the block's nf tokens, a token pair at a time -> dst
+// [pair][32], interleaved (VNNI: word 2j + e = token e's coordinate j), as key_chunks. A
+// pair's window holds token 0's 32 bytes from byte 16 vwin[k], then token 1's, zero past
+// the group (two masked loads: a two-source byte permute costs 4 cycles a call, measured).
+TQ_AMX_TARGET inline void value_chunks(const uint8_t* const* slots, int nf, const AmxGroup& a, int k,
+                                       uint16_t (*dst)[2 * AMX_VCHUNK]) {
+  const int64_t off = a.seg_off + 16 * a.vwin[k];
+  const __mmask64 m = a.vmask[a.vwin[k]];
+  const __mmask64 m0 = m & 0xFFFFFFFFULL, m1 = m & ~0xFFFFFFFFULL;
+  const __m512i pat = a.vpat[k], sh = a.vshift, tab = a.table;
+  for (int i = 0; i < nf; i += 2) {
+    const __m512i x0 = _mm512_maskz_loadu_epi8(m0, slots[i] + off);
+    const __m512i x = _mm512_mask_loadu_epi8(x0, m1, slots[i + 1] + off - 32);
+    const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(pat, x), sh);
+    _mm512_storeu_si512(dst[i / 2], _mm512_permutexvar_epi16(w, tab));
+  }
 }
 
 TQ_AMX_TARGET inline void amx_fill(const Step& P, const AmxBooks& bk, const uint8_t** slots, int n,
                                    AmxBlock& T) {
   const int nf = (n + AMX_TT - 1) / AMX_TT * AMX_TT;  // whole 32-token steps: what the products read
   for (int i = n; i < nf; ++i) slots[i] = slots[0];
-  // one pass over the slots, two tokens (a value pair) at a time, each slot fetched toward
-  // L1 AHEAD tokens before it is decoded: a block's tokens are runs of cache blocks, not
-  // one stream the hardware prefetchers follow, and nothing else hides the loads' latency
-  constexpr int AHEAD = 32;
-  auto prefetch = [&](int i) {
+  for (int i = 0; i < AHEAD && i < n; ++i)
     for (int64_t b = 0; b < P.s_tok; b += 64) _mm_prefetch(reinterpret_cast<const char*>(slots[i] + b), _MM_HINT_T0);
-  };
-  for (int i = 0; i < AHEAD && i < n; ++i) prefetch(i);
-  for (int i = 0; i < nf; i += 2) {
-    if (i + AHEAD < n) prefetch(i + AHEAD);
-    if (i + AHEAD + 1 < n) prefetch(i + AHEAD + 1);
-    int c = 0;
-    for (int g = 0; g < P.kd.ngroups; ++g) {
-      const AmxGroup& a = bk.k[g];
-      const uint8_t* s0 = slots[i] + a.seg_off;
-      const uint8_t* s1 = slots[i + 1] + a.seg_off;
-      int win = -1;
-      __m512i x0 = _mm512_setzero_si512(), x1 = x0;
-      for (int k = 0; k * AMX_CHUNK < a.dim; ++k, ++c) {
-        if (a.kwin[k] != win) {
-          win = a.kwin[k];
-          x0 = code_window(s0, a, win);
-          x1 = code_window(s1, a, win);
-        }
-        key_chunk(x0, a, k, T.kt[c][i]);
-        key_chunk(x1, a, k, T.kt[c][i + 1]);
-      }
+  for (int g = 0, c = 0; g < P.kd.ngroups; ++g)
+    for (int k = 0; k * AMX_CHUNK < bk.k[g].dim; ++k, ++c) {
+      if (c == 0) key_chunks<true>(P, slots, n, nf, bk.k[g], k, T.kt[c]);
+      else key_chunks<false>(P, slots, n, nf, bk.k[g], k, T.kt[c]);
     }
-    c = 0;
-    for (int g = 0; g < P.vd.ngroups; ++g) {
-      const AmxGroup& a = bk.v[g];
-      const uint8_t* s0 = slots[i] + a.seg_off;
-      const uint8_t* s1 = slots[i + 1] + a.seg_off;
-      int win = -1;
-      __m512i x = _mm512_setzero_si512();
-      for (int k = 0; k * AMX_VCHUNK < a.dim; ++k, ++c) {
-        if (a.vwin[k] != win) x = value_window(s0, s1, a, win = a.vwin[k]);
-        value_pair(x, a, k, T.vb[c][i / 2]);
-      }
-    }
-  }
+  for (int g = 0, c = 0; g < P.vd.ngroups; ++g)
+    for (int k = 0; k * AMX_VCHUNK < bk.v[g].dim; ++k, ++c) value_chunks(slots, nf, bk.v[g], k, T.vb[c]);
   const uint8_t* s0 = slots[0];
   __m512i offs[AMX_BT / 8];  // tokens 8v .. 8v + 7: byte offsets from slots[0]
   for (int v = 0; v < nf / 8; ++v) {
@@ -300,22 +283,20 @@ TQ_AMX_TARGET inline void amx_fill(const Step& P, const AmxBooks& bk, const uint
     for (int i = 0; i < 8; ++i) o[i] = (int64_t)(slots[8 * v + i] - s0);
     offs[v] = _mm512_load_si512(o);
   }
-  // norms: read as 4-byte words ending past them inside the slot (codes follow each)
+  // norms: read as 4-byte words ending past them inside the slot (codes follow each), one
+  // word per tensor: group 0's fp16 in its low half, group 1's (a split code) in its high
   const V absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int t = 0; t < nf; t += W) {
     const __mmask16 live = t >= n ? 0 : (t + W <= n ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1));
-    for (int g = 0; g < P.kd.ngroups; ++g) {
-      const __m512i w = words_at(s0 + P.kd.norm_off + 2 * g, offs + t / 8);
-      storeu(T.nk[g] + t, _mm512_maskz_and_ps(live, low_halves(w), absmask));
-      if (g == 0) {  // the first key norm's sign bit flags a key stored with its offset
-        const __mmask16 f =
-            P.q_off != nullptr ? _mm512_mask_test_epi32_mask(live, w, _mm512_set1_epi32(0x8000)) : 0;
-        storeu(T.fl + t, _mm512_maskz_mov_ps(f, set1(1.f)));
-      }
-    }
-    for (int g = 0; g < P.vd.ngroups; ++g)
-      storeu(T.nv[g] + t,
-             _mm512_maskz_mov_ps(live, low_halves(words_at(s0 + P.vd.norm_off + 2 * g, offs + t / 8))));
+    const __m512i wk = words_at(s0 + P.kd.norm_off, offs + t / 8);
+    storeu(T.nk[0] + t, _mm512_maskz_and_ps(live, low_halves(wk), absmask));
+    if (P.kd.ngroups > 1) storeu(T.nk[1] + t, _mm512_maskz_and_ps(live, high_halves(wk), absmask));
+    // the first key norm's sign bit flags a key stored with its offset
+    const __mmask16 f = P.q_off != nullptr ? _mm512_mask_test_epi32_mask(live, wk, _mm512_set1_epi32(0x8000)) : 0;
+    storeu(T.fl + t, _mm512_maskz_mov_ps(f, set1(1.f)));
+    const __m512i wv = words_at(s0 + P.vd.norm_off, offs + t / 8);
+    storeu(T.nv[0] + t, _mm512_maskz_mov_ps(live, low_halves(wv)));
+    if (P.vd.ngroups > 1) storeu(T.nv[1] + t, _mm512_maskz_mov_ps(live, high_halves(wv)));
   }
 }
 
