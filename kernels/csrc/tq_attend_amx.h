@@ -222,9 +222,10 @@ TQ_AMX_TARGET __attribute__((always_inline)) inline V high_halves(__m512i w) {
 constexpr int AHEAD = 32;
 // The bf16 centroids (unit scale) of key chunk k of group a for the block's nf tokens ->
 // dst [token][32]: one pass over the tokens with the chunk's window mask, byte pattern,
-// shifts and table held in registers (per token a load, two permutes, a shift and a store;
-// the chunk-major order costs a third less than decoding a token's chunks in turn, which
-// reloads them per chunk: docs/performance.md, twenty-eighth session). The window is loaded
+// shifts and table held in registers (per token a load, two permutes, a shift and a store).
+// Decoding a token's chunks in turn instead reloaded every group's patterns and loop state
+// per token: the fill took 38% longer for tq3's split codes at d 64 and decode 4-18% longer
+// (docs/performance.md, twenty-eighth session). The window is loaded
 // zero past the group: a chunk's last word reads one byte past its codes, which must not
 // come from past the slot. PF: the block's first pass, which fetches each slot toward L1
 // AHEAD tokens before it is decoded (a block's tokens are runs of cache blocks, not one
