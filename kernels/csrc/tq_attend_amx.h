@@ -32,7 +32,9 @@
 // A task reads its split (AMX_BT = 512 tokens, the float32 bodies' split) as one block:
 //   fill    each slot read once; keys as token-major bf16 chunks (one byte permute, one
 //           shift, one table lookup per 32 coordinates), values as token-pair rows (VNNI),
-//           norms and offset flags gathered 16 tokens at a time
+//           norms and offset flags gathered 16 tokens at a time; a decode step of <= 8
+//           pairs on vdpbf16ps leaves the values in their codes and decodes each token pair
+//           inside the value product instead (dp_values_codes: the same words)
 //   scores  C [16 tokens][N] = keys A x query B [coordinate pairs][N][2] (four C tiles in
 //           flight), transposed to [N][tokens] for the softmax
 //   softmax one update per pair and block over its tokens (vectors over tokens), the
@@ -246,26 +248,39 @@ TQ_AMX_TARGET inline void key_chunks(const Step& P, const uint8_t* const* slots,
   }
 }
 
+// Value chunk k's window, pattern, shift and table, held in registers over a pass.
+struct ValueChunk {
+  int64_t off;
+  __mmask64 m0, m1;
+  __m512i pat, sh, tab;
+};
+TQ_AMX_TARGET __attribute__((always_inline)) inline ValueChunk value_chunk(const AmxGroup& a, int k) {
+  const __mmask64 m = a.vmask[a.vwin[k]];
+  return {a.seg_off + 16 * a.vwin[k], m & 0xFFFFFFFFULL, m & ~0xFFFFFFFFULL, a.vpat[k], a.vshift, a.table};
+}
+// The pair of tokens at s0, s1 (slots) as value chunk v's bf16 words, interleaved
+TQ_AMX_TARGET __attribute__((always_inline)) inline __m512i value_pair_words(const ValueChunk& v,
+                                                                            const uint8_t* s0,
+                                                                            const uint8_t* s1) {
+  const __m512i x = _mm512_mask_loadu_epi8(_mm512_maskz_loadu_epi8(v.m0, s0 + v.off), v.m1, s1 + v.off - 32);
+  return _mm512_permutexvar_epi16(_mm512_srlv_epi16(_mm512_permutexvar_epi8(v.pat, x), v.sh), v.tab);
+}
+
 // Value chunk k of group a for the block's nf tokens, a token pair at a time -> dst
 // [pair][32], interleaved (VNNI: word 2j + e = token e's coordinate j), as key_chunks. A
 // pair's window holds token 0's 32 bytes from byte 16 vwin[k], then token 1's, zero past
 // the group (two masked loads: a two-source byte permute costs 4 cycles a call, measured).
 TQ_AMX_TARGET inline void value_chunks(const uint8_t* const* slots, int nf, const AmxGroup& a, int k,
                                        uint16_t (*dst)[2 * AMX_VCHUNK]) {
-  const int64_t off = a.seg_off + 16 * a.vwin[k];
-  const __mmask64 m = a.vmask[a.vwin[k]];
-  const __mmask64 m0 = m & 0xFFFFFFFFULL, m1 = m & ~0xFFFFFFFFULL;
-  const __m512i pat = a.vpat[k], sh = a.vshift, tab = a.table;
-  for (int i = 0; i < nf; i += 2) {
-    const __m512i x0 = _mm512_maskz_loadu_epi8(m0, slots[i] + off);
-    const __m512i x = _mm512_mask_loadu_epi8(x0, m1, slots[i + 1] + off - 32);
-    const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(pat, x), sh);
-    _mm512_storeu_si512(dst[i / 2], _mm512_permutexvar_epi16(w, tab));
-  }
+  const ValueChunk v = value_chunk(a, k);
+  for (int i = 0; i < nf; i += 2) _mm512_storeu_si512(dst[i / 2], value_pair_words(v, slots[i], slots[i + 1]));
 }
 
+// The block's keys, values (unless `values` is false: a decode step that decodes them in its
+// value product), norms and offset flags from its n slots (padded to whole 32-token steps
+// with slots[0]).
 TQ_AMX_TARGET inline void amx_fill(const Step& P, const AmxBooks& bk, const uint8_t** slots, int n,
-                                   AmxBlock& T) {
+                                   AmxBlock& T, bool values) {
   const int nf = (n + AMX_TT - 1) / AMX_TT * AMX_TT;  // whole 32-token steps: what the products read
   for (int i = n; i < nf; ++i) slots[i] = slots[0];
   for (int i = 0; i < AHEAD && i < n; ++i)
@@ -275,7 +290,7 @@ TQ_AMX_TARGET inline void amx_fill(const Step& P, const AmxBooks& bk, const uint
       if (c == 0) key_chunks<true>(P, slots, n, nf, bk.k[g], k, T.kt[c]);
       else key_chunks<false>(P, slots, n, nf, bk.k[g], k, T.kt[c]);
     }
-  for (int g = 0, c = 0; g < P.vd.ngroups; ++g)
+  for (int g = 0, c = 0; g < P.vd.ngroups && values; ++g)
     for (int k = 0; k * AMX_VCHUNK < bk.v[g].dim; ++k, ++c) value_chunks(slots, nf, bk.v[g], k, T.vb[c]);
   const uint8_t* s0 = slots[0];
   __m512i offs[AMX_BT / 8];  // tokens 8v .. 8v + 7: byte offsets from slots[0]
@@ -518,11 +533,59 @@ TQ_AMX_TARGET inline void dp_values(const AmxBlock& T, const uint16_t (*pa)[AMX_
     }
 }
 
+// dp_value_pairs for a decode step of NP <= DP_FEW_PAIRS pairs, its token pairs decoded from
+// the slots (value_pair_words) instead of read from the block's vb: the same bf16 words into
+// the same vdpbf16ps sequence, so the same bits, without writing and reloading the block's
+// values (decode's one pass reads each value once).
+template <int NP>
+TQ_AMX_TARGET inline void dp_value_pairs_codes(const ValueChunk& v, const uint8_t* const* slots,
+                                               const uint16_t (*pa)[AMX_BT], int ns, float* const* o) {
+  __m512 a[NP][2];
+  for (int p = 0; p < NP; ++p) a[p][0] = a[p][1] = _mm512_setzero_ps();
+  for (int st = 0; st < ns; ++st)
+    for (int tp = 0; tp < AMX_HALF; tp += 2) {
+      const uint8_t* const* s = slots + st * AMX_TT + 2 * tp;
+      const __m512bh v0 = (__m512bh)value_pair_words(v, s[0], s[1]);
+      const __m512bh v1 = (__m512bh)value_pair_words(v, s[2], s[3]);
+      for (int p = 0; p < NP; ++p) {
+        const uint16_t* w = pa[p] + st * AMX_TT + 2 * tp;
+        a[p][0] = dp_bcast(a[p][0], v0, w);
+        a[p][1] = dp_bcast(a[p][1], v1, w + 2);
+      }
+    }
+  for (int p = 0; p < NP; ++p) _mm512_storeu_ps(o[p], _mm512_add_ps(a[p][0], a[p][1]));
+}
+
+// dp_values for a decode step (N <= DP_FEW_PAIRS), chunks c0 .. c0 + nc - 1 of value group g
+// decoded from the slots; every pair in one pass over them (noinline: one call per chunk
+// run and block, kept out of amx_step's body)
+TQ_AMX_TARGET __attribute__((noinline)) void dp_values_codes(const AmxGroup& g, int c0, int nc,
+                                                             const uint8_t* const* slots,
+                                                             const uint16_t (*pa)[AMX_BT], int ns, int N,
+                                                             float (*o)[AMX_MAXN][AMX_VCHUNK]) {
+  for (int e = 0; e < nc; ++e) {
+    const ValueChunk v = value_chunk(g, c0 + e);
+    float* dst[DP_FEW_PAIRS];
+    for (int p = 0; p < DP_FEW_PAIRS; ++p) dst[p] = o[e][p];
+    switch (N) {
+      case 8: dp_value_pairs_codes<8>(v, slots, pa, ns, dst); break;
+      case 7: dp_value_pairs_codes<7>(v, slots, pa, ns, dst); break;
+      case 6: dp_value_pairs_codes<6>(v, slots, pa, ns, dst); break;
+      case 5: dp_value_pairs_codes<5>(v, slots, pa, ns, dst); break;
+      case 4: dp_value_pairs_codes<4>(v, slots, pa, ns, dst); break;
+      case 3: dp_value_pairs_codes<3>(v, slots, pa, ns, dst); break;
+      case 2: dp_value_pairs_codes<2>(v, slots, pa, ns, dst); break;
+      default: dp_value_pairs_codes<1>(v, slots, pa, ns, dst); break;
+    }
+  }
+}
+
 // One block for a pass: pair p reads the block's first rd[p] tokens (0: none, its state
 // is left as it is). Scores, offsets and scale, one online-softmax update per pair and
 // block, and the value product.
+// codes: the block's slots where the values were left in their codes (amx_fill), else null.
 TQ_AMX_TARGET inline void amx_step(const Step& P, const AmxBooks& bk, AmxBlock& T, AmxPass& S,
-                                   const int* rd, int G) {
+                                   const int* rd, int G, const uint8_t* const* codes) {
   const int N = S.rows * G, nkg = (int)P.kd.ngroups, nvg = (int)P.vd.ngroups;
   int nmax = 0;
   for (int p = 0; p < N; ++p) nmax = std::max(nmax, rd[p]);
@@ -588,7 +651,8 @@ TQ_AMX_TARGET inline void amx_step(const Step& P, const AmxBooks& bk, AmxBlock& 
     const int nc = bk.v[g].dim / AMX_VCHUNK;
     for (int c0 = 0; c0 < nc; c0 += 4) {
       const int nb = std::min(4, nc - c0);
-      if (g_amx_dp) dp_values(T, T.pa[g], ch + c0, nb, ns, N, o);
+      if (codes != nullptr) dp_values_codes(bk.v[g], c0, nb, codes, T.pa[g], ns, N, o);
+      else if (g_amx_dp) dp_values(T, T.pa[g], ch + c0, nb, ns, N, o);
       else amx_values(T, T.pa[g], ch + c0, nb, ns, o);
       for (int p = 0; p < N; ++p) {
         if (rd[p] == 0) continue;
@@ -653,15 +717,16 @@ TQ_AMX_TARGET void amx_attend(const Step& P, const AmxBooks& bk, int64_t task) {
   const int64_t* row = P.block_table + b * P.bt_stride;
   AmxPass S;
   amx_pass_init(P, b * P.Hq + h * G, 1, G, S);
+  const bool codes = g_amx_dp && G <= DP_FEW_PAIRS;  // values decoded inside their product
   AmxBlock& T = amx_block();
   for (int64_t tt = t0; tt < t1; tt += AMX_BT) {
     const int n = (int)std::min<int64_t>(AMX_BT, t1 - tt);
     const uint8_t* slots[AMX_BT];
     tile_slots(P, row, h, tt, n, slots);
-    amx_fill(P, bk, slots, n, T);
+    amx_fill(P, bk, slots, n, T, !codes);
     alignas(64) int rd[AMX_MAXN];
     for (int p = 0; p < AMX_MAXN; ++p) rd[p] = p < G ? n : 0;
-    amx_step(P, bk, T, S, rd, G);
+    amx_step(P, bk, T, S, rd, G, codes ? slots : nullptr);
   }
   if (!g_amx_dp) _tile_release();
   amx_write(P, S, b, h, sp, G);
@@ -689,7 +754,7 @@ TQ_AMX_TARGET void amx_attend_rows(const Step& P, const AmxBooks& bk, int64_t ta
     const int n = (int)std::min<int64_t>(AMX_BT, t_end - tt);
     const uint8_t* slots[AMX_BT];
     tile_slots(P, row, h, tt, n, slots);
-    amx_fill(P, bk, slots, n, T);
+    amx_fill(P, bk, slots, n, T, true);
     for (int ps = 0; ps < npass; ++ps) {
       AmxPass& S = passes[ps];
       alignas(64) int rd[AMX_MAXN];
@@ -699,7 +764,7 @@ TQ_AMX_TARGET void amx_attend_rows(const Step& P, const AmxBooks& bk, int64_t ta
         any = any || rd[p] > 0;
       }
       if (!any) continue;  // the pass's rows end before this tile (its state is unchanged)
-      amx_step(P, bk, T, S, rd, G);
+      amx_step(P, bk, T, S, rd, G, nullptr);
     }
   }
   if (!g_amx_dp) _tile_release();
