@@ -10,7 +10,9 @@
 //
 // On vdpbf16ps (a 2-core Zen 4, one thread, d 64): prefill 1.6-1.8x faster than the
 // float32 bodies at GQA 3, 1.25x at GQA 7; decode 0-15% faster from 256 tokens (GQA 1 at
-// d 64: 5% slower), so every row takes them there by default (docs/performance.md).
+// d 64: 5% slower), so every row takes them there by default (docs/performance.md); since
+// the fill runs chunk by chunk and decode decodes its values in the value product, decode
+// of 4k-token rows takes another 14-29% less (twenty-eighth session).
 //
 // Why: on this project's Xeon host a 512-bit FMA does 32 multiply-adds a cycle per core
 // and vdpbf16ps 16 (one every two cycles, measured), while one AMX TDPBF16PS does a
