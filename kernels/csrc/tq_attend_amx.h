@@ -223,17 +223,23 @@ TQ_AMX_TARGET __attribute__((always_inline)) inline V high_halves(__m512i w) {
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
 }
 
-constexpr int AHEAD = 32;
+// Tokens ahead of the one being decoded whose slots the fill's first pass fetches toward
+// L1: a block's tokens are runs of cache blocks, not one stream the hardware prefetchers
+// follow (64 and 128 measured the same as 32 on the Zen 4 host, twenty-eighth session).
+constexpr int FILL_AHEAD = 32;
+TQ_AMX_TARGET __attribute__((always_inline)) inline void prefetch_slot(const Step& P, const uint8_t* slot) {
+  for (int64_t b = 0; b < P.s_tok; b += 64) _mm_prefetch(reinterpret_cast<const char*>(slot + b), _MM_HINT_T0);
+}
+
 // The bf16 centroids (unit scale) of key chunk k of group a for the block's nf tokens ->
 // dst [token][32]: one pass over the tokens with the chunk's window mask, byte pattern,
 // shifts and table held in registers (per token a load, two permutes, a shift and a store).
 // Decoding a token's chunks in turn instead reloaded every group's patterns and loop state
 // per token: the fill took 38% longer for tq3's split codes at d 64 and decode 4-18% longer
-// (docs/performance.md, twenty-eighth session). The window is loaded
-// zero past the group: a chunk's last word reads one byte past its codes, which must not
-// come from past the slot. PF: the block's first pass, which fetches each slot toward L1
-// AHEAD tokens before it is decoded (a block's tokens are runs of cache blocks, not one
-// stream the hardware prefetchers follow); later passes find the slots in L1 / L2.
+// (docs/performance.md, twenty-eighth session). The window is loaded zero past the group:
+// a chunk's last word reads one byte past its codes, which must not come from past the
+// slot. PF: the block's first pass, which fetches each slot FILL_AHEAD tokens before it is
+// decoded; later passes find the slots in L1 / L2.
 template <bool PF>
 TQ_AMX_TARGET inline void key_chunks(const Step& P, const uint8_t* const* slots, int n, int nf,
                                      const AmxGroup& a, int k, uint16_t (*dst)[AMX_CHUNK]) {
@@ -241,9 +247,7 @@ TQ_AMX_TARGET inline void key_chunks(const Step& P, const uint8_t* const* slots,
   const __mmask64 m = a.wmask[a.kwin[k]];
   const __m512i pat = a.kpat[k], sh = a.kshift, tab = a.table;
   for (int i = 0; i < nf; ++i) {
-    if (PF && i + AHEAD < n)
-      for (int64_t b = 0; b < P.s_tok; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(slots[i + AHEAD] + b), _MM_HINT_T0);
+    if (PF && i + FILL_AHEAD < n) prefetch_slot(P, slots[i + FILL_AHEAD]);
     const __m512i x = _mm512_maskz_loadu_epi8(m, slots[i] + off);
     const __m512i w = _mm512_srlv_epi16(_mm512_permutexvar_epi8(pat, x), sh);
     _mm512_storeu_si512(dst[i], _mm512_permutexvar_epi16(w, tab));
@@ -285,8 +289,7 @@ TQ_AMX_TARGET inline void amx_fill(const Step& P, const AmxBooks& bk, const uint
                                    AmxBlock& T, bool values) {
   const int nf = (n + AMX_TT - 1) / AMX_TT * AMX_TT;  // whole 32-token steps: what the products read
   for (int i = n; i < nf; ++i) slots[i] = slots[0];
-  for (int i = 0; i < AHEAD && i < n; ++i)
-    for (int64_t b = 0; b < P.s_tok; b += 64) _mm_prefetch(reinterpret_cast<const char*>(slots[i] + b), _MM_HINT_T0);
+  for (int i = 0; i < FILL_AHEAD && i < n; ++i) prefetch_slot(P, slots[i]);
   for (int g = 0, c = 0; g < P.kd.ngroups; ++g)
     for (int k = 0; k * AMX_CHUNK < bk.k[g].dim; ++k, ++c) {
       if (c == 0) key_chunks<true>(P, slots, n, nf, bk.k[g], k, T.kt[c]);
