@@ -22,7 +22,8 @@ over and over (resident in L2/L3: the compute-bound view).
     python eval/bench_decode.py                     # the full grid (minutes)
     python eval/bench_decode.py --quick             # batch 8, context 4k, d 64, GQA 3
     python eval/bench_decode.py --layers 1          # one cache per case (cache-resident)
-    python eval/bench_decode.py --impls native,native-amx   # float32 vs AMX bodies
+    python eval/bench_decode.py --impls native,native-amx   # float32 vs tile bodies
+    python eval/bench_decode.py --impls native-amx,native-dp   # AMX tiles vs vdpbf16ps (an AMX CPU)
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ def _reference_decode(q, cache, table, seq, codec, scale, out):
     out.copy_(tq_paged_attention(q, cache, table, seq, qsl, codec, scale))
 
 
-AMX_MODES = {"native": 0, "native-amx": 2}
-"""The native kernel's float32 bodies, and its AMX bodies for every GQA width (bf16 queries;
-where the CPU has no AMX, ``native-amx`` runs the float32 bodies: see the log)."""
+AMX_MODES = {"native": (0, None), "native-amx": (2, False), "native-dp": (2, True)}
+"""(tile-body mode, engine) of the native kernel's implementations: its float32 bodies; its
+tile bodies for every GQA width (bf16 queries) on the CPU's own engine — AMX tiles where it
+has them, else vdpbf16ps; and the tile bodies on vdpbf16ps even where AMX tiles exist
+(``TQ_VLLM_CPU_AMX=dp``). A CPU without what an implementation needs stops the run."""
 
 
 def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl, layers=1):
@@ -138,13 +141,20 @@ def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl, layers=1):
     seq = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    fn = {"native": cpu_ops.decode, "native-amx": cpu_ops.decode, "numba": _numba_decode,
+    fn = {"native": cpu_ops.decode, "native-amx": cpu_ops.decode, "native-dp": cpu_ops.decode,
+          "numba": _numba_decode,
           "reference": _reference_decode}[impl]
-    amx = AMX_MODES.get(impl)
+    amx, dp = AMX_MODES.get(impl, (None, None))
+    if amx is not None:
+        dp = dp or not cpu_native._cpu_has_amx()  # native-amx: the CPU's own engine
+        if cpu_native.set_amx(amx, dp=dp) != amx:
+            raise SystemExit(f"{impl}: this CPU or build lacks its tile bodies (AVX-512 with "
+                             f"AVX512-BF16 and VBMI{'' if dp else ', AMX-BF16'}); drop it from "
+                             "--impls")
 
     def run():
         if amx is not None:
-            cpu_native.set_amx(amx)
+            cpu_native.set_amx(amx, dp=dp)
         for cache in caches:
             fn(q, cache, table, seq, codec, 1 / math.sqrt(d), out)
     return run, batch * ctx * kv_heads * slot
@@ -160,7 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gqa", default="3,7")
     ap.add_argument("--impls", default="native,numba,reference",
                     help="our implementations to time beside vLLM's bf16 attention: native "
-                         "(float32 bodies), native-amx (AMX bodies), numba, reference")
+                         "(float32 bodies), native-amx (tile bodies on the CPU's own engine), "
+                         "native-dp (tile bodies on vdpbf16ps), numba, reference")
     ap.add_argument("--reference-max-ctx", type=int, default=4096, help="skip the slow reference beyond")
     ap.add_argument("--layers", type=int, default=0,
                     help="distinct caches per case, timed in turn (0: enough to stream, see above)")

@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--amx", choices=sorted(cpu_native.AMX_MODES), default="0",
                     help="AMX mode of every library (as TQ_VLLM_CPU_AMX; 0: float32 bodies); "
-                         "their products on vdpbf16ps where the CPU has no AMX")
+                         "their products on vdpbf16ps where the CPU has no AMX or with dp")
     args = ap.parse_args()
     if cpu_native.best_isa() is None or cpu_native.find_compiler() is None:
         sys.exit("no AVX-512/AVX2 CPU or no C++ compiler: nothing to compare")
@@ -148,7 +148,7 @@ def main() -> None:
         for rev, lib in zip(args.revs, libs):
             # products on AMX tiles where the CPU has them, else on vdpbf16ps (a revision
             # before eddac54 ignores that flag and asks for tiles)
-            dp = int(not cpu_native._cpu_has_amx())
+            dp = int(args.amx == "dp" or not cpu_native._cpu_has_amx())
             if amx and (not cpu_native._cpu_has_dp() or lib.tq_amx_enable(amx, dp) != amx):
                 sys.exit(f"{rev}: AMX bodies not available here (CPU, build or kernel permission)")
         current = [libs[0]]

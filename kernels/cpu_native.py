@@ -56,8 +56,11 @@ AMX_ENV = "TQ_VLLM_CPU_AMX"
 """Where the CPU has them, bf16 models' decode and prefill run on the tile bodies (bf16
 products: AMX tiles, else AVX512-BF16 dot products) for GQA groups of 6 query heads or more
 and for rows (a decode step, a prompt token) that attend to 2048 tokens or more (``auto``,
-the default), for every row (``1``) or never (``0``)."""
-AMX_MODES = {"0": 0, "auto": 1, "1": 2}
+the default), for every row (``1``) or never (``0``); ``dp``: for every row with their
+products on AVX512-BF16 dot products even where the CPU has AMX tiles (the engine a CPU
+without AMX takes; on an AMX CPU, to compare the two: ``eval/bench_decode.py --impls
+native-amx,native-dp``)."""
+AMX_MODES = {"0": 0, "auto": 1, "1": 2, "dp": 2}
 DP_CPU_FLAGS = ("avx512_bf16", "avx512vbmi")
 """What the tile bodies (csrc/tq_attend_amx.h) run on, besides the AVX-512 build: their
 products on vdpbf16ps (AMD Zen 4, Intel Cooper Lake)."""
@@ -161,9 +164,11 @@ _dp_told: bool | None = None
 
 
 def _dp() -> bool:
-    """Whether the tile bodies' products run on vdpbf16ps: where the CPU has no AMX, or
-    where :func:`set_amx` was told so."""
-    return not _cpu_has_amx() if _dp_told is None else _dp_told
+    """Whether the tile bodies' products run on vdpbf16ps: where :func:`set_amx` was told
+    so, else where the CPU has no AMX or ``$TQ_VLLM_CPU_AMX`` is ``dp``."""
+    if _dp_told is not None:
+        return _dp_told
+    return _amx_env() == "dp" or not _cpu_has_amx()
 
 
 def _enable_amx(lib: ctypes.CDLL, mode: int) -> int:
@@ -182,14 +187,20 @@ def _cpu_has_dp() -> bool:
     return all(f in _cpu_flags() for f in DP_CPU_FLAGS)
 
 
-def amx_default() -> int:
-    """The tile bodies' mode unless told otherwise (0 off, 1 auto, 2 every row):
-    ``$TQ_VLLM_CPU_AMX`` (``0`` / ``auto`` / ``1``, default ``auto``), 0 where the CPU lacks
-    what they need. ``auto`` is 1 with AMX tiles and 2 on vdpbf16ps products (a Zen 4: there
-    they beat the float32 bodies in decode too, at every length measured)."""
+def _amx_env() -> str:
+    """``$TQ_VLLM_CPU_AMX``, checked (default ``auto``)."""
     value = os.environ.get(AMX_ENV, "auto").strip().lower()
     if value not in AMX_MODES:
         raise ValueError(f"{AMX_ENV} must be one of {sorted(AMX_MODES)}, got {value!r}")
+    return value
+
+
+def amx_default() -> int:
+    """The tile bodies' mode unless told otherwise (0 off, 1 auto, 2 every row):
+    ``$TQ_VLLM_CPU_AMX`` (``0`` / ``auto`` / ``1`` / ``dp``, default ``auto``), 0 where the
+    CPU lacks what they need. ``auto`` is 1 with AMX tiles and 2 on vdpbf16ps products (a
+    Zen 4: there they beat the float32 bodies in decode too, at every length measured)."""
+    value = _amx_env()
     if not _cpu_has_dp():
         return 0
     mode = AMX_MODES[value]

@@ -215,3 +215,20 @@ def test_amx_modes_and_environment(amx, monkeypatch):
     monkeypatch.setenv(cpu_native.AMX_ENV, "yes")
     with pytest.raises(ValueError, match=cpu_native.AMX_ENV):
         cpu_native.amx_default()
+
+
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_environment_picks_the_vdpbf16ps_engine_on_any_cpu(has_amx, monkeypatch):
+    """``TQ_VLLM_CPU_AMX=dp``: every row on the tile bodies, their products on vdpbf16ps
+    even where the CPU has AMX tiles; ``auto`` and ``1`` keep the CPU's own engine (AMX
+    tiles where it has them). Flags stubbed: the choice, not the hardware, is tested."""
+    monkeypatch.setattr(cpu_native, "_cpu_has_amx", lambda: has_amx)
+    monkeypatch.setattr(cpu_native, "_cpu_has_dp", lambda: True)
+    monkeypatch.setattr(cpu_native, "_dp_told", None)
+    for value, mode, dp in (("dp", ON, True), ("auto", AUTO if has_amx else ON, not has_amx),
+                            ("1", ON, not has_amx), ("0", OFF, not has_amx)):
+        monkeypatch.setenv(cpu_native.AMX_ENV, value)
+        assert (cpu_native.amx_default(), cpu_native._dp()) == (mode, dp), value
+    monkeypatch.setattr(cpu_native, "_cpu_has_dp", lambda: False)
+    monkeypatch.setenv(cpu_native.AMX_ENV, "dp")
+    assert cpu_native.amx_default() == OFF  # no AVX512-BF16: nothing to run them on
