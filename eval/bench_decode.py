@@ -141,9 +141,8 @@ def _tq_case(preset, batch, ctx, d, kv_heads, gqa, impl, layers=1):
     seq = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, kv_heads * gqa, d, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    fn = {"native": cpu_ops.decode, "native-amx": cpu_ops.decode, "native-dp": cpu_ops.decode,
-          "numba": _numba_decode,
-          "reference": _reference_decode}[impl]
+    fn = cpu_ops.decode if impl in AMX_MODES else {"numba": _numba_decode,
+                                                    "reference": _reference_decode}[impl]
     amx, dp = AMX_MODES.get(impl, (None, None))
     if amx is not None:
         dp = dp or not cpu_native._cpu_has_amx()  # native-amx: the CPU's own engine

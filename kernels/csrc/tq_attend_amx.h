@@ -503,17 +503,20 @@ TQ_AMX_TARGET inline void dp_scores_t(const AmxBlock& T, const AmxPass& S, int c
   }
 }
 
-// o[e][p0 + p][k] for NP pairs: their weights pa x value chunk ch over ns 32-token steps,
-// even and odd token pairs in two chains added at the end
-template <int NP>
-TQ_AMX_TARGET inline void dp_value_pairs(const AmxBlock& T, const uint16_t (*pa)[AMX_BT], int ch, int ns,
-                                         int p0, float* const* o) {
+// o[p][k] for NP pairs p0 .. p0 + NP - 1: their weights pa x a value chunk over ns 32-token
+// steps, even and odd token pairs in two chains added at the end. words(st, tp) gives the
+// chunk's interleaved bf16 words of token pairs tp and tp + 1 of step st (tokens 2 tp .. 2 tp
+// + 3): read from the block's vb, or decoded from the slots in decode; the same words give
+// the same bits either way.
+template <int NP, class Words>
+TQ_AMX_TARGET __attribute__((always_inline)) inline void dp_value_chains(Words words, const uint16_t (*pa)[AMX_BT],
+                                                                        int ns, int p0, float* const* o) {
   __m512 a[NP][2];
   for (int p = 0; p < NP; ++p) a[p][0] = a[p][1] = _mm512_setzero_ps();
   for (int st = 0; st < ns; ++st)
     for (int tp = 0; tp < AMX_HALF; tp += 2) {
-      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(T.vb[ch][st * AMX_HALF + tp]);
-      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(T.vb[ch][st * AMX_HALF + tp + 1]);
+      __m512bh v0, v1;
+      words(st, tp, v0, v1);
       for (int p = 0; p < NP; ++p) {
         const uint16_t* w = pa[p0 + p] + st * AMX_TT + 2 * tp;  // tokens 2 tp, 2 tp + 1, then the next two
         a[p][0] = dp_bcast(a[p][0], v0, w);
@@ -521,6 +524,16 @@ TQ_AMX_TARGET inline void dp_value_pairs(const AmxBlock& T, const uint16_t (*pa)
       }
     }
   for (int p = 0; p < NP; ++p) _mm512_storeu_ps(o[p], _mm512_add_ps(a[p][0], a[p][1]));
+}
+
+// dp_value_chains over value chunk ch of the block (its vb rows)
+template <int NP>
+TQ_AMX_TARGET inline void dp_value_pairs(const AmxBlock& T, const uint16_t (*pa)[AMX_BT], int ch, int ns,
+                                         int p0, float* const* o) {
+  dp_value_chains<NP>([&](int st, int tp, __m512bh& v0, __m512bh& v1) TQ_AMX_TARGET {
+    v0 = (__m512bh)_mm512_loadu_si512(T.vb[ch][st * AMX_HALF + tp]);
+    v1 = (__m512bh)_mm512_loadu_si512(T.vb[ch][st * AMX_HALF + tp + 1]);
+  }, pa, ns, p0, o);
 }
 
 TQ_AMX_TARGET inline void dp_values(const AmxBlock& T, const uint16_t (*pa)[AMX_BT], int ch0, int nc, int ns,
@@ -538,27 +551,18 @@ TQ_AMX_TARGET inline void dp_values(const AmxBlock& T, const uint16_t (*pa)[AMX_
     }
 }
 
-// dp_value_pairs for a decode step of NP <= DP_FEW_PAIRS pairs, its token pairs decoded from
-// the slots (value_pair_words) instead of read from the block's vb: the same bf16 words into
-// the same vdpbf16ps sequence, so the same bits, without writing and reloading the block's
-// values (decode's one pass reads each value once).
+// dp_value_chains for a decode step of NP <= DP_FEW_PAIRS pairs, its token pairs decoded
+// from the slots (value_pair_words) instead of read from the block's vb: the same bf16 words
+// into the same vdpbf16ps sequence, so the same bits, without writing and reloading the
+// block's values (decode's one pass reads each value once).
 template <int NP>
 TQ_AMX_TARGET inline void dp_value_pairs_codes(const ValueChunk& v, const uint8_t* const* slots,
                                                const uint16_t (*pa)[AMX_BT], int ns, float* const* o) {
-  __m512 a[NP][2];
-  for (int p = 0; p < NP; ++p) a[p][0] = a[p][1] = _mm512_setzero_ps();
-  for (int st = 0; st < ns; ++st)
-    for (int tp = 0; tp < AMX_HALF; tp += 2) {
-      const uint8_t* const* s = slots + st * AMX_TT + 2 * tp;
-      const __m512bh v0 = (__m512bh)value_pair_words(v, s[0], s[1]);
-      const __m512bh v1 = (__m512bh)value_pair_words(v, s[2], s[3]);
-      for (int p = 0; p < NP; ++p) {
-        const uint16_t* w = pa[p] + st * AMX_TT + 2 * tp;
-        a[p][0] = dp_bcast(a[p][0], v0, w);
-        a[p][1] = dp_bcast(a[p][1], v1, w + 2);
-      }
-    }
-  for (int p = 0; p < NP; ++p) _mm512_storeu_ps(o[p], _mm512_add_ps(a[p][0], a[p][1]));
+  dp_value_chains<NP>([&](int st, int tp, __m512bh& v0, __m512bh& v1) TQ_AMX_TARGET {
+    const uint8_t* const* s = slots + st * AMX_TT + 2 * tp;
+    v0 = (__m512bh)value_pair_words(v, s[0], s[1]);
+    v1 = (__m512bh)value_pair_words(v, s[2], s[3]);
+  }, pa, ns, 0, o);
 }
 
 // dp_values for a decode step (N <= DP_FEW_PAIRS), chunks c0 .. c0 + nc - 1 of value group g
