@@ -571,8 +571,9 @@ TQ_AMX_TARGET inline void dp_value_pairs_codes(const ValueChunk& v, const uint8_
 TQ_AMX_TARGET __attribute__((noinline)) void dp_values_codes(const AmxGroup& g, int c0, int nc,
                                                              const uint8_t* const* slots,
                                                              const uint16_t (*pa)[AMX_BT], int ns, int N,
-                                                             float (*o)[AMX_MAXN][AMX_VCHUNK]) {
+                                                             float (*o)[AMX_MAXN][AMX_VCHUNK], Ahead* ah) {
   for (int e = 0; e < nc; ++e) {
+    if (ah != nullptr) ah->pump();
     const ValueChunk v = value_chunk(g, c0 + e);
     float* dst[DP_FEW_PAIRS];
     for (int p = 0; p < DP_FEW_PAIRS; ++p) dst[p] = o[e][p];
@@ -593,25 +594,32 @@ TQ_AMX_TARGET __attribute__((noinline)) void dp_values_codes(const AmxGroup& g, 
 // is left as it is). Scores, offsets and scale, one online-softmax update per pair and
 // block, and the value product.
 // codes: the block's slots where the values were left in their codes (amx_fill), else null.
+// ah: the thread's prefetch of its next decode task (Ahead), pumped through the step, or null.
 TQ_AMX_TARGET inline void amx_step(const Step& P, const AmxBooks& bk, AmxBlock& T, AmxPass& S,
-                                   const int* rd, int G, const uint8_t* const* codes) {
+                                   const int* rd, int G, const uint8_t* const* codes, Ahead* ah = nullptr) {
   const int N = S.rows * G, nkg = (int)P.kd.ngroups, nvg = (int)P.vd.ngroups;
   int nmax = 0;
   for (int p = 0; p < N; ++p) nmax = std::max(nmax, rd[p]);
   const int nh = (nmax + AMX_HALF - 1) / AMX_HALF;  // 16-token runs read by some pair
   if (!g_amx_dp) amx_configure(N, false);
   const bool few = g_amx_dp && N <= DP_FEW_PAIRS;  // scores straight to sc, [pair][token]
+  const int ns = (nmax + AMX_TT - 1) / AMX_TT;  // 32-token steps of the value product
+  if (ah != nullptr) {  // pumps: one a 64-token run of scores per key group, one a value chunk
+    int64_t pumps = (int64_t)nkg * ((nh + 3) / 4);
+    for (int g = 0; g < nvg && codes != nullptr; ++g) pumps += bk.v[g].dim / AMX_VCHUNK;
+    ah->pace(pumps);
+  }
   for (int g = 0, ch0 = 0; g < nkg; ch0 += bk.k[g].dim / AMX_CHUNK, ++g)
     for (int hf = 0; hf < nh; hf += 4) {
       const int nr = std::min(4, nh - hf), nch = bk.k[g].dim / AMX_CHUNK;
       if (few) dp_scores_t(T, S, ch0, nch, hf * AMX_HALF, nr, N, T.sc[g]);
       else if (g_amx_dp) dp_scores(T, S, ch0, nch, hf * AMX_HALF, nr, N, T.c[g]);
       else amx_scores(T, S, ch0, nch, hf * AMX_HALF, nr, T.c[g]);
+      if (ah != nullptr) ah->pump();
     }
   for (int g = 0; g < nkg && !few; ++g)
     for (int hf = 0; hf < nh; ++hf)
       transpose_block(T.c[g][hf * AMX_HALF], AMX_MAXN, T.sc[g][0] + hf * AMX_HALF, AMX_BT);
-  const int ns = (nmax + AMX_TT - 1) / AMX_TT;  // 32-token steps of the value product
   float corr[AMX_MAXN];
   const V scale = set1(P.scale);
   for (int p = 0; p < N; ++p) {
@@ -660,7 +668,7 @@ TQ_AMX_TARGET inline void amx_step(const Step& P, const AmxBooks& bk, AmxBlock& 
     const int nc = bk.v[g].dim / AMX_VCHUNK;
     for (int c0 = 0; c0 < nc; c0 += 4) {
       const int nb = std::min(4, nc - c0);
-      if (codes != nullptr) dp_values_codes(bk.v[g], c0, nb, codes, T.pa[g], ns, N, o);
+      if (codes != nullptr) dp_values_codes(bk.v[g], c0, nb, codes, T.pa[g], ns, N, o, ah);
       else if (g_amx_dp) dp_values(T, T.pa[g], ch + c0, nb, ns, N, o);
       else amx_values(T, T.pa[g], ch + c0, nb, ns, o);
       for (int p = 0; p < N; ++p) {
@@ -728,6 +736,7 @@ TQ_AMX_TARGET void amx_attend(const Step& P, const AmxBooks& bk, int64_t task) {
   amx_pass_init(P, b * P.Hq + h * G, 1, G, S);
   const bool codes = g_amx_dp && G <= DP_FEW_PAIRS;  // values decoded inside their product
   AmxBlock& T = amx_block();
+  Ahead& ah = ahead();
   for (int64_t tt = t0; tt < t1; tt += AMX_BT) {
     const int n = (int)std::min<int64_t>(AMX_BT, t1 - tt);
     const uint8_t* slots[AMX_BT];
@@ -735,7 +744,7 @@ TQ_AMX_TARGET void amx_attend(const Step& P, const AmxBooks& bk, int64_t task) {
     amx_fill(P, bk, slots, n, T, !codes);
     alignas(64) int rd[AMX_MAXN];
     for (int p = 0; p < AMX_MAXN; ++p) rd[p] = p < G ? n : 0;
-    amx_step(P, bk, T, S, rd, G, codes ? slots : nullptr);
+    amx_step(P, bk, T, S, rd, G, codes ? slots : nullptr, &ah);
   }
   if (!g_amx_dp) _tile_release();
   amx_write(P, S, b, h, sp, G);

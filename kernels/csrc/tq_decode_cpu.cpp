@@ -18,6 +18,7 @@
 // Keys with the offset choice: the first key norm's sign bit flags a key stored with
 // its offset o; norms are read as magnitudes and a flagged key's logit loses <q, o>
 // (q_off, per query head, computed with the query's rotation).
+#include <atomic>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -628,6 +629,71 @@ inline void prefetch_tile(const Step& P, const uint8_t* tile) {
   for (int64_t b = 0; b < TILE * P.s_tok; b += 64) _mm_prefetch(reinterpret_cast<const char*>(tile + b), _MM_HINT_T0);
 }
 
+// The slots of the decode task a thread runs next, fetched toward L2 a few lines at a time
+// while it computes the current one (the tile bodies: amx_step pumps). Inside a model step
+// the cache comes from memory (every layer's cache and the model's weights pass through the
+// last-level cache between two reads of one layer's) and a split's blocks lie anywhere in
+// it: fetched only by the fill's own look-ahead (FILL_AHEAD tokens, a few hundred cycles),
+// the fill's first pass waited on memory for about a quarter of decode's time (perf, Zen 4,
+// 32 requests of 130-1154 tokens, 30 layers' caches). A pump after each 64-token run of
+// scores and before each value chunk spreads the next task's lines over the current task's
+// arithmetic: that case 0.84-0.91x the time (eval/bench_kernel_ab.py, "in a model"). A pump
+// per 32-token step of the values cost cache-resident cases 6-10%; all lines at a task's
+// start stalled on the miss buffers instead (no gain).
+struct Ahead {
+  static constexpr int MAX_BLOCKS = 64;  // a split's cache blocks (512 tokens in 16-token blocks: 32)
+  const char* base[MAX_BLOCKS];
+  int64_t len[MAX_BLOCKS];
+  int nb = 0, cur = 0;
+  int64_t off = 0, lines = 0;
+  int rate = 0;  // lines a pump
+
+  // task of P (a decode task), or none (task < 0); false where the task reads no token (a
+  // row shorter than the call's longest has empty splits)
+  bool set(const Step& P, int64_t task) {
+    nb = cur = 0;
+    off = lines = 0;
+    if (task < 0) return true;
+    const int64_t H = P.H, n_splits = P.n_splits;
+    const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
+    const int64_t t0 = sp * P.split_tokens, t1 = std::min(P.seq_lens[b], t0 + P.split_tokens);
+    const int64_t* row = P.block_table + b * P.bt_stride;
+    for (int64_t tt = t0; tt < t1 && nb < MAX_BLOCKS; ++nb) {
+      const int64_t end = std::min(t1, (tt / P.block_size + 1) * P.block_size);
+      base[nb] = reinterpret_cast<const char*>(P.cache + row[tt / P.block_size] * P.s_blk + h * P.s_head +
+                                               (tt % P.block_size) * P.s_tok);
+      len[nb] = (end - tt) * P.s_tok;
+      lines += (len[nb] + 63) / 64;
+      tt = end;
+    }
+    return nb > 0;
+  }
+  // spread what is left over `pumps` calls of pump()
+  void pace(int64_t pumps) { rate = (int)((lines + pumps - 1) / std::max<int64_t>(1, pumps)); }
+  void pump(int64_t n) {
+    while (n > 0 && cur < nb) {
+      const char* p = base[cur];
+      const int64_t stop = std::min(len[cur], off + 64 * n);
+      const int64_t k = (stop - off + 63) / 64;
+      for (int64_t o = off; o < stop; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+      n -= k;
+      lines -= k;
+      off += 64 * k;
+      if (off >= len[cur]) {
+        ++cur;
+        off = 0;
+      }
+    }
+  }
+  void pump() { pump(rate); }
+  void drain() { pump(INT64_MAX / 128); }
+};
+
+__attribute__((noinline)) Ahead& ahead() {
+  thread_local Ahead a;
+  return a;
+}
+
 // Decode: one task = (row, KV head, split); GT = the GQA group size it was compiled for
 // (0: any, read from P.G).
 template <int GT>
@@ -947,10 +1013,35 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
     }
     return;
   }
+  // decode on the tile bodies: each thread claims the task after its current one and fetches
+  // its slots while it runs this one (Ahead; the float32 bodies, slower, timed the same with
+  // it); which thread runs which task changes no bit
+  const bool ahead_tasks = step.groups == nullptr && step.amx != nullptr;
+  std::atomic<int64_t> claim{0};
 #pragma omp parallel num_threads(num_threads)
   {
+    if (ahead_tasks) {
+      Ahead& A = ahead();
+      for (int64_t task = claim++; task < ntasks;) {
+        // the last tasks are left to whichever thread is free first, not held ahead; a task
+        // with nothing to read runs at once and the next is claimed in its place
+        int64_t after = -1;
+        while (claim.load(std::memory_order_relaxed) < ntasks - num_threads) {
+          after = claim++;
+          if (after >= ntasks || A.set(step, after)) break;
+          fn(step, after);
+          after = -1;
+        }
+        if (after < 0 || after >= ntasks) A.set(step, -1);
+        fn(step, task);
+        A.drain();
+        task = after >= 0 ? after : claim++;
+      }
+#pragma omp barrier
+    } else {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
+      for (int64_t task = 0; task < ntasks; ++task) fn(step, task);
+    }
 #pragma omp for
     for (int64_t i = 0; i < rows * H; ++i) merge_one(step, i, rot_v, out);
   }
