@@ -174,9 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     if cpu_native.best_isa() is None or cpu_native.find_compiler() is None:
         sys.exit("no AVX-512/AVX2 CPU or no C++ compiler: nothing to compare")
-    amx = cpu_native.AMX_MODES[args.amx]
-    if amx == 1 and not cpu_native._cpu_has_amx():  # auto as the plugin resolves it (amx_default)
-        amx = 2
+    amx = cpu_native.amx_mode_of(args.amx)  # auto as the plugin resolves it
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build(rev, Path(tmp)) for rev in args.revs]
         for rev, lib in zip(args.revs, libs):

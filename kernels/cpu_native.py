@@ -201,8 +201,12 @@ def amx_default() -> int:
     CPU lacks what they need. ``auto`` is 1 with AMX tiles and 2 on vdpbf16ps products (a
     Zen 4: there they beat the float32 bodies in decode too, at every length measured)."""
     value = _amx_env()
-    if not _cpu_has_dp():
-        return 0
+    return amx_mode_of(value) if _cpu_has_dp() else 0
+
+
+def amx_mode_of(value: str) -> int:
+    """The mode a ``$TQ_VLLM_CPU_AMX`` value names on this CPU: ``auto`` is 1 with AMX tiles
+    and 2 on vdpbf16ps products."""
     mode = AMX_MODES[value]
     return 2 if mode == 1 and not _cpu_has_amx() else mode
 

@@ -721,9 +721,7 @@ inline void tile_slots(const Step& P, const int64_t* row, int64_t h, int64_t tt,
 // Decode: one task = (row, KV head, split), as attend<GT>.
 TQ_AMX_TARGET void amx_attend(const Step& P, const AmxBooks& bk, int64_t task) {
   const int G = (int)P.G;
-  const int64_t H = P.H, n_splits = P.n_splits;
-  const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
-  const int64_t t0 = sp * P.split_tokens, t1 = std::min(P.seq_lens[b], t0 + P.split_tokens);
+  const auto [b, h, sp, t0, t1] = P.decode_task(task);
   if (t1 <= t0) {  // an empty split: nothing read, as attend writes it
     alignas(64) float acc[MAX_G][MAX_D];
     float m[MAX_G], l[MAX_G];

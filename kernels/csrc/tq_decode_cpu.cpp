@@ -339,6 +339,12 @@ struct AmxBooks;  // tq_attend_amx.h
 struct Step;
 using TaskFn = void (*)(const Step&, int64_t);
 
+// A decode task: row b, KV head h, split sp, whose tokens are t0 .. t1 - 1 (none where t1 <= t0:
+// a row shorter than the call's longest has empty splits).
+struct TaskSpan {
+  int64_t b, h, sp, t0, t1;
+};
+
 // Everything a task reads and writes. Rows are query tokens: decode has one per
 // sequence (row b reads block-table row b); prefill has one per prompt token (row r reads
 // block-table row row_seq[r]). Each row attends to its first seq_lens[r] tokens in
@@ -361,6 +367,10 @@ struct Step {
   const AmxBooks* amx = nullptr;  // the AMX bodies' tables (tq_attend_amx.h), when they run
   TaskFn f32 = nullptr;  // with amx: the float32 body of the rows amx_row leaves to it
 
+  TaskSpan decode_task(int64_t task) const {
+    const int64_t b = task / (H * n_splits), sp = task % n_splits, t0 = sp * split_tokens;
+    return {b, (task / n_splits) % H, sp, t0, std::min(seq_lens[b], t0 + split_tokens)};
+  }
   int64_t splits_of(int64_t r) const { return row_split ? row_split[r + 1] - row_split[r] : n_splits; }
   int64_t split_slot(int64_t r, int64_t i) const {
     return row_split ? row_split[r] * Hq + i * splits_of(r) : (r * Hq + i) * n_splits;
@@ -637,7 +647,7 @@ inline void prefetch_tile(const Step& P, const uint8_t* tile) {
 // the fill's first pass waited on memory for about a quarter of decode's time (perf, Zen 4,
 // 32 requests of 130-1154 tokens, 30 layers' caches). A pump after each 64-token run of
 // scores and before each value chunk spreads the next task's lines over the current task's
-// arithmetic: that case 0.84-0.91x the time (eval/bench_kernel_ab.py, "in a model"). A pump
+// arithmetic: that case 0.80x the time (eval/bench_kernel_ab.py, "in a model"). A pump
 // per 32-token step of the values cost cache-resident cases 6-10%; all lines at a task's
 // start stalled on the miss buffers instead (no gain).
 struct Ahead {
@@ -648,20 +658,16 @@ struct Ahead {
   int64_t off = 0, lines = 0;
   int rate = 0;  // lines a pump
 
-  // task of P (a decode task), or none (task < 0); false where the task reads no token (a
-  // row shorter than the call's longest has empty splits)
+  // decode task `task` of P; false where it reads no token. Called on a drained cursor
+  // (after drain(), nothing is left to fetch), which it replaces.
   bool set(const Step& P, int64_t task) {
     nb = cur = 0;
     off = lines = 0;
-    if (task < 0) return true;
-    const int64_t H = P.H, n_splits = P.n_splits;
-    const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
-    const int64_t t0 = sp * P.split_tokens, t1 = std::min(P.seq_lens[b], t0 + P.split_tokens);
+    const auto [b, h, sp, t0, t1] = P.decode_task(task);
     const int64_t* row = P.block_table + b * P.bt_stride;
     for (int64_t tt = t0; tt < t1 && nb < MAX_BLOCKS; ++nb) {
       const int64_t end = std::min(t1, (tt / P.block_size + 1) * P.block_size);
-      base[nb] = reinterpret_cast<const char*>(P.cache + row[tt / P.block_size] * P.s_blk + h * P.s_head +
-                                               (tt % P.block_size) * P.s_tok);
+      base[nb] = reinterpret_cast<const char*>(tile_at(P, row, h, tt));
       len[nb] = (end - tt) * P.s_tok;
       lines += (len[nb] + 63) / 64;
       tt = end;
@@ -699,9 +705,7 @@ __attribute__((noinline)) Ahead& ahead() {
 template <int GT>
 void attend(const Step& P, int64_t task) {
   const int G = GT > 0 ? GT : (int)P.G;
-  const int64_t H = P.H, n_splits = P.n_splits;
-  const int64_t b = task / (H * n_splits), h = (task / n_splits) % H, sp = task % n_splits;
-  const int64_t t0 = sp * P.split_tokens, t1 = std::min(P.seq_lens[b], t0 + P.split_tokens);
+  const auto [b, h, sp, t0, t1] = P.decode_task(task);
   alignas(64) float acc[MAX_G][MAX_D];
   float m[MAX_G], l[MAX_G];
   init_state(G, P.d, acc, m, l);
@@ -845,7 +849,7 @@ namespace {
 // A task's body: AMX for the rows amx_row gives it (decode: the task's row; prefill: its
 // group's, whose rows share one body), else the float32 body in P.f32.
 void amx_decode_task(const Step& P, int64_t t) {
-  if (P.f32 && !amx_row(P.G, P.seq_lens[t / (P.H * P.n_splits)])) return P.f32(P, t);
+  if (P.f32 && !amx_row(P.G, P.seq_lens[P.decode_task(t).b])) return P.f32(P, t);
   amx_attend(P, *P.amx, t);
 }
 void amx_prefill_task(const Step& P, int64_t t) {
@@ -1021,7 +1025,7 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
 #pragma omp parallel num_threads(num_threads)
   {
     if (ahead_tasks) {
-      Ahead& A = ahead();
+      Ahead& A = ahead();  // drained: each task's fetch ends with drain()
       for (int64_t task = claim++; task < ntasks;) {
         // the last tasks are left to whichever thread is free first, not held ahead; a task
         // with nothing to read runs at once and the next is claimed in its place
@@ -1032,7 +1036,6 @@ void run(const Step& step, TaskFn fn, int64_t ntasks, int64_t rows, const float*
           fn(step, after);
           after = -1;
         }
-        if (after < 0 || after >= ntasks) A.set(step, -1);
         fn(step, task);
         A.drain();
         task = after >= 0 ? after : claim++;
